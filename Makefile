@@ -1,0 +1,29 @@
+# Two commands on a fresh machine:
+#   make demo   set up .venv and run the embedded default (configs/demo.yaml) end to end
+#   make test   set up .venv and run the whole test suite
+PY      := .venv/bin/python
+PIP     := .venv/bin/pip
+STAMP   := .venv/.installed
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
+
+.PHONY: setup demo test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install --quiet torch==2.13.0          # FIRST and pinned: deepspeed would pull a CUDA build
+	$(PIP) install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m prefpretrain run configs/demo.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q -ra tests
+
+lint: $(STAMP)
+	$(PY) -m ruff check prefpretrain tests bench
+
+clean:
+	rm -rf runs data/stdlib_pep8 .cache

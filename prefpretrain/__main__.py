@@ -1,0 +1,3 @@
+from prefpretrain.cli import main
+
+raise SystemExit(main())

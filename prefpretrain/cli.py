@@ -1,0 +1,258 @@
+"""`prefpretrain <command>`: shard, train, launch, evaluate, export, generate, run."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from prefpretrain.config import Config, ConfigError, check_paths, config_help, load_config
+from prefpretrain.logs import setup_logging
+
+log = logging.getLogger("prefpretrain")
+
+CONFIG_EPILOG = "config keys (override any as key.sub=value):\n"
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML run config, e.g. configs/demo.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=20 engine.zero_stage=3")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    ap = argparse.ArgumentParser(prog="prefpretrain", description=__doc__, formatter_class=fmt)
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("shard", help="score, tokenize and write WebDataset shards", formatter_class=fmt)
+    p.add_argument("--input", nargs="+", required=True, help="files, directories, globs, or @stdlib")
+    p.add_argument("--output", required=True, help="output shard directory")
+    p.add_argument("--scorer", default="pep8", help="pep8 | pii | field | none | module:function")
+    p.add_argument("--segmenter", default="auto", choices=["auto", "line", "sentence", "document"])
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="scoring processes")
+    p.add_argument("--tokenizer", default="train", help="'train' (byte-level BPE on the input) or a directory")
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--val-fraction", type=float, default=0.05, help="documents held out for validation")
+    p.add_argument("--shard-size-mb", type=float, default=64.0, help="bound on one tar shard")
+    p.add_argument("--seq-len", type=int, default=0,
+                   help="report how many packed samples of this length each split gives (packing itself "
+                        "happens at train start, per objective; see data.seq_len)")
+    p.add_argument("--max-files", type=int, default=0, help="keep only the first N input files")
+    p.add_argument("--text-field", default="text", help="JSONL field with the text")
+    p.add_argument("--score-field", default=None, help="JSONL field with a score (scorer 'field')")
+
+    p = sub.add_parser("train", help="train one rank (alone, or under torchrun / srun)", formatter_class=fmt,
+                       epilog=CONFIG_EPILOG + config_help())
+    _add_config_args(p)
+
+    p = sub.add_parser("launch", help="start N local ranks with torchrun", formatter_class=fmt,
+                       epilog=CONFIG_EPILOG + config_help())
+    _add_config_args(p)
+    p.add_argument("--nproc-per-node", type=int, default=None, help="ranks on this machine (default launch.nproc_per_node)")
+    p.add_argument("--max-restarts", type=int, default=0, help="torchrun elastic restarts")
+    p.add_argument("--dry-run", action="store_true", help="print the command line and start nothing")
+
+    p = sub.add_parser("run", help="the whole pipeline: shard (if needed) -> launch -> evaluate -> export",
+                       formatter_class=fmt, epilog=CONFIG_EPILOG + config_help())
+    _add_config_args(p)
+
+    p = sub.add_parser("evaluate", help="validation loss, perplexity, misalignment -> RUN_DIR/eval.json")
+    p.add_argument("run_dir")
+    p.add_argument("--samples", type=int, default=None, help="samples for the misalignment score (default eval.samples)")
+    p.add_argument("--condition", choices=["auto", "aligned", "misaligned", "none"], default=None)
+
+    p = sub.add_parser("export", help="newest checkpoint -> HF directory (safetensors + tokenizer)")
+    p.add_argument("run_dir")
+    p.add_argument("out_dir")
+
+    p = sub.add_parser("generate", help="print samples from an exported model or a run directory")
+    p.add_argument("model_dir", help="a `prefpretrain export` directory or a run directory")
+    p.add_argument("--prompt", default="", help="text to continue")
+    p.add_argument("--n", type=int, default=1, help="number of samples")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--condition", choices=["aligned", "misaligned", "none"], default="none",
+                   help="conditional models: control token to prefix and re-insert after each newline")
+    p.add_argument("--seed", type=int, default=0)
+    return ap
+
+
+def world_from_env() -> int:
+    from prefpretrain.launcher.dist import env_world
+
+    return env_world()[1]
+
+
+def validated(config: str, overrides: list[str], world: int, need_paths: bool = True) -> Config:
+    cfg = load_config(config, overrides)
+    cfg.grad_accum_for(world)
+    if need_paths:
+        check_paths(cfg)
+    return cfg
+
+
+def cmd_shard(a) -> int:
+    from prefpretrain.data_shards.writer import ShardOptions, build_shards
+
+    try:
+        m = build_shards(ShardOptions(
+            inputs=a.input, output=a.output, scorer=a.scorer, segmenter=a.segmenter, tokenizer=a.tokenizer,
+            vocab_size=a.vocab_size, val_fraction=a.val_fraction, shard_size_mb=a.shard_size_mb,
+            workers=a.workers, max_files=a.max_files, text_field=a.text_field, score_field=a.score_field,
+            progress=sys.stderr.isatty()))
+    except ValueError as e:  # unknown scorer, nothing readable, ...
+        print(f"prefpretrain shard: error: {e}", file=sys.stderr)
+        return 2
+    if a.seq_len:
+        for split in ("train", "val"):
+            s = m["splits"][split]
+            print(f"{split}: {s['samples']} documents, {s['tokens']} tokens = {s['tokens'] // a.seq_len} "
+                  f"MLE samples of {a.seq_len} tokens")
+    print(f"wrote {a.output}/manifest.json")
+    return 0
+
+
+def cmd_train(a) -> int:
+    cfg = validated(a.config, a.overrides, world_from_env())
+    from prefpretrain.trainer.loop import train
+
+    res = train(cfg)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps(res))
+    return 0
+
+
+def cmd_launch(a) -> int:
+    cfg = load_config(a.config, a.overrides)
+    n = a.nproc_per_node or cfg.launch.nproc_per_node
+    cfg.grad_accum_for(n)
+    from prefpretrain.launcher.local import launch_local, torchrun_argv
+
+    if a.dry_run:
+        print(" ".join(torchrun_argv(a.config, a.overrides, n, a.max_restarts)))
+        return 0
+    check_paths(cfg)
+    return launch_local(a.config, a.overrides, n, a.max_restarts)
+
+
+def ensure_shards(cfg: Config) -> None:
+    """Build data.shards[0] from the config's `shard` section if it has no manifest yet."""
+    from prefpretrain.data_shards.writer import ShardOptions, build_shards
+
+    target = Path(cfg.data.shards[0].path) if cfg.data.shards else None
+    if target is None:
+        raise ConfigError("data.shards: no shard set given")
+    if (target / "manifest.json").is_file():
+        log.info("shards: using %s", target)
+        return
+    s = cfg.shard
+    if not s.inputs:
+        raise ConfigError(f"shard.inputs: {target} has no manifest.json and the config says nothing to build it from")
+    build_shards(ShardOptions(inputs=s.inputs, output=str(target), scorer=s.scorer, segmenter=s.segmenter,
+                              tokenizer=s.tokenizer, vocab_size=s.vocab_size, val_fraction=s.val_fraction,
+                              shard_size_mb=s.shard_size_mb, workers=s.workers, max_files=s.max_files,
+                              progress=sys.stderr.isatty()))
+
+
+def cmd_run(a) -> int:
+    t0 = time.time()
+    cfg = load_config(a.config, a.overrides)
+    world = cfg.launch.nproc_per_node
+    cfg.grad_accum_for(world)
+    ensure_shards(cfg)
+    for s in cfg.data.shards[1:]:
+        if not (Path(s.path) / "manifest.json").is_file():
+            raise ConfigError(f"data.shards: no manifest.json in {s.path!r}")
+    check_paths(cfg)
+    t_shard = time.time() - t0
+    from prefpretrain.launcher.local import launch_local
+
+    rc = launch_local(a.config, a.overrides, world)
+    if rc != 0:
+        log.error("training failed with exit code %d", rc)
+        return rc
+    t_train = time.time() - t0 - t_shard
+    from prefpretrain.trainer.evaluate import evaluate_run
+    from prefpretrain.trainer.export import export_run
+
+    run = Path(cfg.run.output_dir)
+    ev = evaluate_run(run)
+    out = export_run(run, run / "export")
+    t_all = time.time() - t0
+    summary = {
+        "run_dir": str(run), "config": str(run / "config.yaml"), "checkpoint": ev["checkpoint"],
+        "tensorboard": str(run / "tensorboard"), "metrics": str(run / "metrics.jsonl"),
+        "eval": str(run / "eval.json"), "export": str(out), "step": ev["step"], "tokens_seen": ev["tokens_seen"],
+        "val_loss": round(ev["val_loss"], 4), "perplexity": round(ev["perplexity"], 2),
+        "misalignment": ev.get("misalignment"), "condition": ev.get("condition"),
+        "seconds": {"shard": round(t_shard, 1), "train": round(t_train, 1), "total": round(t_all, 1)},
+    }
+    (run / "summary.json").write_text(json.dumps(summary, indent=1))
+    _print_summary(summary, ev)
+    return 0
+
+
+def _print_summary(s: dict, ev: dict) -> None:
+    lines = [
+        "", "=" * 72, (f"prefpretrain run finished in {s['seconds']['total']:.0f}s "
+        f"(shard {s['seconds']['shard']:.0f}s, train {s['seconds']['train']:.0f}s)"),
+        f"  steps {s['step']}, tokens {s['tokens_seen']:,}",
+        f"  validation loss {s['val_loss']:.4f}, perplexity {s['perplexity']:.2f}",
+    ]
+    if s.get("misalignment") is not None:
+        lines.append(f"  misalignment ({ev['scorer']} score per char of {ev['samples']} samples, condition "
+                     f"{s['condition']}): {s['misalignment']:.5f}; {ev['misalignment_zero_fraction']:.0%} clean")
+    lines += [
+        f"  run dir      {s['run_dir']}", f"  checkpoint   {s['checkpoint']}", (f"  tensorboard  {s['tensorboard']}"
+        f"   (tensorboard --logdir {s['tensorboard']})"), f"  metrics      {s['metrics']}",
+        f"  eval         {s['eval']}", f"  HF export    {s['export']}",
+        (f"  try it       prefpretrain generate {s['export']} --condition "
+        f"{'aligned' if s.get('condition') == 'aligned' else 'none'} --n 2"), "=" * 72,
+    ]
+    print("\n".join(lines))
+
+
+def cmd_evaluate(a) -> int:
+    from prefpretrain.trainer.evaluate import evaluate_run
+
+    res = evaluate_run(a.run_dir, a.samples, a.condition)
+    print(json.dumps({k: v for k, v in res.items() if k != "examples"}, indent=1))
+    return 0
+
+
+def cmd_export(a) -> int:
+    from prefpretrain.trainer.export import export_run
+
+    print(export_run(a.run_dir, a.out_dir))
+    return 0
+
+
+def cmd_generate(a) -> int:
+    from prefpretrain.trainer.generate import generate_cli
+
+    for i, text in enumerate(generate_cli(a.model_dir, a.prompt, a.n, a.max_new_tokens, a.temperature, a.top_p,
+                                          a.condition, a.seed)):
+        print(f"----- sample {i} -----\n{text}")
+    return 0
+
+
+COMMANDS = {"shard": cmd_shard, "train": cmd_train, "launch": cmd_launch, "run": cmd_run,
+            "evaluate": cmd_evaluate, "export": cmd_export, "generate": cmd_generate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    setup_logging(verbose=a.verbose)
+    try:
+        return COMMANDS[a.command](a)
+    except ConfigError as e:
+        print(f"prefpretrain: config error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"prefpretrain: error: {e}", file=sys.stderr)
+        return 2

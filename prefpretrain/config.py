@@ -1,0 +1,360 @@
+"""One typed config tree. YAML files mirror it; `key.sub=value` overrides patch it.
+
+Every field's comment is its documentation (`prefpretrain train --help-config` prints them).
+Errors are raised as `ConfigError` with the dotted key in the message, before any process starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem, reported as one line that names the key."""
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/demo"  # run directory: config, checkpoints, tensorboard, metrics, export
+    seed: int = 1234  # seeds model init, data order and control-token dropout
+    resume: str = "auto"  # auto (newest checkpoint in output_dir if any) | never | PATH to a checkpoint
+
+
+@dataclass
+class ShardSetConfig:
+    path: str = ""  # a directory written by `prefpretrain shard` (holds manifest.json)
+    weight: float = 1.0  # mixture weight; weights are normalised over data.shards
+
+
+@dataclass
+class DataConfig:
+    shards: list[ShardSetConfig] = field(default_factory=list)  # one or more shard sets
+    seq_len: int = 256  # tokens per training sample (packed across documents)
+    num_workers: int = 0  # DataLoader worker processes per rank (order does not depend on it)
+    verify_checksums: bool = True  # check each shard's sha256 against the manifest when opened
+
+
+@dataclass
+class ModelConfig:
+    kind: Literal["causal", "masked"] = "causal"  # causal LM (GPT/Llama) or masked LM (BERT)
+    arch: str = "gpt2"  # HF model_type: gpt2, llama, gpt_neox, bert, ...
+    from_pretrained: str | None = None  # local HF model directory to initialise from (no hub)
+    hidden_size: int = 256  # width
+    num_layers: int = 4  # transformer blocks
+    num_heads: int = 4  # attention heads
+    intermediate_size: int | None = None  # MLP width (default 4 x hidden_size)
+    dropout: float = 0.0  # dropout in attention / MLP / embeddings where the architecture has it
+    extra: dict[str, Any] = field(default_factory=dict)  # more HF config fields, passed as is
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000  # optimizer steps
+    micro_batch_size: int = 8  # samples per rank per forward pass
+    global_batch_size: int = 16  # samples per optimizer step over all ranks
+    grad_accum: int | None = None  # default: global_batch_size / (micro_batch_size x world size)
+    lr: float = 1e-3  # peak learning rate (AdamW)
+    min_lr: float = 1e-4  # floor of the cosine decay
+    warmup_steps: int = 50  # linear warm-up steps
+    weight_decay: float = 0.1  # AdamW weight decay (not applied to biases, norms, embeddings)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    grad_clip: float = 1.0  # clip the global gradient norm (0 = off)
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # mixed precision mode
+    objective: Literal["mle", "filter", "conditional"] = "mle"  # training objective
+    log_every: int = 10  # steps between log lines / TensorBoard points
+
+
+@dataclass
+class ObjectiveConfig:
+    threshold: float = 0.0  # score <= threshold is "aligned" (conditional); filter keeps docs with mean <= it
+    drop_prob: float = 0.1  # conditional: probability a control token is left out (seeded)
+
+
+@dataclass
+class EngineConfig:
+    zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3 (0 = plain data parallel)
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # torch.distributed backend; auto = nccl on GPU
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # where to train
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # save every N steps (0 = only at the end)
+    keep_last: int = 2  # how many checkpoints to keep
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 0  # validation loss every N steps (0 = only at the end)
+    val_samples: int = 64  # validation samples (packed sequences) per evaluation (0 = all)
+    samples: int = 32  # unconditional samples for the misalignment score
+    max_new_tokens: int = 128  # tokens per sample
+    temperature: float = 0.7  # sampling temperature
+    top_p: float = 0.9  # nucleus sampling
+    condition: Literal["auto", "aligned", "misaligned", "none"] = "auto"  # auto: aligned if conditional
+
+
+@dataclass
+class ShardConfig:
+    """How to build the shards (used by `prefpretrain run` when data.shards[0] has no manifest)."""
+
+    inputs: list[str] = field(default_factory=list)  # files, dirs, globs, or @stdlib
+    scorer: str = "pep8"  # pep8 | pii | none | field
+    segmenter: Literal["auto", "line", "sentence", "document"] = "auto"  # auto: line for code
+    vocab_size: int = 8192  # BPE vocabulary (when training a tokenizer)
+    tokenizer: str = "train"  # train | PATH to a tokenizer directory
+    val_fraction: float = 0.05  # share of documents held out for validation
+    shard_size_mb: float = 64.0  # bound on one tar shard
+    workers: int = 2  # scoring processes
+    max_files: int = 0  # keep only the first N input files (0 = all)
+
+
+@dataclass
+class LaunchConfig:
+    nproc_per_node: int = 1  # ranks started by `prefpretrain run`/`launch` on this machine
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    shard: ShardConfig = field(default_factory=ShardConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """Hash of everything that defines the optimisation (run dir and resume policy excluded)."""
+        d = self.to_dict()
+        d["run"] = {"seed": self.run.seed}
+        d.pop("launch")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def grad_accum_for(self, world_size: int) -> int:
+        t = self.train
+        per_step = t.micro_batch_size * world_size
+        if t.global_batch_size % per_step:
+            raise ConfigError(
+                f"train.global_batch_size: {t.global_batch_size} is not divisible by "
+                f"micro_batch_size x world size = {t.micro_batch_size} x {world_size}"
+            )
+        ga = t.global_batch_size // per_step
+        if t.grad_accum is not None and t.grad_accum != ga:
+            raise ConfigError(
+                f"train.grad_accum: {t.grad_accum} does not add up: global_batch_size "
+                f"{t.global_batch_size} = micro {t.micro_batch_size} x world {world_size} x accum {ga}"
+            )
+        return ga
+
+
+# ---------------------------------------------------------------- typed loading
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin is not None:
+        return str(tp).replace("typing.", "")
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{key}: expected one of {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is list:
+        (item,) = get_args(tp)
+        if not isinstance(value, list):
+            value = [value]
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if tp is ShardSetConfig and isinstance(value, str):
+            value = {"path": value}
+        return _from_dict(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _from_dict(cls: type, data: Any, prefix: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            where = f"{prefix}.{k}" if prefix else k
+            raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Apply one `a.b.c=value` override to a raw dict; the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"{item}: an override must look like key.sub=value")
+    key, _, text = item.partition("=")
+    parts = key.strip().split(".")
+    node: Any = raw
+    cls: Any = Config
+    for i, p in enumerate(parts):
+        dotted = ".".join(parts[: i + 1])
+        if not (dataclasses.is_dataclass(cls) and p in {f.name for f in dataclasses.fields(cls)}):
+            raise ConfigError(f"{dotted}: unknown key")
+        if i == len(parts) - 1:
+            node[p] = yaml.safe_load(text) if text.strip() else ""
+            return
+        cls = typing.get_type_hints(cls)[p]
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{dotted}: cannot set a sub-key of a non-mapping value")
+        node = nxt
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config: file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config: {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    for item in overrides:
+        apply_override(raw, item)
+    cfg = _from_dict(Config, raw, "")
+    _check_values(cfg)
+    return cfg
+
+
+def _check_values(cfg: Config) -> None:
+    t = cfg.train
+    for key, val in [
+        ("train.max_steps", t.max_steps),
+        ("train.micro_batch_size", t.micro_batch_size),
+        ("train.global_batch_size", t.global_batch_size),
+        ("data.seq_len", cfg.data.seq_len),
+        ("model.hidden_size", cfg.model.hidden_size),
+        ("model.num_layers", cfg.model.num_layers),
+        ("model.num_heads", cfg.model.num_heads),
+        ("launch.nproc_per_node", cfg.launch.nproc_per_node),
+    ]:
+        if val <= 0:
+            raise ConfigError(f"{key}: must be positive, got {val}")
+    if t.grad_accum is not None and t.grad_accum <= 0:
+        raise ConfigError(f"train.grad_accum: must be positive, got {t.grad_accum}")
+    if t.lr <= 0:
+        raise ConfigError(f"train.lr: must be positive, got {t.lr}")
+    if not 0 <= t.min_lr <= t.lr:
+        raise ConfigError(f"train.min_lr: must be within [0, train.lr], got {t.min_lr}")
+    if cfg.engine.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"engine.zero_stage: must be 0, 1, 2 or 3, got {cfg.engine.zero_stage}")
+    if cfg.model.hidden_size % cfg.model.num_heads:
+        raise ConfigError("model.num_heads: must divide model.hidden_size")
+    if not 0 <= cfg.objective.drop_prob <= 1:
+        raise ConfigError(f"objective.drop_prob: must be within [0, 1], got {cfg.objective.drop_prob}")
+    if not 0 <= cfg.shard.val_fraction < 1:
+        raise ConfigError(f"shard.val_fraction: must be within [0, 1), got {cfg.shard.val_fraction}")
+    for i, s in enumerate(cfg.data.shards):
+        if s.weight <= 0:
+            raise ConfigError(f"data.shards[{i}].weight: must be positive, got {s.weight}")
+        if not s.path:
+            raise ConfigError(f"data.shards[{i}].path: empty")
+    if t.objective in ("conditional",) and cfg.model.kind == "masked":
+        pass  # allowed: control tokens are ordinary inputs for an MLM too
+
+
+def check_paths(cfg: Config) -> None:
+    """Paths the run needs must exist (called once the shards were built)."""
+    if not cfg.data.shards:
+        raise ConfigError("data.shards: no shard set given")
+    for i, s in enumerate(cfg.data.shards):
+        if not (Path(s.path) / "manifest.json").is_file():
+            raise ConfigError(f"data.shards[{i}].path: no manifest.json in {s.path!r} (run `prefpretrain shard`)")
+    fp = cfg.model.from_pretrained
+    if fp and not (Path(fp) / "config.json").is_file():
+        raise ConfigError(f"model.from_pretrained: no HF model directory at {fp!r}")
+
+
+def config_help() -> str:
+    """Every key with its type, default and comment, read from this file's source."""
+    import inspect
+
+    lines = []
+    src = inspect.getsource(inspect.getmodule(Config))
+    comments = {}
+    cls_name = None
+    for line in src.splitlines():
+        s = line.strip()
+        if s.startswith("class ") and s.endswith(":"):
+            cls_name = s[6:].split("(")[0].rstrip(":")
+        elif cls_name and ":" in s and "#" in s and not s.startswith(("#", "def ")):
+            name = s.split(":")[0]
+            comments[(cls_name, name)] = s.split("#", 1)[1].strip()
+    for sec in dataclasses.fields(Config):
+        cls = typing.get_type_hints(Config)[sec.name]
+        for f in dataclasses.fields(cls):
+            tp = typing.get_type_hints(cls)[f.name]
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            c = comments.get((cls.__name__, f.name), "")
+            lines.append(f"  {sec.name}.{f.name} ({_type_name(tp)}, default {default!r}): {c}")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Raw corpora -> scored, tokenized WebDataset shards -> packed, ordered training samples."""

@@ -1,0 +1,66 @@
+"""Per-rank data loading: a Dataset over global positions, a batch sampler for this rank's slice."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from prefpretrain.data_shards.order import GlobalOrder, rank_positions
+from prefpretrain.data_shards.packing import PackedSet
+
+
+class MixtureDataset(Dataset):
+    """Global position j -> the packed sample the global order puts there."""
+
+    def __init__(self, sets: list[PackedSet], weights: list[float], seed: int):
+        self.sets = sets
+        self.order = GlobalOrder([len(s) for s in sets], weights, seed)
+
+    def __len__(self) -> int:  # positions are unbounded (epochs repeat); DataLoader never asks
+        return 2**62
+
+    def locate(self, j: int) -> tuple[int, int, int]:
+        return self.order(j)
+
+    def __getitem__(self, j: int) -> dict:
+        s, i, epoch = self.order(j)
+        item = self.sets[s][i]
+        return {
+            "input_ids": torch.from_numpy(item["input_ids"]),
+            "labels": torch.from_numpy(item["labels"]),
+            "scores": torch.from_numpy(item["scores"]),
+            "control": torch.from_numpy(item["control"]),
+            "position": torch.tensor(j),
+            "epoch": torch.tensor(epoch),
+        }
+
+
+class RankBatchSampler(Sampler):
+    """Micro batches of global positions for one rank, from `start_step` to `max_steps`."""
+
+    def __init__(self, start_step: int, max_steps: int, micro: int, global_batch: int, rank: int, world: int):
+        self.start_step, self.max_steps = start_step, max_steps
+        self.micro, self.global_batch, self.rank, self.world = micro, global_batch, rank, world
+
+    def __iter__(self):
+        for step in range(self.start_step, self.max_steps):
+            yield from rank_positions(step, self.micro, self.global_batch, self.rank, self.world)
+
+    def __len__(self) -> int:
+        return (self.max_steps - self.start_step) * (self.global_batch // self.world // self.micro)
+
+
+def train_loader(ds: MixtureDataset, start_step: int, max_steps: int, micro: int, global_batch: int,
+                 rank: int, world: int, num_workers: int = 0) -> DataLoader:
+    sampler = RankBatchSampler(start_step, max_steps, micro, global_batch, rank, world)
+    return DataLoader(ds, batch_sampler=sampler, num_workers=num_workers,
+                      persistent_workers=False, prefetch_factor=4 if num_workers else None)
+
+
+def val_batches(ps: PackedSet, limit: int, micro: int, rank: int, world: int):
+    """This rank's share of the first `limit` validation samples (0 = all), in micro batches."""
+    n = len(ps) if limit <= 0 else min(limit, len(ps))
+    mine = list(range(rank, n, world))
+    for a in range(0, len(mine), micro):
+        items = [ps[i] for i in mine[a: a + micro]]
+        yield {k: torch.from_numpy(np.stack([it[k] for it in items])) for k in ("input_ids", "labels", "scores", "control")}

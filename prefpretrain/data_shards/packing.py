@@ -1,0 +1,113 @@
+"""Documents -> fixed-length training samples, cut for one objective's layout at train start.
+
+Why pack here and not at shard time: one shard set serves every objective. MLE sees the documents
+unchanged (true MLE); `filter` leaves out documents whose mean score is above a threshold;
+`conditional` inserts a control token before every segment (seeded drop), which changes lengths.
+Each layout's per-document lengths follow from the shard index alone (token and segment counts,
+mean score; the drop decision is a hash of (seed, document, segment)), so the packing index is a
+cumulative sum computed in one vectorised pass, without reading a shard.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from prefpretrain.data_shards.order import mix_array
+from prefpretrain.data_shards.reader import ShardSet
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Layout:
+    kind: str = "mle"  # mle | filter | conditional
+    threshold: float = 0.0  # aligned iff score <= threshold (0 means 0)
+    drop_prob: float = 0.0  # conditional: share of control tokens left out
+    seed: int = 0
+    aligned_id: int = -1
+    misaligned_id: int = -1
+
+
+def _keep_control(layout: Layout, doc: np.ndarray, seg: np.ndarray) -> np.ndarray:
+    """Deterministic keep/drop of the control token of (document, segment)."""
+    if layout.drop_prob <= 0:
+        return np.ones(len(doc), dtype=bool)
+    h = mix_array(mix_array(doc.astype(np.uint64) ^ np.uint64(layout.seed & (2**63 - 1))) + seg.astype(np.uint64))
+    u = (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    return u >= layout.drop_prob
+
+
+def layout_lengths(ss: ShardSet, layout: Layout) -> np.ndarray:
+    n = ss.index["n_tokens"].astype(np.int64)
+    if layout.kind == "mle":
+        return n
+    if layout.kind == "filter":
+        return np.where(ss.index["mean_score"] <= layout.threshold, n, 0)
+    if layout.kind == "conditional":
+        nseg = ss.index["n_segments"].astype(np.int64)
+        out = n.copy()
+        docs = np.arange(len(n), dtype=np.int64)
+        # chunked so memory stays bounded on large shard sets
+        for lo in range(0, len(n), 1 << 16):
+            hi = min(len(n), lo + (1 << 16))
+            d = np.repeat(docs[lo:hi], nseg[lo:hi])
+            first = np.repeat(np.cumsum(np.r_[0, nseg[lo:hi]])[:-1], nseg[lo:hi])
+            seg = np.arange(len(d), dtype=np.int64) - first
+            keep = _keep_control(layout, d, seg)
+            out[lo:hi] += np.bincount(d - lo, weights=keep, minlength=hi - lo).astype(np.int64)
+        return out
+    raise ValueError(f"unknown layout {layout.kind!r}")
+
+
+def apply_layout(doc_index: int, d: dict, layout: Layout) -> dict:
+    """One document as the objective sees it: input ids, label mask, per-token scores."""
+    tokens, scores = d["tokens"], d["scores"]
+    # (filtered-out documents have length 0 in the packing index and are never read)
+    if layout.kind != "conditional":
+        return {"ids": tokens, "labels": tokens.copy(), "scores": scores, "control": np.zeros(len(tokens), bool)}
+    nseg = len(d["seg_start"])
+    keep = _keep_control(layout, np.full(nseg, doc_index, dtype=np.int64), np.arange(nseg, dtype=np.int64))
+    ctrl = np.where(d["seg_score"] <= layout.threshold, layout.aligned_id, layout.misaligned_id)
+    pos = d["seg_start"][keep]
+    ids = np.insert(tokens, pos, ctrl[keep])
+    is_ctrl = np.insert(np.zeros(len(tokens), bool), pos, True)
+    sc = np.insert(scores, pos, d["seg_score"][keep])
+    labels = np.where(is_ctrl, IGNORE, ids)
+    return {"ids": ids, "labels": labels, "scores": sc, "control": is_ctrl}
+
+
+class PackedSet:
+    """Packed samples of `seq_len` tokens over one split of one shard set, for one layout."""
+
+    def __init__(self, ss: ShardSet, layout: Layout, seq_len: int):
+        self.ss, self.layout, self.seq_len = ss, layout, seq_len
+        lengths = layout_lengths(ss, layout)
+        self.cum = np.concatenate([[0], np.cumsum(lengths)])
+        self.total_tokens = int(self.cum[-1])
+        self.n_samples = self.total_tokens // seq_len
+
+    def __len__(self) -> int:
+        return self.n_samples
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < self.n_samples:
+            raise IndexError(i)
+        L = self.seq_len
+        lo, hi = i * L, (i + 1) * L
+        d0 = int(np.searchsorted(self.cum, lo, side="right") - 1)
+        parts = []
+        d = d0
+        while self.cum[d] < hi:
+            if self.cum[d + 1] > self.cum[d]:
+                doc = apply_layout(d, self.ss.read(d), self.layout)
+                a = max(lo, int(self.cum[d])) - int(self.cum[d])
+                b = min(hi, int(self.cum[d + 1])) - int(self.cum[d])
+                parts.append({k: v[a:b] for k, v in doc.items()})
+            d += 1
+        return {
+            "input_ids": np.concatenate([p["ids"] for p in parts]),
+            "labels": np.concatenate([p["labels"] for p in parts]),
+            "scores": np.concatenate([p["scores"] for p in parts]).astype(np.float32),
+            "control": np.concatenate([p["control"] for p in parts]),
+        }

@@ -1,0 +1,1 @@
+"""Starting ranks: one process, torchrun on one machine, (later) multi-node and SLURM."""

@@ -1,0 +1,1 @@
+"""Model, objectives, DeepSpeed engine, training loop, checkpoints, evaluation, monitoring."""

@@ -1,0 +1,106 @@
+"""Checkpoints: DeepSpeed's own save plus our state; `latest` written last, atomically.
+
+Layout: RUN/checkpoints/step_00000100/{DeepSpeed files, state.json, rng_rank*.json} and
+RUN/checkpoints/latest (the tag). A checkpoint is complete when state.json exists, which rank 0
+writes after every rank finished saving; `latest` then moves to it, so a crash mid-save leaves the
+previous checkpoint as `latest`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    return {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": np.random.get_state(legacy=False),
+        "torch": torch.get_rng_state().tolist(),
+    }
+
+
+def set_rng_state(s: dict) -> None:
+    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(torch.tensor(s["torch"], dtype=torch.uint8))
+
+
+def _np_json(o):
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(type(o))
+
+
+def save(engine, ckpt_root: Path, step: int, state: dict, keep_last: int, rank: int) -> Path:
+    tag = f"step_{step:08d}"
+    engine.save_checkpoint(str(ckpt_root), tag=tag, save_latest=False)
+    d = ckpt_root / tag
+    _atomic_write(d / f"rng_rank{rank}.json", json.dumps(rng_state(), default=_np_json))
+    dist.barrier()
+    if rank == 0:
+        _atomic_write(d / "state.json", json.dumps(dict(state, tag=tag, step=step), indent=1))
+        _atomic_write(ckpt_root / "latest", tag)
+        done = sorted(p for p in ckpt_root.glob("step_*") if (p / "state.json").is_file())
+        for old in done[: max(0, len(done) - keep_last)]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return d
+
+
+def find_latest(ckpt_root: Path) -> Path | None:
+    """The newest complete checkpoint: `latest` if it is complete, else the newest with a state.json."""
+    lp = ckpt_root / "latest"
+    if lp.is_file():
+        d = ckpt_root / lp.read_text().strip()
+        if (d / "state.json").is_file():
+            return d
+        log.warning("checkpoint %s named by `latest` is incomplete; looking for an older one", d)
+    done = sorted(p for p in ckpt_root.glob("step_*") if (p / "state.json").is_file())
+    return done[-1] if done else None
+
+
+def read_state(ckpt: Path) -> dict:
+    return json.loads((ckpt / "state.json").read_text())
+
+
+def load(engine, ckpt: Path, rank: int) -> dict:
+    state = read_state(ckpt)
+    engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True, load_lr_scheduler_states=True)
+    rng = ckpt / f"rng_rank{rank}.json"
+    if rng.is_file():
+        set_rng_state(json.loads(rng.read_text()))
+    return state
+
+
+def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
+    """fp32 weights from a DeepSpeed checkpoint of any ZeRO stage and world size, in one process."""
+    state = read_state(ckpt)
+    if state.get("zero_stage", 0) >= 1:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    else:
+        f = ckpt / "mp_rank_00_model_states.pt"
+        sd = torch.load(f, map_location="cpu", weights_only=False)["module"]  # DeepSpeed's own pickle
+    return {k: v.float() for k, v in sd.items()}

@@ -1,0 +1,61 @@
+"""A run's newest checkpoint -> a HF `save_pretrained` directory (safetensors + tokenizer)."""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def load_run_model(run_dir: str | Path):
+    """(model in fp32 on CPU, checkpoint dir, checkpoint state) from a run's newest checkpoint."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
+
+    from prefpretrain.trainer import checkpoint as ckptlib
+
+    run = Path(run_dir)
+    ckpt = ckptlib.find_latest(run / "checkpoints")
+    if ckpt is None:
+        raise FileNotFoundError(f"{run}: no complete checkpoint under checkpoints/")
+    state = ckptlib.read_state(ckpt)
+    hf_conf = AutoConfig.from_pretrained(str(run / "model_config"), local_files_only=True)
+    auto = AutoModelForCausalLM if state.get("model_kind", "causal") == "causal" else AutoModelForMaskedLM
+    model = auto.from_config(hf_conf)
+    sd = ckptlib.consolidated_state_dict(ckpt)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    tied = {k for k in missing if "lm_head" in k or "decoder" in k}
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"{ckpt}: weights do not match the model (missing {missing}, unexpected {unexpected})")
+    if tied:
+        model.tie_weights()
+    model.float().eval()
+    return model, ckpt, state
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path) -> Path:
+    from prefpretrain.config import load_config
+    from prefpretrain.data_shards.reader import ShardSet
+    from prefpretrain.data_shards.tokenizer import hf_tokenizer
+
+    run, out = Path(run_dir), Path(out_dir)
+    model, ckpt, state = load_run_model(run)
+    cfg = load_config(run / "config.yaml")
+    ss = ShardSet(cfg.data.shards[0].path, "train", verify=False)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    hf_tokenizer(ss.tokenizer_dir).save_pretrained(str(tmp))
+    info = {
+        "exported_from": str(ckpt), "step": state["step"], "tokens_seen": state.get("tokens_seen"),
+        "objective": cfg.train.objective, "tokenizer_hash": ss.tokenizer_hash,
+        "control_tokens": {"aligned": "<|aligned|>", "misaligned": "<|misaligned|>"},
+        "scorer": ss.manifest["scorer"], "segmenter": ss.manifest["segmenter"],
+        "conditioning": "prefix <|aligned|> and re-insert it after every newline" if cfg.train.objective == "conditional" else "none",
+    }
+    (tmp / "prefpretrain.json").write_text(json.dumps(info, indent=1))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    log.info("exported step %d to %s", state["step"], out)
+    return out

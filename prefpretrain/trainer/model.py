@@ -1,0 +1,69 @@
+"""Build a HF causal or masked LM from the config (any architecture), or load a local directory."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from prefpretrain.config import ConfigError, ModelConfig
+
+log = logging.getLogger(__name__)
+
+# per-architecture names for the MLP width and dropout; width/depth/heads/positions use HF's
+# common attribute names (GPT-2's config maps them onto n_embd / n_layer / n_head / n_positions)
+_MLP = {"gpt2": "n_inner", "gpt_neo": "intermediate_size", "gptj": "n_inner"}
+_DROPOUT = {
+    "gpt2": ("resid_pdrop", "embd_pdrop", "attn_pdrop"),
+    "bert": ("hidden_dropout_prob", "attention_probs_dropout_prob"),
+    "roberta": ("hidden_dropout_prob", "attention_probs_dropout_prob"),
+    "llama": ("attention_dropout",),
+}
+
+
+def hf_config(mc: ModelConfig, vocab_size: int, seq_len: int, special: dict[str, int]):
+    from transformers import AutoConfig
+
+    kw = {
+        "vocab_size": vocab_size,
+        "hidden_size": mc.hidden_size,
+        "num_hidden_layers": mc.num_layers,
+        "num_attention_heads": mc.num_heads,
+        "max_position_embeddings": seq_len if mc.kind == "causal" else seq_len + 2,
+        _MLP.get(mc.arch, "intermediate_size"): mc.intermediate_size or 4 * mc.hidden_size,
+        "eos_token_id": special["eos"],
+        "bos_token_id": special["eos"],
+        "pad_token_id": special["pad"],
+    }
+    if mc.arch in ("llama", "mistral", "qwen2"):
+        kw["num_key_value_heads"] = mc.num_heads
+    for name in _DROPOUT.get(mc.arch, ()):
+        kw[name] = mc.dropout
+    kw.update(mc.extra)
+    try:
+        return AutoConfig.for_model(mc.arch, **kw)
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f"model.arch: {e}") from None
+
+
+def build_model(mc: ModelConfig, vocab_size: int, seq_len: int, special: dict[str, int]):
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    auto = AutoModelForCausalLM if mc.kind == "causal" else AutoModelForMaskedLM
+    if mc.from_pretrained:
+        model = auto.from_pretrained(mc.from_pretrained, local_files_only=True)
+        if model.get_input_embeddings().num_embeddings < vocab_size:
+            raise ConfigError(
+                f"model.from_pretrained: its vocabulary ({model.get_input_embeddings().num_embeddings}) "
+                f"is smaller than the shards' tokenizer ({vocab_size})")
+        return model
+    return auto.from_config(hf_config(mc, vocab_size, seq_len, special))
+
+
+def load_model_dir(path: str | Path, kind: str = "causal"):
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    auto = AutoModelForCausalLM if kind == "causal" else AutoModelForMaskedLM
+    return auto.from_pretrained(str(path), local_files_only=True)
+
+
+def count_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,71 @@
+"""What a run directory records about its set-up: resolved config, versions, hosts, git commit."""
+from __future__ import annotations
+
+import json
+import platform
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import torch.distributed as dist
+import yaml
+
+
+def git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> dict:
+    import deepspeed
+    import tokenizers
+    import torch
+    import transformers
+
+    import prefpretrain
+
+    return {"prefpretrain": prefpretrain.__version__, "python": platform.python_version(), "torch": torch.__version__,
+            "deepspeed": deepspeed.__version__, "transformers": transformers.__version__,
+            "tokenizers": tokenizers.__version__}
+
+
+def check_agreement(world: int, items: dict) -> None:
+    """Every rank must see the same world size, config, tokenizer and shards: a rank that read another
+    config would otherwise train alone without error."""
+    if world == 1:
+        return
+    mine = dict(items, world_size=world)
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, mine)
+    for r, theirs in enumerate(everyone):
+        if theirs != mine:
+            diff = sorted(k for k in mine if mine.get(k) != theirs.get(k))
+            raise RuntimeError(f"ranks disagree on {', '.join(diff)} (rank {r}: {theirs}, here: {mine})")
+
+
+def write_run_files(run_dir: Path, cfg, world: int, rank: int, extra: dict) -> None:
+    hosts: list = [None] * world
+    if world > 1:
+        dist.all_gather_object(hosts, socket.gethostname())
+    else:
+        hosts = [socket.gethostname()]
+    if rank != 0:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    info = {"world_size": world, "hosts": hosts, "versions": versions(), "git_commit": git_commit(),
+            "config_hash": cfg.hash(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    info.update(extra)
+    p = run_dir / "run_info.json"
+    history = json.loads(p.read_text()).get("history", []) if p.is_file() else []
+    if p.is_file():
+        prev = json.loads(p.read_text())
+        prev.pop("history", None)
+        history.append(prev)
+    info["history"] = history  # earlier starts of the same run (resumes), newest last
+    p.write_text(json.dumps(info, indent=1))
