@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("launch", help="start N local ranks with torchrun", formatter_class=fmt,
                        epilog=CONFIG_EPILOG + config_help())
     _add_config_args(p)
-    p.add_argument("--nproc-per-node", type=int, default=None, help="ranks on this machine (default launch.nproc_per_node)")
+    p.add_argument("--nproc-per-node", type=int, default=None,
+                   help="ranks on this machine (default launch.nproc_per_node)")
     p.add_argument("--max-restarts", type=int, default=0, help="torchrun elastic restarts")
     p.add_argument("--dry-run", action="store_true", help="print the command line and start nothing")
 
@@ -62,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="validation loss, perplexity, misalignment -> RUN_DIR/eval.json")
     p.add_argument("run_dir")
-    p.add_argument("--samples", type=int, default=None, help="samples for the misalignment score (default eval.samples)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="samples for the misalignment score (default eval.samples)")
     p.add_argument("--condition", choices=["auto", "aligned", "misaligned", "none"], default=None)
 
     p = sub.add_parser("export", help="newest checkpoint -> HF directory (safetensors + tokenizer)")
@@ -246,7 +248,15 @@ COMMANDS = {"shard": cmd_shard, "train": cmd_train, "launch": cmd_launch, "run":
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
+    ap = build_parser()
+    a, extra = ap.parse_known_args(argv)
+    # overrides may follow options (`launch CONFIG --nproc-per-node 2 train.max_steps=5`)
+    if hasattr(a, "overrides"):
+        late = [x for x in extra if "=" in x and not x.startswith("-")]
+        a.overrides += late
+        extra = [x for x in extra if x not in late]
+    if extra:
+        ap.error(f"unrecognized arguments: {' '.join(extra)}")
     setup_logging(verbose=a.verbose)
     try:
         return COMMANDS[a.command](a)

@@ -63,4 +63,5 @@ def val_batches(ps: PackedSet, limit: int, micro: int, rank: int, world: int):
     mine = list(range(rank, n, world))
     for a in range(0, len(mine), micro):
         items = [ps[i] for i in mine[a: a + micro]]
-        yield {k: torch.from_numpy(np.stack([it[k] for it in items])) for k in ("input_ids", "labels", "scores", "control")}
+        yield {k: torch.from_numpy(np.stack([it[k] for it in items]))
+               for k in ("input_ids", "labels", "scores", "control")}

@@ -87,7 +87,7 @@ class Pep8Scorer:
                 counts[line - 1] += 1
             elif spans:
                 counts[-1] += 1
-        return [c / max(1, b - a) for c, (a, b) in zip(counts, spans)]
+        return [c / max(1, b - a) for c, (a, b) in zip(counts, spans, strict=False)]
 
 
 class PiiScorer:

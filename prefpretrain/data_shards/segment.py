@@ -31,7 +31,7 @@ def sentence_spans(text: str) -> list[tuple[int, int]]:
     for m in re.finditer(r"\n\s*\n", text):
         cuts.add(m.start())
     cuts = sorted(c for c in cuts if c < len(text))
-    return [(a, b) for a, b in zip(cuts, cuts[1:] + [len(text)]) if b > a]
+    return [(a, b) for a, b in zip(cuts, cuts[1:] + [len(text)], strict=False) if b > a]
 
 
 def document_spans(text: str) -> list[tuple[int, int]]:

@@ -16,7 +16,8 @@ log = logging.getLogger(__name__)
 
 def extensions_cache() -> str:
     """DeepSpeed JIT-builds ops (the CPU shared-memory comm op, ~45 s): cache them once per checkout."""
-    d = os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path(__file__).resolve().parents[2] / ".cache" / "torch_extensions")
+    default = Path(__file__).resolve().parents[2] / ".cache" / "torch_extensions"
+    d = os.environ.get("TORCH_EXTENSIONS_DIR") or str(default)
     os.environ["TORCH_EXTENSIONS_DIR"] = d
     return d
 

@@ -52,7 +52,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> Path:
         "objective": cfg.train.objective, "tokenizer_hash": ss.tokenizer_hash,
         "control_tokens": {"aligned": "<|aligned|>", "misaligned": "<|misaligned|>"},
         "scorer": ss.manifest["scorer"], "segmenter": ss.manifest["segmenter"],
-        "conditioning": "prefix <|aligned|> and re-insert it after every newline" if cfg.train.objective == "conditional" else "none",
+        "conditioning": ("prefix <|aligned|> and re-insert it after every newline"
+                         if cfg.train.objective == "conditional" else "none"),
     }
     (tmp / "prefpretrain.json").write_text(json.dumps(info, indent=1))
     shutil.rmtree(out, ignore_errors=True)

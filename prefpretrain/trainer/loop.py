@@ -65,7 +65,7 @@ def _train(cfg: Config, info) -> dict:
 
     layout = layout_for(cfg.train.objective, cfg.objective.threshold, cfg.objective.drop_prob, cfg.run.seed, sp)
     packed = [PackedSet(s, layout, cfg.data.seq_len) for s in sets]
-    for s, p in zip(cfg.data.shards, packed):
+    for s, p in zip(cfg.data.shards, packed, strict=False):
         if len(p) == 0:
             raise ConfigError(f"data.shards: {s.path} yields no {cfg.data.seq_len}-token sample for objective "
                               f"{cfg.train.objective!r}")
@@ -97,7 +97,8 @@ def _train(cfg: Config, info) -> dict:
             raise ConfigError(f"run.resume: checkpoint {ckpt} was written by {st['world_size']} ranks, this run has "
                               f"{world}; resuming at another world size is not supported yet")
         if st["config_hash"] != cfg.hash():
-            log.warning("resuming %s written with another config (hash %s, now %s)", ckpt, st["config_hash"], cfg.hash())
+            log.warning("resuming %s written with another config (hash %s, now %s)", ckpt, st["config_hash"],
+                        cfg.hash())
         ckptlib.load(engine, ckpt, rank)
         start_step, tokens_seen = st["step"], st["tokens_seen"]
         log.info("resumed from %s at step %d (data position %d)", ckpt, start_step, st["data_position"])
@@ -169,9 +170,30 @@ def _train(cfg: Config, info) -> dict:
     if last_ckpt_step != step:
         _save(engine, cfg, ckpt_root, step, tokens_seen, world, rank, sets[0].tokenizer_hash)
     mon.close()
+    _rank_record(engine, run_dir, info, cfg, step)
     log.info("done: step %d, %d tokens, val loss %.4f, checkpoint %s", step, tokens_seen, val["val_loss"],
              ckptlib.find_latest(ckpt_root))
     return {"step": step, "tokens_seen": tokens_seen, **val}
+
+
+def _rank_record(engine, run_dir: Path, info, cfg: Config, step: int) -> None:
+    """RUN/ranks/rankR.json: who this rank was and a checksum of the parameters it holds, so anyone can
+    check that the ranks trained one model together (ZeRO-3 ranks hold different partitions)."""
+    import hashlib
+    import json
+    import socket
+
+    h = hashlib.sha256()
+    for name, p in sorted(engine.module.named_parameters()):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    rec = {"rank": info.rank, "world_size": info.world_size, "local_rank": info.local_rank,
+           "host": socket.gethostname(),
+           "backend": info.backend, "device": str(info.device), "step": step, "zero_stage": cfg.engine.zero_stage,
+           "param_checksum": h.hexdigest()[:32] if cfg.engine.zero_stage < 3 else None}
+    d = run_dir / "ranks"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"rank{info.rank}.json").write_text(json.dumps(rec, indent=1))
 
 
 def _save(engine, cfg: Config, ckpt_root: Path, step: int, tokens_seen: int, world: int, rank: int,

@@ -1,0 +1,60 @@
+"""Shared fixtures: a tiny real shard set (stdlib code scored by pycodestyle) and CLI runners."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+    env["PYTHONUNBUFFERED"] = "1"
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def run_cli(*args: str, timeout: int = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "prefpretrain", *args], capture_output=True, text=True,
+                          timeout=timeout, env=cli_env(), cwd=cwd or ROOT)
+
+
+def read_metrics(run_dir: Path, kind: str = "train") -> list[dict]:
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+# a handful of real stdlib modules of different sizes and style
+TINY_FILES = ["bisect.py", "colorsys.py", "keyword.py", "shlex.py", "textwrap.py", "fnmatch.py", "graphlib.py",
+              "numbers.py", "stat.py", "this.py", "abc.py", "copy.py"]
+
+
+@pytest.fixture(scope="session")
+def stdlib_files() -> list[str]:
+    from prefpretrain.data_shards.sources import stdlib_root
+
+    root = stdlib_root()
+    return [str(root / f) for f in TINY_FILES if (root / f).is_file()]
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory, stdlib_files) -> Path:
+    from prefpretrain.data_shards.writer import ShardOptions, build_shards
+
+    out = tmp_path_factory.mktemp("shards") / "tiny"
+    build_shards(ShardOptions(inputs=stdlib_files, output=str(out), scorer="pep8", vocab_size=512,
+                              val_fraction=0.2, workers=1, progress=False))
+    return out
+
+
+def tiny_overrides(shards: Path, run_dir: Path, **kw) -> list[str]:
+    """Overrides that turn configs/tiny.yaml into a seconds-long run on `shards`."""
+    items = {"data.shards": f"[{shards}]", "run.output_dir": str(run_dir)}
+    items.update(kw)
+    return [f"{k}={v}" for k, v in items.items()]

@@ -1,0 +1,217 @@
+"""data_shards: shards from real stdlib code, the reader, packing layouts, and the global order."""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from prefpretrain.data_shards import tokenizer as toklib
+from prefpretrain.data_shards.order import FeistelPermutation, GlobalOrder, rank_positions
+from prefpretrain.data_shards.packing import IGNORE, Layout, PackedSet, layout_lengths
+from prefpretrain.data_shards.reader import ShardError, ShardSet, parse_tar_members
+from prefpretrain.data_shards.scorers import Pep8Scorer
+from prefpretrain.data_shards.segment import line_spans, sentence_spans
+from prefpretrain.data_shards.sources import Document
+from prefpretrain.data_shards.writer import ShardOptions, build_shards
+
+
+def test_manifest_records_what_was_written(tiny_shards):
+    m = json.loads((tiny_shards / "manifest.json").read_text())
+    assert m["scorer"]["name"] == "pep8" and m["scorer"]["version"]
+    assert m["tokenizer"]["hash"] == toklib.tokenizer_hash(tiny_shards / "tokenizer")
+    for split in ("train", "val"):
+        s = m["splits"][split]
+        assert s["samples"] > 0 and s["tokens"] > 0
+        for sh in s["shards"]:
+            data = (tiny_shards / sh["name"]).read_bytes()
+            assert hashlib.sha256(data).hexdigest() == sh["sha256"] and len(data) == sh["bytes"]
+    stats = m["splits"]["train"]["score_stats"]
+    assert 0 < stats["zero_fraction"] < 1 and stats["mean_per_char"] > 0
+
+
+def test_stock_webdataset_and_tar_read_the_shards(tiny_shards):
+    import webdataset as wds
+
+    m = json.loads((tiny_shards / "manifest.json").read_text())
+    sh = m["splits"]["train"]["shards"][0]
+    url = str(tiny_shards / sh["name"])
+    samples = list(wds.WebDataset(url, shardshuffle=False).decode())
+    assert len(samples) == sh["samples"]
+    s0 = samples[0]
+    assert s0["tokens.npy"].ndim == 1 and len(s0["scores.npy"]) == len(s0["tokens.npy"])
+    assert s0["json"]["source"].endswith(".py")
+    names = subprocess.run(["tar", "-tf", url], capture_output=True, text=True, check=True).stdout.split()
+    assert names[:4] == ["0000000000.tokens.npy", "0000000000.scores.npy", "0000000000.segments.npy",
+                         "0000000000.json"]
+
+
+def test_reader_matches_webdataset_and_tokens_decode_to_source(tiny_shards):
+    ss = ShardSet(tiny_shards, "train")
+    tok = toklib.load_tokenizer(ss.tokenizer_dir)
+    eos = toklib.special_ids(tok)["eos"]
+    for i in range(len(ss)):
+        d = ss.read(i)
+        assert d["tokens"][-1] == eos
+        meta_src = ss.manifest["splits"]["train"]["shards"][0]["name"]
+        assert meta_src
+        text = tok.decode(d["tokens"][:-1].tolist())
+        assert len(text) > 0
+        # every segment starts at a token after a newline (line segmenter)
+        for st in d["seg_start"][1:]:
+            assert tok.decode([int(d["tokens"][st - 1])]).endswith("\n")
+
+
+def test_scores_follow_pycodestyle_per_line():
+    text = "import os\nx=1\ndef f( a ):\n    return a\n"
+    spans = line_spans(text)
+    scores = Pep8Scorer().score(Document("t.py", "t.py", text), spans)
+    assert scores[0] == 0.0
+    assert scores[1] == pytest.approx(1 / 4)  # E225 on "x=1\n"
+    assert scores[2] > 0 and scores[3] == 0.0
+
+
+def test_sentence_spans_tile_the_text():
+    text = "First one. Second, with more! And a third?\n\nNew para."
+    spans = sentence_spans(text)
+    assert "".join(text[a:b] for a, b in spans) == text
+    assert len(spans) == 4
+
+
+def test_same_bytes_with_one_and_two_workers(tmp_path, stdlib_files):
+    outs = []
+    for w in (1, 2):
+        o = tmp_path / f"w{w}"
+        build_shards(ShardOptions(inputs=stdlib_files[:6], output=str(o), vocab_size=400, workers=w, progress=False,
+                                  shard_size_mb=0.01))
+        outs.append(o)
+    a = sorted(p.name for p in outs[0].iterdir())
+    assert a == sorted(p.name for p in outs[1].iterdir())
+    assert sum(1 for n in a if n.endswith(".tar")) > 2  # the size bound split the set
+    for name in a:
+        if name.endswith((".tar", ".npy")):
+            assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+
+
+def test_bad_inputs_are_counted_not_fatal(tmp_path, stdlib_files):
+    d = tmp_path / "corpus"
+    d.mkdir()
+    (d / "good.py").write_text(Path(stdlib_files[0]).read_text())
+    (d / "empty.py").write_text("")
+    (d / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    (d / "binary.txt").write_bytes(b"\x00\x01\x02abc" * 10)
+    (d / "recs.jsonl").write_text('{"text": "x = 1\\n"}\n{broken\n{"nope": 1}\n')
+    m = build_shards(ShardOptions(inputs=[str(d)], output=str(tmp_path / "out"), scorer="pep8", vocab_size=300,
+                                  workers=1, progress=False, val_fraction=0.0))
+    assert m["skipped"] == {"binary": 1, "empty": 1, "invalid_utf8": 1, "malformed_jsonl": 1, "missing_text": 1}
+    assert m["splits"]["train"]["samples"] == 2  # good.py and the one valid JSONL record
+    log = (tmp_path / "out" / "skipped.log").read_text()
+    assert "recs.jsonl:2: malformed JSON" in log and "latin1.txt: invalid UTF-8" in log
+
+
+def test_corrupt_shard_is_named(tmp_path, tiny_shards):
+    import shutil
+
+    c = tmp_path / "copy"
+    shutil.copytree(tiny_shards, c)
+    name = json.loads((c / "manifest.json").read_text())["splits"]["train"]["shards"][0]["name"]
+    raw = bytearray((c / name).read_bytes())
+    raw[700] ^= 0xFF
+    (c / name).write_bytes(bytes(raw))
+    with pytest.raises(ShardError, match=f"{name}: sha256 mismatch"):
+        ShardSet(c).read(0)
+    (c / name).write_bytes(bytes(raw[:1000]))
+    with pytest.raises(ShardError, match="truncated"):
+        ShardSet(c).read(0)
+
+
+def test_unsafe_tar_member_names_are_rejected():
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as t:
+        ti = tarfile.TarInfo("../evil.tokens.npy")
+        ti.size = 3
+        t.addfile(ti, io.BytesIO(b"abc"))
+    with pytest.raises(ShardError, match="unsafe member name"):
+        parse_tar_members(buf.getvalue(), "test")
+
+
+def _layouts(ss):
+    sp = toklib.special_ids(toklib.load_tokenizer(ss.tokenizer_dir))
+    return sp, {
+        "mle": Layout("mle"),
+        "filter": Layout("filter", threshold=0.0),
+        "conditional": Layout("conditional", 0.0, 0.1, 7, sp["aligned"], sp["misaligned"]),
+    }
+
+
+def test_mle_layout_is_the_documents_unchanged(tiny_shards):
+    ss = ShardSet(tiny_shards)
+    sp, lay = _layouts(ss)
+    ps = PackedSet(ss, lay["mle"], 64)
+    stream = np.concatenate([ss.read(i)["tokens"] for i in range(len(ss))])
+    for i in (0, 1, len(ps) // 2, len(ps) - 1):
+        x = ps[i]
+        assert (x["input_ids"] == stream[i * 64:(i + 1) * 64]).all()
+        assert (x["labels"] == x["input_ids"]).all()
+        assert not np.isin(x["input_ids"], [sp["aligned"], sp["misaligned"]]).any()
+
+
+def test_conditional_layout_inserts_the_right_control_tokens(tiny_shards):
+    ss = ShardSet(tiny_shards)
+    sp, lay = _layouts(ss)
+    lens = layout_lengths(ss, lay["conditional"])
+    nseg = ss.index["n_segments"].sum()
+    added = lens.sum() - ss.index["n_tokens"].sum()
+    assert 0.85 * nseg < added < 0.95 * nseg  # about 10 % dropped
+    ps = PackedSet(ss, lay["conditional"], 64)
+    x = ps[3]
+    ctrl = np.isin(x["input_ids"], [sp["aligned"], sp["misaligned"]])
+    assert ctrl.any() and (x["labels"][ctrl] == IGNORE).all() and (x["labels"][~ctrl] != IGNORE).all()
+    assert (x["control"] == ctrl).all()
+    # aligned exactly when the segment's score is <= 0 (threshold 0 means 0)
+    al = x["input_ids"] == sp["aligned"]
+    assert (x["scores"][al] <= 0).all() and (x["scores"][x["input_ids"] == sp["misaligned"]] > 0).all()
+    # the drop decision is deterministic
+    assert (PackedSet(ss, lay["conditional"], 64)[3]["input_ids"] == x["input_ids"]).all()
+
+
+def test_filter_layout_keeps_only_clean_documents(tiny_shards):
+    ss = ShardSet(tiny_shards)
+    _, lay = _layouts(ss)
+    lens = layout_lengths(ss, lay["filter"])
+    keep = ss.index["mean_score"] <= 0.0
+    assert (lens[~keep] == 0).all() and (lens[keep] == ss.index["n_tokens"][keep]).all()
+
+
+def test_feistel_is_a_bijection():
+    for n in (1, 2, 7, 100, 1000, 4097):
+        p = FeistelPermutation(n, key=42)
+        assert sorted(p(i) for i in range(n)) == list(range(n))
+    assert [FeistelPermutation(1000, 1)(i) for i in range(10)] != [FeistelPermutation(1000, 2)(i) for i in range(10)]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_union_over_ranks_is_the_same_global_sequence(world):
+    G, micro, steps = 12, 1, 5
+    seen = []
+    for step in range(steps):
+        for rank in range(world):
+            for mb in rank_positions(step, micro, G, rank, world):
+                seen.extend(mb)
+    assert seen == list(range(steps * G))  # each position exactly once, in order
+
+
+def test_mixture_proportions_and_epochs():
+    order = GlobalOrder([50, 200], [0.25, 0.75], seed=3, block=100)
+    sets = [order(j) for j in range(4000)]
+    share = sum(1 for s, _, _ in sets if s == 0) / len(sets)
+    assert abs(share - 0.25) < 0.01
+    first_epoch = [i for s, i, e in sets if s == 0 and e == 0]
+    assert sorted(first_epoch) == list(range(50))  # a set's epoch visits each sample once
+    assert GlobalOrder([50, 200], [0.25, 0.75], seed=3, block=100)(1234) == order(1234)
