@@ -248,6 +248,9 @@ COMMANDS = {"shard": cmd_shard, "train": cmd_train, "launch": cmd_launch, "run":
 
 
 def main(argv: list[str] | None = None) -> int:
+    # nothing is ever fetched from a hub: models and tokenizers are local directories
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     ap = build_parser()
     a, extra = ap.parse_known_args(argv)
     # overrides may follow options (`launch CONFIG --nproc-per-node 2 train.max_steps=5`)

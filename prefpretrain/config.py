@@ -52,6 +52,7 @@ class ModelConfig:
     num_layers: int = 4  # transformer blocks
     num_heads: int = 4  # attention heads
     intermediate_size: int | None = None  # MLP width (default 4 x hidden_size)
+    mlm_probability: float = 0.15  # masked LMs: share of tokens masked (80 % [MASK], 10 % random, 10 % kept)
     dropout: float = 0.0  # dropout in attention / MLP / embeddings where the architecture has it
     extra: dict[str, Any] = field(default_factory=dict)  # more HF config fields, passed as is
 
@@ -174,7 +175,7 @@ def _type_name(tp: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in get_args(tp))
     if origin is not None:
-        return str(tp).replace("typing.", "")
+        return str(tp).replace("typing.", "").replace("prefpretrain.config.", "")
     return getattr(tp, "__name__", str(tp))
 
 
@@ -324,8 +325,8 @@ def _check_values(cfg: Config) -> None:
             raise ConfigError(f"data.shards[{i}].weight: must be positive, got {s.weight}")
         if not s.path:
             raise ConfigError(f"data.shards[{i}].path: empty")
-    if t.objective in ("conditional",) and cfg.model.kind == "masked":
-        pass  # allowed: control tokens are ordinary inputs for an MLM too
+    if not 0 < cfg.model.mlm_probability < 1:
+        raise ConfigError(f"model.mlm_probability: must be within (0, 1), got {cfg.model.mlm_probability}")
 
 
 def check_paths(cfg: Config) -> None:

@@ -215,3 +215,23 @@ def test_mixture_proportions_and_epochs():
     first_epoch = [i for s, i, e in sets if s == 0 and e == 0]
     assert sorted(first_epoch) == list(range(50))  # a set's epoch visits each sample once
     assert GlobalOrder([50, 200], [0.25, 0.75], seed=3, block=100)(1234) == order(1234)
+
+
+def test_mlm_masking_statistics_and_determinism():
+    from prefpretrain.data_shards.packing import MaskSpec, mlm_mask
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(10, 500, 200_000)
+    ids[::50] = 2  # control tokens are never masked targets
+    labels = np.where(ids == 2, IGNORE, ids)
+    spec = MaskSpec(mask_id=4, vocab_size=500, special_ids=(0, 1, 2, 3, 4), prob=0.15, seed=1)
+    inp, lab = mlm_mask(ids, labels, spec, (0, 7))
+    chosen = lab != IGNORE
+    assert abs(chosen.mean() - 0.15 * 0.98) < 0.005
+    assert (lab[chosen] == ids[chosen]).all() and not chosen[ids == 2].any()
+    frac_mask = (inp[chosen] == 4).mean()
+    frac_same = (inp[chosen] == ids[chosen]).mean()
+    assert abs(frac_mask - 0.8) < 0.01 and 0.095 < frac_same < 0.115  # 10 % kept (+ random hits)
+    assert (inp[~chosen] == ids[~chosen]).all()
+    assert (mlm_mask(ids, labels, spec, (0, 7))[0] == inp).all()
+    assert (mlm_mask(ids, labels, spec, (1, 7))[0] != inp).any()  # another epoch, another mask

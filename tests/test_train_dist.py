@@ -64,3 +64,16 @@ def test_resume_from_checkpoint_is_exact(tiny_shards, tmp_path):
     assert len(b) == 6 and b == pytest.approx(a, abs=1e-6)
     state = json.loads((cut / "checkpoints" / "step_00000006" / "state.json").read_text())
     assert state["data_position"] == 6 * 4 and state["world_size"] == 2
+
+
+def test_masked_lm_trains_and_exports(tiny_shards, tmp_path):
+    run = tmp_path / "bert"
+    _launch(tiny_shards, run, nproc=1, **{"model.kind": "masked", "model.arch": "bert", "train.objective": "mle",
+                                          "train.max_steps": 16, "train.log_every": 1, "train.lr": "1.0e-2"})
+    losses = [m["loss"] for m in read_metrics(run)]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3
+    r = run_cli("export", str(run), str(tmp_path / "export"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    from transformers import AutoModelForMaskedLM
+
+    assert type(AutoModelForMaskedLM.from_pretrained(str(tmp_path / "export"))).__name__ == "BertForMaskedLM"

@@ -24,7 +24,7 @@ class MixtureDataset(Dataset):
 
     def __getitem__(self, j: int) -> dict:
         s, i, epoch = self.order(j)
-        item = self.sets[s][i]
+        item = self.sets[s].get(i, epoch)
         return {
             "input_ids": torch.from_numpy(item["input_ids"]),
             "labels": torch.from_numpy(item["labels"]),

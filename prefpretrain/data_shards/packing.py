@@ -29,6 +29,32 @@ class Layout:
     misaligned_id: int = -1
 
 
+@dataclass(frozen=True)
+class MaskSpec:
+    """BERT-style dynamic masking: `prob` of the target tokens; of those 80 % [MASK], 10 % random, 10 % kept."""
+
+    mask_id: int
+    vocab_size: int
+    special_ids: tuple[int, ...]
+    prob: float = 0.15
+    seed: int = 0
+
+
+def mlm_mask(ids: np.ndarray, labels: np.ndarray, spec: MaskSpec,
+             key: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(masked inputs, labels with IGNORE everywhere but the chosen positions); seeded by `key`."""
+    rng = np.random.default_rng([spec.seed, *key])
+    u, r = rng.random(len(ids)), rng.random(len(ids))
+    chosen = (u < spec.prob) & (labels != IGNORE) & ~np.isin(ids, spec.special_ids)
+    inputs = ids.copy()
+    inputs[chosen & (r < 0.8)] = spec.mask_id
+    rand = chosen & (r >= 0.8) & (r < 0.9)
+    repl = rng.integers(0, spec.vocab_size, len(ids))
+    repl = np.where(np.isin(repl, spec.special_ids), ids, repl)  # never inject a special token
+    inputs[rand] = repl[rand]
+    return inputs, np.where(chosen, labels, IGNORE)
+
+
 def _keep_control(layout: Layout, doc: np.ndarray, seg: np.ndarray) -> np.ndarray:
     """Deterministic keep/drop of the control token of (document, segment)."""
     if layout.drop_prob <= 0:
@@ -80,8 +106,8 @@ def apply_layout(doc_index: int, d: dict, layout: Layout) -> dict:
 class PackedSet:
     """Packed samples of `seq_len` tokens over one split of one shard set, for one layout."""
 
-    def __init__(self, ss: ShardSet, layout: Layout, seq_len: int):
-        self.ss, self.layout, self.seq_len = ss, layout, seq_len
+    def __init__(self, ss: ShardSet, layout: Layout, seq_len: int, mlm: MaskSpec | None = None):
+        self.ss, self.layout, self.seq_len, self.mlm = ss, layout, seq_len, mlm
         lengths = layout_lengths(ss, layout)
         self.cum = np.concatenate([[0], np.cumsum(lengths)])
         self.total_tokens = int(self.cum[-1])
@@ -91,6 +117,10 @@ class PackedSet:
         return self.n_samples
 
     def __getitem__(self, i: int) -> dict:
+        return self.get(i)
+
+    def get(self, i: int, epoch: int = 0) -> dict:
+        """Sample i; with MLM the mask depends on (seed, epoch, i): dynamic across epochs, exactly resumable."""
         if not 0 <= i < self.n_samples:
             raise IndexError(i)
         L = self.seq_len
@@ -105,9 +135,12 @@ class PackedSet:
                 b = min(hi, int(self.cum[d + 1])) - int(self.cum[d])
                 parts.append({k: v[a:b] for k, v in doc.items()})
             d += 1
-        return {
+        out = {
             "input_ids": np.concatenate([p["ids"] for p in parts]),
             "labels": np.concatenate([p["labels"] for p in parts]),
             "scores": np.concatenate([p["scores"] for p in parts]).astype(np.float32),
             "control": np.concatenate([p["control"] for p in parts]),
         }
+        if self.mlm is not None:
+            out["input_ids"], out["labels"] = mlm_mask(out["input_ids"], out["labels"], self.mlm, (epoch, i))
+        return out

@@ -32,6 +32,15 @@ def env_world() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
+def slurm_master() -> tuple[str, int]:
+    """Under plain `srun` (one task per GPU): the first node of the job hosts the store."""
+    import subprocess
+
+    nodes = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]], check=True,
+                           capture_output=True, text=True).stdout.split()
+    return nodes[0], 15000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -54,6 +63,10 @@ def setup(backend: str = "auto", device: str = "auto", timeout_s: int = 600) -> 
         if world == 1 and "MASTER_ADDR" not in os.environ:
             store = dist.HashStore()
         else:
+            if "MASTER_ADDR" not in os.environ and "SLURM_JOB_NODELIST" in os.environ:
+                addr, port = slurm_master()
+                os.environ["MASTER_ADDR"] = addr
+                os.environ.setdefault("MASTER_PORT", str(port))
             host = os.environ.get("MASTER_ADDR", "127.0.0.1")
             port = int(os.environ.get("MASTER_PORT", "29500"))
             # Under torchrun the agent hosts the store; a fresh key prefix per restart attempt keeps

@@ -106,10 +106,13 @@ def evaluate_run(run_dir: str | Path, samples: int | None = None, condition: str
     layout = layout_for(cfg.train.objective, cfg.objective.threshold, cfg.objective.drop_prob, cfg.run.seed, sp)
     causal = cfg.model.kind == "causal"
     res = {"run_dir": str(run), "checkpoint": str(ckpt), "step": state["step"], "tokens_seen": state.get("tokens_seen")}
-    ps = PackedSet(ss, layout, cfg.data.seq_len)
+    from prefpretrain.trainer.loop import mask_spec
+
+    mlm = mask_spec(cfg, ss.manifest)
+    ps = PackedSet(ss, layout, cfg.data.seq_len, mlm)
     res.update(validation_loss(model, ps, cfg.eval.val_samples, cfg.train.micro_batch_size, causal=causal))
     if cfg.train.objective != "mle":  # the same held-out text without control tokens or filtering
-        mle_ps = PackedSet(ss, layout_for("mle", 0.0, 0.0, 0, sp), cfg.data.seq_len)
+        mle_ps = PackedSet(ss, layout_for("mle", 0.0, 0.0, 0, sp), cfg.data.seq_len, mlm)
         res["val_loss_plain"] = validation_loss(model, mle_ps, cfg.eval.val_samples, cfg.train.micro_batch_size,
                                                 causal=causal)["val_loss"]
     cond = condition or cfg.eval.condition

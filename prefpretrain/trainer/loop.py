@@ -13,7 +13,7 @@ import yaml
 
 from prefpretrain.config import Config, ConfigError
 from prefpretrain.data_shards.loader import MixtureDataset, train_loader
-from prefpretrain.data_shards.packing import PackedSet
+from prefpretrain.data_shards.packing import MaskSpec, PackedSet
 from prefpretrain.data_shards.reader import ShardSet
 from prefpretrain.launcher import dist as distlib
 from prefpretrain.logs import setup_logging
@@ -43,6 +43,15 @@ def open_data(cfg: Config):
     return sets, val, manifest
 
 
+def mask_spec(cfg: Config, manifest: dict) -> MaskSpec | None:
+    """Masking for masked LMs (None for causal ones)."""
+    if cfg.model.kind != "masked":
+        return None
+    sp = manifest["tokenizer"]["special_ids"]
+    return MaskSpec(mask_id=sp["mask"], vocab_size=manifest["tokenizer"]["vocab_size"],
+                    special_ids=tuple(sorted(set(sp.values()))), prob=cfg.model.mlm_probability, seed=cfg.run.seed)
+
+
 def train(cfg: Config) -> dict:
     info = distlib.setup(cfg.engine.backend, cfg.engine.device)
     rank, _world = info.rank, info.world_size
@@ -64,13 +73,14 @@ def _train(cfg: Config, info) -> dict:
     causal = cfg.model.kind == "causal"
 
     layout = layout_for(cfg.train.objective, cfg.objective.threshold, cfg.objective.drop_prob, cfg.run.seed, sp)
-    packed = [PackedSet(s, layout, cfg.data.seq_len) for s in sets]
+    mlm = mask_spec(cfg, manifest)
+    packed = [PackedSet(s, layout, cfg.data.seq_len, mlm) for s in sets]
     for s, p in zip(cfg.data.shards, packed, strict=False):
         if len(p) == 0:
             raise ConfigError(f"data.shards: {s.path} yields no {cfg.data.seq_len}-token sample for objective "
                               f"{cfg.train.objective!r}")
     ds = MixtureDataset(packed, [s.weight for s in cfg.data.shards], cfg.run.seed)
-    val_packed = PackedSet(val_set, layout, cfg.data.seq_len)
+    val_packed = PackedSet(val_set, layout, cfg.data.seq_len, mlm)
 
     torch.manual_seed(cfg.run.seed)
     np.random.seed(cfg.run.seed % 2**32)
