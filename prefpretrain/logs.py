@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 
 def setup_logging(rank: int | None = None, verbose: bool = False) -> None:
@@ -18,5 +19,7 @@ def setup_logging(rank: int | None = None, verbose: bool = False) -> None:
     h.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))
     root.addHandler(h)
     root.setLevel(level)
+    # deprecation chatter from torch.distributed / transformers internals, not from anything a user can change
+    warnings.filterwarnings("ignore", category=FutureWarning)
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "urllib3", "filelock", "matplotlib"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))

@@ -96,6 +96,9 @@ def load(engine, ckpt: Path, rank: int) -> dict:
 def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     """fp32 weights from a DeepSpeed checkpoint of any ZeRO stage and world size, in one process."""
     state = read_state(ckpt)
+    from prefpretrain.trainer.engine import deepspeed_env
+
+    deepspeed_env()
     if state.get("zero_stage", 0) >= 1:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

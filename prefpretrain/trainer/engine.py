@@ -22,6 +22,12 @@ def extensions_cache() -> str:
     return d
 
 
+def deepspeed_env() -> None:
+    """Environment DeepSpeed reads at import: the accelerator (it warns when it has to guess) and the op cache."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    extensions_cache()
+
+
 def ds_config(cfg: Config, world: int) -> dict:
     t = cfg.train
     ga = cfg.grad_accum_for(world)
@@ -66,7 +72,7 @@ def param_groups(model, weight_decay: float) -> list[dict]:
 
 
 def build_engine(cfg: Config, model, world: int, run_dir: Path | None = None):
-    extensions_cache()
+    deepspeed_env()
     import deepspeed
 
     conf = ds_config(cfg, world)
