@@ -22,6 +22,18 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=20 engine.zero_stage=3")
 
 
+def _mapping(text: str) -> dict:
+    import yaml
+
+    try:
+        v = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise argparse.ArgumentTypeError(f"not YAML: {e}") from None
+    if not isinstance(v, dict):
+        raise argparse.ArgumentTypeError(f"expected a mapping, got {text!r}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     ap = argparse.ArgumentParser(prog="prefpretrain", description=__doc__, formatter_class=fmt)
@@ -31,7 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("shard", help="score, tokenize and write WebDataset shards", formatter_class=fmt)
     p.add_argument("--input", nargs="+", required=True, help="files, directories, globs, or @stdlib")
     p.add_argument("--output", required=True, help="output shard directory")
-    p.add_argument("--scorer", default="pep8", help="pep8 | pii | field | none | module:function")
+    p.add_argument("--scorer", default="pep8",
+                   help="pep8 | pep8_style | pii | classifier | lexical | field | none | module:function")
+    p.add_argument("--scorer-params", default="{}", type=_mapping,
+                   help="the scorer's options as a YAML/JSON mapping, e.g. '{model_dir: clf/, label: toxic}'")
     p.add_argument("--segmenter", default="auto", choices=["auto", "line", "sentence", "document"])
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="scoring processes")
     p.add_argument("--tokenizer", default="train", help="'train' (byte-level BPE on the input) or a directory")
@@ -44,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-files", type=int, default=0, help="keep only the first N input files")
     p.add_argument("--text-field", default="text", help="JSONL field with the text")
     p.add_argument("--score-field", default=None, help="JSONL field with a score (scorer 'field')")
+    p.add_argument("--overwrite", action="store_true", help="replace shards already in --output (default: resume "
+                                                             "an interrupted run with the same inputs and options)")
 
     p = sub.add_parser("train", help="train one rank (alone, or under torchrun / srun)", formatter_class=fmt,
                        epilog=CONFIG_EPILOG + config_help())
@@ -103,7 +120,8 @@ def cmd_shard(a) -> int:
 
     try:
         m = build_shards(ShardOptions(
-            inputs=a.input, output=a.output, scorer=a.scorer, segmenter=a.segmenter, tokenizer=a.tokenizer,
+            inputs=a.input, output=a.output, scorer=a.scorer, scorer_params=a.scorer_params,
+            segmenter=a.segmenter, tokenizer=a.tokenizer, overwrite=a.overwrite,
             vocab_size=a.vocab_size, val_fraction=a.val_fraction, shard_size_mb=a.shard_size_mb,
             workers=a.workers, max_files=a.max_files, text_field=a.text_field, score_field=a.score_field,
             progress=sys.stderr.isatty()))
@@ -155,7 +173,8 @@ def ensure_shards(cfg: Config) -> None:
     s = cfg.shard
     if not s.inputs:
         raise ConfigError(f"shard.inputs: {target} has no manifest.json and the config says nothing to build it from")
-    build_shards(ShardOptions(inputs=s.inputs, output=str(target), scorer=s.scorer, segmenter=s.segmenter,
+    build_shards(ShardOptions(inputs=s.inputs, output=str(target), scorer=s.scorer, scorer_params=s.scorer_params,
+                              segmenter=s.segmenter,
                               tokenizer=s.tokenizer, vocab_size=s.vocab_size, val_fraction=s.val_fraction,
                               shard_size_mb=s.shard_size_mb, workers=s.workers, max_files=s.max_files,
                               progress=sys.stderr.isatty()))

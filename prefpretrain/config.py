@@ -40,7 +40,8 @@ class DataConfig:
     shards: list[ShardSetConfig] = field(default_factory=list)  # one or more shard sets
     seq_len: int = 256  # tokens per training sample (packed across documents)
     num_workers: int = 0  # DataLoader worker processes per rank (order does not depend on it)
-    verify_checksums: bool = True  # check each shard's sha256 against the manifest when opened
+    verify_checksums: bool = True  # check each shard's sha256 against the manifest when first opened
+    on_corrupt: Literal["error", "skip"] = "error"  # skip: a sample touching a bad shard carries no loss, counted
 
 
 @dataclass
@@ -110,7 +111,8 @@ class ShardConfig:
     """How to build the shards (used by `prefpretrain run` when data.shards[0] has no manifest)."""
 
     inputs: list[str] = field(default_factory=list)  # files, dirs, globs, or @stdlib
-    scorer: str = "pep8"  # pep8 | pii | none | field
+    scorer: str = "pep8"  # pep8 | pep8_style | pii | classifier | lexical | field | none | module:function
+    scorer_params: dict[str, Any] = field(default_factory=dict)  # the scorer's options (see README)
     segmenter: Literal["auto", "line", "sentence", "document"] = "auto"  # auto: line for code
     vocab_size: int = 8192  # BPE vocabulary (when training a tokenizer)
     tokenizer: str = "train"  # train | PATH to a tokenizer directory

@@ -45,8 +45,8 @@ def test_stock_webdataset_and_tar_read_the_shards(tiny_shards):
     assert s0["tokens.npy"].ndim == 1 and len(s0["scores.npy"]) == len(s0["tokens.npy"])
     assert s0["json"]["source"].endswith(".py")
     names = subprocess.run(["tar", "-tf", url], capture_output=True, text=True, check=True).stdout.split()
-    assert names[:4] == ["0000000000.tokens.npy", "0000000000.scores.npy", "0000000000.segments.npy",
-                         "0000000000.json"]
+    assert names[:4] == ["000000-0000000.tokens.npy", "000000-0000000.scores.npy", "000000-0000000.segments.npy",
+                         "000000-0000000.json"]
 
 
 def test_reader_matches_webdataset_and_tokens_decode_to_source(tiny_shards):
@@ -166,8 +166,8 @@ def test_conditional_layout_inserts_the_right_control_tokens(tiny_shards):
     ss = ShardSet(tiny_shards)
     sp, lay = _layouts(ss)
     lens = layout_lengths(ss, lay["conditional"])
-    nseg = ss.index["n_segments"].sum()
-    added = lens.sum() - ss.index["n_tokens"].sum()
+    nseg = ss.column("n_segments").sum()
+    added = lens.sum() - ss.column("n_tokens").sum()
     assert 0.85 * nseg < added < 0.95 * nseg  # about 10 % dropped
     ps = PackedSet(ss, lay["conditional"], 64)
     x = ps[3]
@@ -185,8 +185,8 @@ def test_filter_layout_keeps_only_clean_documents(tiny_shards):
     ss = ShardSet(tiny_shards)
     _, lay = _layouts(ss)
     lens = layout_lengths(ss, lay["filter"])
-    keep = ss.index["mean_score"] <= 0.0
-    assert (lens[~keep] == 0).all() and (lens[keep] == ss.index["n_tokens"][keep]).all()
+    keep = ss.column("mean_score") <= 0.0
+    assert (lens[~keep] == 0).all() and (lens[keep] == ss.column("n_tokens")[keep]).all()
 
 
 def test_feistel_is_a_bijection():
@@ -235,3 +235,38 @@ def test_mlm_masking_statistics_and_determinism():
     assert (inp[~chosen] == ids[~chosen]).all()
     assert (mlm_mask(ids, labels, spec, (0, 7))[0] == inp).all()
     assert (mlm_mask(ids, labels, spec, (1, 7))[0] != inp).any()  # another epoch, another mask
+
+
+def test_partial_reads_pack_exactly_what_whole_documents_give(tiny_shards):
+    """doc_window reads only token ranges; rebuild the conditional stream from whole documents instead."""
+    from prefpretrain.data_shards.packing import _keep_control
+
+    ss = ShardSet(tiny_shards)
+    sp, lay = _layouts(ss)
+    layout = lay["conditional"]
+    ids, labels = [], []
+    for d in range(len(ss)):
+        doc = ss.read(d)
+        keep = _keep_control(layout, np.full(len(doc["seg_start"]), d), np.arange(len(doc["seg_start"])))
+        ctrl = np.where(doc["seg_score"] <= 0, sp["aligned"], sp["misaligned"])[keep]
+        pos = doc["seg_start"][keep]
+        ids.append(np.insert(doc["tokens"], pos, ctrl))
+        labels.append(np.insert(doc["tokens"], pos, IGNORE))
+    ids, labels = np.concatenate(ids), np.concatenate(labels)
+    ps = PackedSet(ss, layout, 64)
+    assert ps.total_tokens == len(ids)
+    for i in range(len(ps)):
+        x = ps[i]
+        assert (x["input_ids"] == ids[i * 64:(i + 1) * 64]).all(), i
+        assert (x["labels"] == labels[i * 64:(i + 1) * 64]).all(), i
+
+
+def test_reader_reads_about_its_share(tiny_shards):
+    """Packing reads token ranges, not whole documents: one pass over all samples reads ~ the data once."""
+    ss = ShardSet(tiny_shards, verify=False)
+    _, lay = _layouts(ss)
+    ps = PackedSet(ss, lay["mle"], 64)
+    for i in range(len(ps)):
+        ps[i]
+    data_bytes = sum(ss.column("n_tokens")) * (ss.tok_dtype.itemsize + 2)
+    assert ss.bytes_read <= 1.05 * data_bytes

@@ -30,6 +30,7 @@ class MixtureDataset(Dataset):
             "labels": torch.from_numpy(item["labels"]),
             "scores": torch.from_numpy(item["scores"]),
             "control": torch.from_numpy(item["control"]),
+            "corrupt": torch.tensor(bool(item["corrupt"])),
             "position": torch.tensor(j),
             "epoch": torch.tensor(epoch),
         }

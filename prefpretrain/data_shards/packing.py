@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from prefpretrain.data_shards.order import mix_array
-from prefpretrain.data_shards.reader import ShardSet
+from prefpretrain.data_shards.reader import ShardError, ShardSet
 
 IGNORE = -100
 
@@ -65,49 +65,56 @@ def _keep_control(layout: Layout, doc: np.ndarray, seg: np.ndarray) -> np.ndarra
 
 
 def layout_lengths(ss: ShardSet, layout: Layout) -> np.ndarray:
-    n = ss.index["n_tokens"].astype(np.int64)
+    n = ss.column("n_tokens").astype(np.int64)
     if layout.kind == "mle":
         return n
     if layout.kind == "filter":
-        return np.where(ss.index["mean_score"] <= layout.threshold, n, 0)
+        return np.where(ss.column("mean_score") <= layout.threshold, n, 0)
     if layout.kind == "conditional":
-        nseg = ss.index["n_segments"].astype(np.int64)
+        nseg = ss.column("n_segments").astype(np.int64)
         out = n.copy()
         docs = np.arange(len(n), dtype=np.int64)
-        # chunked so memory stays bounded on large shard sets
-        for lo in range(0, len(n), 1 << 16):
+        for lo in range(0, len(n), 1 << 16):  # chunked: memory stays bounded on large shard sets
             hi = min(len(n), lo + (1 << 16))
             d = np.repeat(docs[lo:hi], nseg[lo:hi])
             first = np.repeat(np.cumsum(np.r_[0, nseg[lo:hi]])[:-1], nseg[lo:hi])
-            seg = np.arange(len(d), dtype=np.int64) - first
-            keep = _keep_control(layout, d, seg)
+            keep = _keep_control(layout, d, np.arange(len(d), dtype=np.int64) - first)
             out[lo:hi] += np.bincount(d - lo, weights=keep, minlength=hi - lo).astype(np.int64)
         return out
     raise ValueError(f"unknown layout {layout.kind!r}")
 
 
-def apply_layout(doc_index: int, d: dict, layout: Layout) -> dict:
-    """One document as the objective sees it: input ids, label mask, per-token scores."""
-    tokens, scores = d["tokens"], d["scores"]
-    # (filtered-out documents have length 0 in the packing index and are never read)
+def doc_window(ss: ShardSet, d: int, layout: Layout, lo: int, hi: int) -> dict:
+    """Positions [lo, hi) of document d as the layout presents it, reading only the tokens needed.
+
+    Conditional: control k goes before raw token P[k], so it sits at layout position C[k] = P[k] + k;
+    the raw tokens in the window are [lo - #(C < lo), hi - #(C < hi)).
+    """
     if layout.kind != "conditional":
-        return {"ids": tokens, "labels": tokens.copy(), "scores": scores, "control": np.zeros(len(tokens), bool)}
-    nseg = len(d["seg_start"])
-    keep = _keep_control(layout, np.full(nseg, doc_index, dtype=np.int64), np.arange(nseg, dtype=np.int64))
-    ctrl = np.where(d["seg_score"] <= layout.threshold, layout.aligned_id, layout.misaligned_id)
-    pos = d["seg_start"][keep]
-    ids = np.insert(tokens, pos, ctrl[keep])
+        ids, scores = ss.read_tokens(d, lo, hi)
+        return {"ids": ids, "labels": ids.copy(), "scores": scores, "control": np.zeros(len(ids), bool)}
+    seg_start, seg_score = ss.read_segments(d)
+    keep = _keep_control(layout, np.full(len(seg_start), d, dtype=np.int64), np.arange(len(seg_start)))
+    P = seg_start[keep]
+    C = P + np.arange(len(P))
+    c_lo, c_hi = int(np.searchsorted(C, lo)), int(np.searchsorted(C, hi))
+    a, b = lo - c_lo, hi - c_hi
+    tokens, scores = ss.read_tokens(d, a, b)
+    pos = P[c_lo:c_hi] - a
+    sc = seg_score[keep][c_lo:c_hi]
+    ctrl = np.where(sc <= layout.threshold, layout.aligned_id, layout.misaligned_id)
+    ids = np.insert(tokens, pos, ctrl)
     is_ctrl = np.insert(np.zeros(len(tokens), bool), pos, True)
-    sc = np.insert(scores, pos, d["seg_score"][keep])
-    labels = np.where(is_ctrl, IGNORE, ids)
-    return {"ids": ids, "labels": labels, "scores": sc, "control": is_ctrl}
+    return {"ids": ids, "labels": np.where(is_ctrl, IGNORE, ids), "scores": np.insert(scores, pos, sc),
+            "control": is_ctrl}
 
 
 class PackedSet:
     """Packed samples of `seq_len` tokens over one split of one shard set, for one layout."""
 
-    def __init__(self, ss: ShardSet, layout: Layout, seq_len: int, mlm: MaskSpec | None = None):
-        self.ss, self.layout, self.seq_len, self.mlm = ss, layout, seq_len, mlm
+    def __init__(self, ss: ShardSet, layout: Layout, seq_len: int, mlm: MaskSpec | None = None,
+                 skip_corrupt: bool = False):
+        self.ss, self.layout, self.seq_len, self.mlm, self.skip_corrupt = ss, layout, seq_len, mlm, skip_corrupt
         lengths = layout_lengths(ss, layout)
         self.cum = np.concatenate([[0], np.cumsum(lengths)])
         self.total_tokens = int(self.cum[-1])
@@ -125,16 +132,19 @@ class PackedSet:
             raise IndexError(i)
         L = self.seq_len
         lo, hi = i * L, (i + 1) * L
-        d0 = int(np.searchsorted(self.cum, lo, side="right") - 1)
+        d = int(np.searchsorted(self.cum, lo, side="right") - 1)
         parts = []
-        d = d0
-        while self.cum[d] < hi:
-            if self.cum[d + 1] > self.cum[d]:
-                doc = apply_layout(d, self.ss.read(d), self.layout)
-                a = max(lo, int(self.cum[d])) - int(self.cum[d])
-                b = min(hi, int(self.cum[d + 1])) - int(self.cum[d])
-                parts.append({k: v[a:b] for k, v in doc.items()})
-            d += 1
+        try:
+            while self.cum[d] < hi:
+                if self.cum[d + 1] > self.cum[d]:  # filtered-out documents have length 0 and are never read
+                    base = int(self.cum[d])
+                    parts.append(doc_window(self.ss, d, self.layout, max(lo, base) - base,
+                                            min(hi, int(self.cum[d + 1])) - base))
+                d += 1
+        except ShardError:
+            if not self.skip_corrupt:
+                raise
+            return self._blank()
         out = {
             "input_ids": np.concatenate([p["ids"] for p in parts]),
             "labels": np.concatenate([p["labels"] for p in parts]),
@@ -143,4 +153,11 @@ class PackedSet:
         }
         if self.mlm is not None:
             out["input_ids"], out["labels"] = mlm_mask(out["input_ids"], out["labels"], self.mlm, (epoch, i))
+        out["corrupt"] = np.bool_(False)
         return out
+
+    def _blank(self) -> dict:
+        """Stands in for a sample that touches a corrupt shard (data.on_corrupt=skip): it carries no loss."""
+        L = self.seq_len
+        return {"input_ids": np.zeros(L, np.int64), "labels": np.full(L, IGNORE, np.int64),
+                "scores": np.zeros(L, np.float32), "control": np.zeros(L, bool), "corrupt": np.bool_(True)}

@@ -1,6 +1,8 @@
 """Random access to documents in a shard set, by the byte offsets in each tar's index.
 
-A rank (or DataLoader worker) opens only the shards it touches and reads only its own samples.
+A rank (or DataLoader worker) opens only the shards it touches and reads only the token ranges its
+own samples need (the index records where each array's data starts), so the bytes a rank reads are
+about its share of the data. Per-shard indexes are memory-mapped: resident memory is O(shards).
 """
 from __future__ import annotations
 
@@ -44,10 +46,6 @@ def parse_tar_members(buf: bytes, where: str) -> dict[str, bytes]:
     return out
 
 
-def _load_npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
-
-
 class ShardSet:
     """One split ("train" / "val") of a shard directory; documents addressed 0..len-1."""
 
@@ -58,25 +56,26 @@ class ShardSet:
             raise ShardError(f"{self.path}: no manifest.json")
         self.manifest = json.loads(mf.read_text())
         if self.manifest.get("format_version") != FORMAT_VERSION:
-            raise ShardError(f"{self.path}: shard format {self.manifest.get('format_version')} != {FORMAT_VERSION}")
-        self.split = split
-        self.verify = verify
+            raise ShardError(f"{self.path}: shard format {self.manifest.get('format_version')} != {FORMAT_VERSION}; "
+                             f"re-run `prefpretrain shard`")
+        self.split, self.verify = split, verify
         self.shards = self.manifest["splits"][split]["shards"]
-        idx = []
+        self.tok_dtype = np.dtype(self.manifest["token_dtype"])
+        self.indexes = []
         for sh in self.shards:
             p = self.path / sh["index"]
             try:
-                a = np.load(p, allow_pickle=False)
+                a = np.load(p, mmap_mode="r", allow_pickle=False)
             except (OSError, ValueError) as e:
                 raise ShardError(f"{p}: unreadable index ({e})") from None
             if a.dtype != INDEX_DTYPE or len(a) != sh["samples"]:
                 raise ShardError(f"{p}: index does not match the manifest")
-            idx.append(a)
-        self.index = np.concatenate(idx) if idx else np.zeros(0, INDEX_DTYPE)
-        self.shard_of = np.repeat(np.arange(len(self.shards)), [sh["samples"] for sh in self.shards])
+            self.indexes.append(a)
+        self.starts = np.cumsum([0] + [sh["samples"] for sh in self.shards])
         self._files: dict[int, object] = {}
         self._pid = os.getpid()
         self._verified: set[int] = set()
+        self.bytes_read = 0
 
     @property
     def tokenizer_hash(self) -> str:
@@ -87,10 +86,22 @@ class ShardSet:
         return self.path / self.manifest["tokenizer"]["path"]
 
     def __len__(self) -> int:
-        return len(self.index)
+        return int(self.starts[-1])
+
+    def column(self, name: str) -> np.ndarray:
+        """One index field for every document (for packing-index construction)."""
+        if not self.indexes:
+            return np.zeros(0, INDEX_DTYPE[name])
+        return np.concatenate([np.asarray(a[name]) for a in self.indexes])
+
+    def _locate(self, i: int) -> tuple[int, np.void]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        s = int(np.searchsorted(self.starts, i, side="right") - 1)
+        return s, self.indexes[s][i - self.starts[s]]
 
     def _file(self, s: int):
-        if os.getpid() != self._pid:  # forked DataLoader worker: own handles
+        if os.getpid() != self._pid:  # a forked DataLoader worker gets its own handles
             self._files, self._pid = {}, os.getpid()
         f = self._files.get(s)
         if f is None:
@@ -107,30 +118,55 @@ class ShardSet:
                 if h.hexdigest() != self.shards[s]["sha256"]:
                     raise ShardError(f"{p}: sha256 mismatch (corrupt shard)")
                 self._verified.add(s)
-            f = self._files[s] = open(p, "rb")
+            f = self._files[s] = open(p, "rb")  # noqa: SIM115 - kept open for random access
         return f
 
-    def read(self, i: int) -> dict:
-        """Document i: tokens (int64), scores (float32 per token), seg_start (int64), seg_score (float32)."""
-        rec = self.index[i]
-        s = int(self.shard_of[i])
+    def _pread(self, s: int, at: int, n: int) -> bytes:
         f = self._file(s)
-        f.seek(int(rec["offset"]))
-        buf = f.read(int(rec["size"]))
+        f.seek(at)
+        b = f.read(n)
+        if len(b) != n:
+            raise ShardError(f"{self.shards[s]['name']}: short read at {at}")
+        self.bytes_read += n
+        return b
+
+    def read_segments(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(first token of each segment, segment scores) of document i."""
+        s, rec = self._locate(i)
+        raw = np.frombuffer(self._pread(s, int(rec["segments_at"]), 8 * int(rec["n_segments"])), dtype="<i4")
+        raw = raw.reshape(-1, 2)
+        return raw[:, 0].astype(np.int64), np.ascontiguousarray(raw[:, 1]).view(np.float32)
+
+    def read_tokens(self, i: int, a: int = 0, b: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens [a, b) of document i (int64) and their scores (float32), reading only those bytes."""
+        s, rec = self._locate(i)
+        n = int(rec["n_tokens"])
+        b = n if b is None else b
+        if not 0 <= a <= b <= n:
+            raise IndexError(f"document {i}: token range [{a}, {b}) outside [0, {n})")
+        w = self.tok_dtype.itemsize
+        tokens = np.frombuffer(self._pread(s, int(rec["tokens_at"]) + a * w, (b - a) * w), dtype=self.tok_dtype)
+        scores = np.frombuffer(self._pread(s, int(rec["scores_at"]) + a * 2, (b - a) * 2), dtype="<f2")
+        return tokens.astype(np.int64), scores.astype(np.float32)
+
+    def read(self, i: int) -> dict:
+        """Document i whole, parsed from its tar members (checks the index against the tar)."""
+        s, rec = self._locate(i)
         where = f"{self.shards[s]['name']} sample {i}"
-        m = parse_tar_members(buf, where)
+        m = parse_tar_members(self._pread(s, int(rec["offset"]), int(rec["size"])), where)
         try:
-            tokens = _load_npy(m["tokens.npy"]).astype(np.int64)
-            scores = _load_npy(m["scores.npy"]).astype(np.float32)
-            seg = _load_npy(m["segments.npy"])
+            tokens = np.load(io.BytesIO(m["tokens.npy"]), allow_pickle=False).astype(np.int64)
+            scores = np.load(io.BytesIO(m["scores.npy"]), allow_pickle=False).astype(np.float32)
+            seg = np.load(io.BytesIO(m["segments.npy"]), allow_pickle=False)
+            meta = json.loads(m["json"])
         except (KeyError, ValueError) as e:
             raise ShardError(f"{where}: missing or bad member ({e})") from None
         if len(tokens) != rec["n_tokens"] or len(seg) != rec["n_segments"]:
             raise ShardError(f"{where}: does not match its index")
         return {"tokens": tokens, "scores": scores, "seg_start": seg[:, 0].astype(np.int64),
-                "seg_score": np.ascontiguousarray(seg[:, 1]).view(np.float32)}
+                "seg_score": np.ascontiguousarray(seg[:, 1]).view(np.float32), "meta": meta}
 
-    def close(self):
+    def close(self) -> None:
         for f in self._files.values():
             f.close()
         self._files = {}

@@ -5,7 +5,13 @@ score per segment span. `name`, `version` and `params` go into the shard manifes
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
+import math
+import os
+import re
+from collections import Counter
+from pathlib import Path
 from typing import Protocol
 
 from prefpretrain.data_shards.sources import Document
@@ -46,48 +52,62 @@ class FieldScorer:
         return [doc.score or 0.0] * len(spans)
 
 
+# Codes a model chooses on the line itself: whitespace (E2xx incl. comments E26x), indentation width
+# (E111-E117), statements per line (E70x), comparisons (E71x), bare except / lambda / names (E72x, E73x,
+# E74x), line length (E501), trailing whitespace (W291, W293). Left out: codes pycodestyle reports on a
+# line other than the cause (blank lines E30x, import position E402, W391 end of file), continuation
+# lines (E12x, which depend on an earlier line), and syntax/IO errors (E9xx).
+STYLE_CODES = frozenset(
+    ["E111", "E112", "E113", "E114", "E115", "E116", "E117"]
+    + [f"E2{n:02d}" for n in (1, 2, 3, 11, 21, 22, 23, 24, 25, 26, 27, 28, 31, 41, 42, 51, 52, 61, 62, 65, 66,
+                              71, 72, 73, 74, 75)]
+    + ["E501", "E701", "E702", "E703", "E704", "E711", "E712", "E713", "E714", "E721", "E722", "E731", "E741",
+       "W291", "W293"])
+
+
 class Pep8Scorer:
     """pycodestyle violations per character of each line (line segments).
 
-    Codes pycodestyle ignores by default stay ignored. A violation is charged to the line
-    pycodestyle reports it on.
+    `pep8` counts every code pycodestyle reports by default; `pep8_style` only STYLE_CODES. A violation
+    is charged to the line pycodestyle reports it on.
     """
 
-    name = "pep8"
-
-    def __init__(self, max_line_length: int = 79):
+    def __init__(self, max_line_length: int = 79, style_only: bool = False):
         import pycodestyle
 
         self._pcs = pycodestyle
+        self.name = "pep8_style" if style_only else "pep8"
         self.version = pycodestyle.__version__
+        self.codes = STYLE_CODES if style_only else None
         self.params = {"max_line_length": max_line_length}
-        self._guide = pycodestyle.StyleGuide(quiet=True, max_line_length=max_line_length)
+        if style_only:
+            self.params["codes"] = sorted(STYLE_CODES)
+        self._guide = pycodestyle.StyleGuide(quiet=True, max_line_length=max_line_length,
+                                             select=sorted(STYLE_CODES) if style_only else None)
 
     def violations(self, text: str) -> list[tuple[int, str]]:
         """(1-based line, code) for every violation in a source text."""
-        pcs, guide = self._pcs, self._guide
+        pcs, guide, codes = self._pcs, self._guide, self.codes
         found: list[tuple[int, str]] = []
 
         class _Collect(pcs.BaseReport):
             def error(self, line_number, offset, msg, check):
                 code = msg[:4]
-                if not guide.ignore_code(code):
+                if (codes is None and not guide.ignore_code(code)) or (codes is not None and code in codes):
                     found.append((line_number, code))
                 return code
 
-        lines = text.splitlines(True)
-        pcs.Checker(lines=lines, options=guide.options, report=_Collect(guide.options)).check_all()
+        pcs.Checker(lines=text.splitlines(True), options=guide.options, report=_Collect(guide.options)).check_all()
         return found
 
     def score(self, doc: Document, spans: list[Span]) -> list[float]:
         counts = [0] * len(spans)
-        # line segments: the i-th span is line i+1
-        for line, _code in self.violations(doc.text):
+        for line, _code in self.violations(doc.text):  # line segments: span i is line i + 1
             if 1 <= line <= len(spans):
                 counts[line - 1] += 1
             elif spans:
                 counts[-1] += 1
-        return [c / max(1, b - a) for c, (a, b) in zip(counts, spans, strict=False)]
+        return [c / max(1, b - a) for c, (a, b) in zip(counts, spans, strict=True)]
 
 
 class PiiScorer:
@@ -108,13 +128,112 @@ class PiiScorer:
     def score(self, doc: Document, spans: list[Span]) -> list[float]:
         out = []
         for a, b in spans:
-            seg = doc.text[a:b]
-            n = 0
-            for f in self._scrubber.iter_filth(seg):
-                if f.type == "email" and "@" not in f.text:
-                    continue
-                n += 1
+            n = sum(1 for f in self._scrubber.iter_filth(doc.text[a:b]) if f.type != "email" or "@" in f.text)
             out.append(n / max(1, b - a))
+        return out
+
+
+class ClassifierScorer:
+    """A local HF sequence classifier: the probability of `label` for each segment (batched).
+
+    Lower is better, so point `label` at the undesired class (e.g. "toxic"). Never downloads.
+    """
+
+    name = "classifier"
+
+    def __init__(self, model_dir: str, label: str | int = 1, batch_size: int = 32, max_length: int = 256):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        if not (Path(model_dir) / "config.json").is_file():
+            raise ValueError(f"scorer 'classifier': no HF model directory at {model_dir!r}")
+        self._torch = torch
+        self._tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        self._model = AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True).eval()
+        l2i = {str(k): v for k, v in self._model.config.label2id.items()}
+        if isinstance(label, int) or str(label).isdigit():
+            self._label = int(label)
+        elif str(label) in l2i:
+            self._label = int(l2i[str(label)])
+        else:
+            raise ValueError(f"scorer 'classifier': label {label!r} not in {sorted(l2i)}")
+        self.version = "transformers"
+        self.params = {"model_dir": str(model_dir), "label": label, "batch_size": batch_size, "max_length": max_length}
+        self._bs, self._max_len = batch_size, max_length
+
+    def score(self, doc: Document, spans: list[Span]) -> list[float]:
+        texts = [doc.text[a:b] for a, b in spans]
+        out: list[float] = []
+        with self._torch.no_grad():
+            for i in range(0, len(texts), self._bs):
+                enc = self._tok(texts[i: i + self._bs], padding=True, truncation=True, max_length=self._max_len,
+                                return_tensors="pt")
+                probs = self._model(**enc).logits.float().softmax(-1)[:, self._label]
+                out.extend(probs.tolist())
+        return out
+
+
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_']*")
+
+
+class LexicalScorer:
+    """Preference as common usage, measured against a reference corpus of preferred text.
+
+    mode `rare_share`: share of a segment's words that are not among the reference's `top_k` most
+    frequent words. mode `ngram_nll`: negative log-likelihood per character under an add-k smoothed
+    word bigram model of the reference (interpolated with unigrams). Lower is better for both.
+    """
+
+    name = "lexical"
+
+    def __init__(self, reference: str | list[str], mode: str = "rare_share", top_k: int = 5000,
+                 add_k: float = 0.1, lam: float = 0.7):
+        from prefpretrain.data_shards import sources
+
+        refs = [reference] if isinstance(reference, str) else list(reference)
+        files = sources.expand_inputs(refs)
+        if not files:
+            raise ValueError("scorer 'lexical': the reference corpus is empty")
+        if mode not in ("rare_share", "ngram_nll"):
+            raise ValueError(f"scorer 'lexical': mode must be rare_share or ngram_nll, got {mode!r}")
+        uni: Counter = Counter()
+        bi: Counter = Counter()
+        for p, n in files:
+            for d in sources.read_file(p, n).docs:
+                words = [w.lower() for w in _WORD.findall(d.text)]
+                uni.update(words)
+                bi.update(zip(words, words[1:], strict=False))
+        self._common = {w for w, _ in uni.most_common(top_k)}
+        self._uni, self._bi, self._total = uni, bi, sum(uni.values())
+        self._V = len(uni) + 1
+        self._mode, self._k, self._lam = mode, add_k, lam
+        digest = hashlib.sha256("\n".join(f"{p}:{os.path.getsize(p)}" for p, _ in files).encode()).hexdigest()[:12]
+        self.version = "1"
+        self.params = {"reference": refs, "reference_digest": digest, "mode": mode, "top_k": top_k,
+                       "add_k": add_k, "lambda": lam, "reference_words": self._total}
+
+    def _nll(self, words: list[str]) -> float:
+        total, prev = 0.0, None
+        for w in words:
+            p_uni = (self._uni.get(w, 0) + self._k) / (self._total + self._k * self._V)
+            p = p_uni
+            if prev is not None and self._uni.get(prev, 0):
+                p_bi = (self._bi.get((prev, w), 0) + self._k * p_uni * self._V) / (self._uni[prev] + self._k * self._V)
+                p = self._lam * p_bi + (1 - self._lam) * p_uni
+            total -= math.log(p)
+            prev = w
+        return total
+
+    def score(self, doc: Document, spans: list[Span]) -> list[float]:
+        out = []
+        for a, b in spans:
+            words = [w.lower() for w in _WORD.findall(doc.text[a:b])]
+            if not words:
+                out.append(0.0)
+            elif self._mode == "rare_share":
+                out.append(sum(w not in self._common for w in words) / len(words))
+            else:
+                out.append(self._nll(words) / max(1, b - a))
         return out
 
 
@@ -135,19 +254,24 @@ class FunctionScorer:
         return [float(self._fn(doc.text[a:b])) for a, b in spans]
 
 
-def get_scorer(name: str) -> Scorer:
-    if name == "none":
-        return NoneScorer()
-    if name == "pep8":
-        return Pep8Scorer()
-    if name == "pii":
-        return PiiScorer()
-    if name == "field":
-        return FieldScorer()
+SCORERS = {
+    "none": NoneScorer, "field": FieldScorer, "pep8": Pep8Scorer,
+    "pep8_style": lambda **kw: Pep8Scorer(style_only=True, **kw), "pii": PiiScorer,
+    "classifier": ClassifierScorer, "lexical": LexicalScorer,
+}
+
+
+def get_scorer(name: str, params: dict | None = None) -> Scorer:
+    params = params or {}
+    if name in SCORERS:
+        try:
+            return SCORERS[name](**params)
+        except TypeError as e:
+            raise ValueError(f"scorer {name!r}: bad parameters {params} ({e})") from None
     if ":" in name:
         return FunctionScorer(name)
-    raise ValueError(f"unknown scorer {name!r} (known: pep8, pii, field, none, module:function)")
+    raise ValueError(f"unknown scorer {name!r} (known: {', '.join(SCORERS)}, module:function)")
 
 
 def default_segmenter(scorer: str) -> str:
-    return "line" if scorer in ("pep8", "none") else "sentence"
+    return "line" if scorer in ("pep8", "pep8_style", "none") else "sentence"

@@ -7,10 +7,6 @@ owns the whitespace before it (" The" is one token).
 """
 from __future__ import annotations
 
-import re
-
-_SENT_END = re.compile(r"(?<=[.!?])[\"')\]]*(?=\s+)")
-
 
 def line_spans(text: str) -> list[tuple[int, int]]:
     spans, start = [], 0
@@ -23,15 +19,23 @@ def line_spans(text: str) -> list[tuple[int, int]]:
 
 
 def sentence_spans(text: str) -> list[tuple[int, int]]:
-    """A light offline sentence splitter: ends at . ! ? (plus closing quotes) before whitespace,
-    and at blank lines. Each sentence after the first begins with the whitespace before it."""
+    """Sentences found by pysbd (rule-based, offline). Whitespace between two sentences goes to the
+    second one (" The" is one token), except that a sentence keeps the newlines that end it."""
+    import pysbd
+
+    seg = _PYSBD.get("en")
+    if seg is None:
+        seg = _PYSBD["en"] = pysbd.Segmenter(language="en", clean=False, char_span=True)
     cuts = {0}
-    for m in _SENT_END.finditer(text):
-        cuts.add(m.end())
-    for m in re.finditer(r"\n\s*\n", text):
-        cuts.add(m.start())
-    cuts = sorted(c for c in cuts if c < len(text))
-    return [(a, b) for a, b in zip(cuts, cuts[1:] + [len(text)], strict=False) if b > a]
+    for span in seg.segment(text):
+        core = span.start + len(span.sent.rstrip())
+        gap = text[core: span.end]
+        cuts.add(core + gap.rfind("\n") + 1 if "\n" in gap else core)
+    cuts = sorted(c for c in cuts if 0 <= c < len(text))
+    return [(a, b) for a, b in zip(cuts, cuts[1:] + [len(text)], strict=True) if b > a]
+
+
+_PYSBD: dict = {}
 
 
 def document_spans(text: str) -> list[tuple[int, int]]:

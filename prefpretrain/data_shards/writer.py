@@ -1,17 +1,20 @@
-"""Corpus -> scored, tokenized WebDataset shards + binary indexes + manifest.json.
+"""Corpus -> scored, tokenized WebDataset shards + binary indexes + manifest.json. Resumable.
 
-One tar sample is one document (key = its index in the split, zero padded):
-  KEY.tokens.npy    token ids (uint16/int32), EOS appended
+One tar sample is one document (key = CHUNK-INDEX, stable across runs):
+  KEY.tokens.npy    token ids (uint16 when the vocabulary allows, else int32), EOS appended
   KEY.scores.npy    float16 score of every token (its segment's score)
-  KEY.segments.npy  int32 [n_segments, 2]: first token of each segment, and the score as float32 bits
+  KEY.segments.npy  int32 [n_segments, 2]: first token of each segment, and its score's float32 bits
   KEY.json          provenance: source, doc_id, chars
 Documents are packed into fixed-length training samples at train start (packing.py), so one shard
 set serves every objective and MLE stays true MLE.
 
-Beside each tar, `NAME.idx.npy` holds one INDEX_DTYPE record per sample (byte offset, size, token
-and segment counts, mean score): the reader seeks straight to a sample, and the manifest stays small.
-Output bytes do not depend on the number of workers: files are processed in sorted order and
-written in that order, tar headers carry fixed metadata.
+Input files are grouped, in sorted order, into chunks of about `shard_size_mb` of output; chunk c
+becomes `train-CCCCCC-PPP.tar` (part PPP > 000 only when a chunk outgrows the bound) and
+`val-CCCCCC-PPP.tar`. A chunk is finished when its record `_progress/chunk-CCCCCC.json` exists, so an
+interrupted run resumes at the first unfinished chunk. Beside each tar, `NAME.idx.npy` holds one
+INDEX_DTYPE record per sample (byte offsets of the sample and of its arrays' data, counts, mean score):
+the reader reads exactly the token range a training sample needs, and the manifest stays small.
+The output bytes do not depend on the number of workers.
 """
 from __future__ import annotations
 
@@ -20,25 +23,29 @@ import io
 import json
 import logging
 import multiprocessing as mp
+import os
+import shutil
 import tarfile
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from prefpretrain.data_shards import sources
+from prefpretrain.data_shards import encode, sources
 from prefpretrain.data_shards import tokenizer as toklib
 from prefpretrain.data_shards.scorers import default_segmenter, get_scorer
-from prefpretrain.data_shards.segment import get_segmenter
+from prefpretrain.data_shards.stats import ScoreStats
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 INDEX_DTYPE = np.dtype([
-    ("offset", "<u8"), ("size", "<u8"), ("n_tokens", "<u4"), ("n_segments", "<u4"), ("mean_score", "<f4"),
+    ("offset", "<u8"), ("size", "<u8"), ("tokens_at", "<u8"), ("scores_at", "<u8"), ("segments_at", "<u8"),
+    ("n_tokens", "<u4"), ("n_segments", "<u4"), ("mean_score", "<f4"),
 ])
+OUTPUT_PER_INPUT_BYTE = 1.5  # tokens (2-4 B) + float16 scores per ~3.5 chars, plus tar headers
 
 
 @dataclass
@@ -46,6 +53,7 @@ class ShardOptions:
     inputs: list[str]
     output: str
     scorer: str = "pep8"
+    scorer_params: dict = field(default_factory=dict)
     segmenter: str = "auto"
     tokenizer: str = "train"  # "train" or a directory
     vocab_size: int = 8192
@@ -55,68 +63,8 @@ class ShardOptions:
     max_files: int = 0
     text_field: str = "text"
     score_field: str | None = None
+    overwrite: bool = False
     progress: bool = True
-
-
-# ---------------------------------------------------------------- worker side
-
-_W: dict = {}
-
-
-def _init_worker(tok_json: str, scorer: str, segmenter: str, text_field: str, score_field: str | None):
-    from tokenizers import Tokenizer
-
-    _W.update(tok=Tokenizer.from_str(tok_json), scorer=get_scorer(scorer), seg=get_segmenter(segmenter),
-              text_field=text_field, score_field=score_field)
-    _W["eos"] = _W["tok"].token_to_id(toklib.EOS)
-
-
-def encode_document(doc: sources.Document, tok, scorer, segmenter, eos: int) -> dict | None:
-    spans = segmenter(doc.text)
-    if not spans:
-        return None
-    seg_scores = np.asarray(scorer.score(doc, spans), dtype=np.float32)
-    enc = tok.encode(doc.text, add_special_tokens=False)
-    ids = np.asarray(enc.ids + [eos], dtype=np.int64)
-    starts = np.asarray([a for a, _ in spans], dtype=np.int64)
-    tok_starts = np.asarray([o[0] for o in enc.offsets] + [len(doc.text)], dtype=np.int64)
-    seg_of_tok = np.clip(np.searchsorted(starts, tok_starts, side="right") - 1, 0, len(spans) - 1)
-    # segments that own at least one token; their first token index
-    first = np.flatnonzero(np.r_[True, seg_of_tok[1:] != seg_of_tok[:-1]])
-    seg_ids = seg_of_tok[first]
-    lens = np.asarray([b - a for a, b in spans], dtype=np.float64)
-    mean = float((seg_scores * lens).sum() / max(1.0, lens.sum()))
-    segments = np.stack([first.astype(np.int32), seg_scores[seg_ids].view(np.int32)], axis=1)
-    return {
-        "tokens": ids,
-        "scores": seg_scores[seg_of_tok].astype(np.float16),
-        "segments": segments,
-        "meta": {"source": doc.source, "doc_id": doc.doc_id, "chars": len(doc.text)},
-        "mean_score": mean,
-        "seg_scores": seg_scores,
-        "seg_lens": lens,
-    }
-
-
-def _process_file(item: tuple[str, str]):
-    path, name = item
-    res = sources.read_file(path, name, _W["text_field"], _W["score_field"])
-    out = []
-    for doc in res.docs:
-        try:
-            enc = encode_document(doc, _W["tok"], _W["scorer"], _W["seg"], _W["eos"])
-        except Exception as e:  # a scorer failing on one document must not stop the run
-            res.skipped["scorer_error"] += 1
-            res.problems.append(f"{doc.doc_id}: scorer failed ({type(e).__name__}: {e})")
-            continue
-        if enc is None:
-            res.skipped["empty"] += 1
-        else:
-            out.append(enc)
-    return name, out, res.skipped, res.problems
-
-
-# ---------------------------------------------------------------- writing
 
 
 def _npy_bytes(a: np.ndarray) -> bytes:
@@ -125,89 +73,84 @@ def _npy_bytes(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-class _SplitWriter:
-    """Bounded-size tar shards for one split, with their indexes and statistics."""
+def _atomic_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
-    def __init__(self, out: Path, split: str, max_bytes: int, vocab_size: int):
-        self.out, self.split, self.max_bytes = out, split, max_bytes
-        self.tok_dtype = np.uint16 if vocab_size <= 65535 else np.int32
+
+class _ChunkWriter:
+    """The tar part(s) of one split of one chunk, their indexes and statistics."""
+
+    def __init__(self, out: Path, split: str, chunk: int, max_bytes: int, tok_dtype):
+        self.out, self.split, self.chunk, self.max_bytes, self.tok_dtype = out, split, chunk, max_bytes, tok_dtype
         self.shards: list[dict] = []
+        self.stats = ScoreStats()
         self.n_docs = 0
-        self.n_tokens = 0
         self._tar = self._f = None
         self._index: list[tuple] = []
-        self.seg_scores: list[np.ndarray] = []
-        self.seg_lens: list[np.ndarray] = []
 
-    def _open(self):
-        name = f"{self.split}-{len(self.shards):06d}.tar"
-        self._f = open(self.out / name, "wb")
+    def _open(self) -> None:
+        name = f"{self.split}-{self.chunk:06d}-{len(self.shards):03d}.tar"
+        self._f = open(self.out / name, "wb")  # noqa: SIM115 - closed in close_part
         self._tar = tarfile.open(fileobj=self._f, mode="w", format=tarfile.USTAR_FORMAT)
-        self.shards.append({"name": name, "first_index": self.n_docs, "samples": 0, "tokens": 0})
+        self.shards.append({"name": name, "samples": 0, "tokens": 0})
         self._index = []
 
-    def _add(self, name: str, data: bytes):
+    def _add(self, name: str, data: bytes) -> int:
+        """Append a member; return the file offset of its data."""
         ti = tarfile.TarInfo(name)
         ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = len(data), 0, 0o644, 0, 0, "", ""
+        at = self._f.tell() + 512
         self._tar.addfile(ti, io.BytesIO(data))
+        return at
 
-    def add(self, enc: dict):
+    def _add_npy(self, name: str, a: np.ndarray) -> int:
+        b = _npy_bytes(a)
+        return self._add(name, b) + len(b) - a.nbytes  # skip the .npy header
+
+    def add(self, enc: dict) -> None:
         if self._tar is None:
             self._open()
-        key = f"{self.n_docs:010d}"
+        key = f"{self.chunk:06d}-{self.n_docs:07d}"
         start = self._f.tell()
-        self._add(f"{key}.tokens.npy", _npy_bytes(enc["tokens"].astype(self.tok_dtype)))
-        self._add(f"{key}.scores.npy", _npy_bytes(enc["scores"]))
-        self._add(f"{key}.segments.npy", _npy_bytes(enc["segments"]))
+        t_at = self._add_npy(f"{key}.tokens.npy", enc["tokens"].astype(self.tok_dtype))
+        s_at = self._add_npy(f"{key}.scores.npy", enc["scores"])
+        g_at = self._add_npy(f"{key}.segments.npy", enc["segments"])
         self._add(f"{key}.json", json.dumps(enc["meta"], sort_keys=True).encode())
         end = self._f.tell()
         n_tok = len(enc["tokens"])
-        self._index.append((start, end - start, n_tok, len(enc["segments"]), enc["mean_score"]))
+        self._index.append((start, end - start, t_at, s_at, g_at, n_tok, len(enc["segments"]), enc["mean_score"]))
         sh = self.shards[-1]
         sh["samples"] += 1
         sh["tokens"] += n_tok
         self.n_docs += 1
-        self.n_tokens += n_tok
-        self.seg_scores.append(enc["seg_scores"])
-        self.seg_lens.append(enc["seg_lens"])
+        self.stats.add(enc["seg_scores"], enc["seg_lens"])
         if end >= self.max_bytes:
-            self.close_shard()
+            self.close_part()
 
-    def close_shard(self):
+    def close_part(self) -> None:
         if self._tar is None:
             return
         self._tar.close()
+        self._f.flush()
+        os.fsync(self._f.fileno())
         self._f.close()
         sh = self.shards[-1]
         path = self.out / sh["name"]
-        np.save(self.out / (sh["name"] + ".idx.npy"), np.asarray(self._index, dtype=INDEX_DTYPE))
+        sh["index"] = sh["name"] + ".idx.npy"
+        np.save(self.out / sh["index"], np.asarray(self._index, dtype=INDEX_DTYPE))
         sh["bytes"] = path.stat().st_size
         sh["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
-        sh["index"] = sh["name"] + ".idx.npy"
         self._tar = self._f = None
 
-    def summary(self) -> dict:
-        self.close_shard()
-        return {"samples": self.n_docs, "tokens": self.n_tokens, "shards": self.shards,
-                "score_stats": score_stats(self.seg_scores, self.seg_lens)}
-
-
-def score_stats(scores: list[np.ndarray], lens: list[np.ndarray]) -> dict:
-    if not scores:
-        return {"segments": 0}
-    s = np.concatenate(scores).astype(np.float64)
-    w = np.concatenate(lens)
-    pct = np.percentile(s, [10, 50, 90, 99]).tolist()
-    edges = [0.0, 1e-9, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, np.inf]
-    hist, _ = np.histogram(s, bins=edges)
-    return {
-        "segments": len(s),
-        "mean_per_char": float((s * w).sum() / max(1.0, w.sum())),
-        "mean_per_segment": float(s.mean()),
-        "zero_fraction": float((s <= 0).mean()),
-        "p10": pct[0], "p50": pct[1], "p90": pct[2], "p99": pct[3], "max": float(s.max()),
-        "histogram": {"edges": [str(e) for e in edges], "counts": hist.tolist()},
-    }
+    def record(self) -> dict:
+        self.close_part()
+        return {"shards": self.shards, "samples": self.n_docs, "tokens": sum(s["tokens"] for s in self.shards),
+                "stats": self.stats.to_state()}
 
 
 def is_val(doc_id: str, fraction: float) -> bool:
@@ -215,93 +158,174 @@ def is_val(doc_id: str, fraction: float) -> bool:
     return h / 2**64 < fraction
 
 
+def plan_chunks(sizes: list[int], chunk_bytes: float) -> list[list[int]]:
+    """Consecutive groups of file indices holding about chunk_bytes of input each."""
+    chunks, cur, acc = [], [], 0
+    for i, s in enumerate(sizes):
+        cur.append(i)
+        acc += s
+        if acc >= chunk_bytes:
+            chunks.append(cur)
+            cur, acc = [], 0
+    if cur:
+        chunks.append(cur)
+    return chunks
+
+
+def _fingerprint(opt: ShardOptions, files: list[tuple[str, str]], segmenter: str) -> str:
+    desc = {"format": FORMAT_VERSION, "files": [(n, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p, n in files]}
+    o = asdict(opt)
+    for k in ("output", "workers", "progress", "overwrite", "inputs"):
+        o.pop(k)
+    desc["options"] = dict(o, segmenter=segmenter)
+    return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _prepare_output(out: Path, fingerprint: str, overwrite: bool) -> bool:
+    """Make `out` ready; return True when it holds a compatible unfinished (or finished) run to resume."""
+    plan = out / "_progress" / "plan.json"
+    if overwrite and out.exists():
+        for p in out.iterdir():
+            if p.name.endswith((".tar", ".idx.npy")) or p.name in ("_progress", "tokenizer", "manifest.json",
+                                                                    "skipped.log"):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+    if plan.is_file():
+        if json.loads(plan.read_text())["fingerprint"] == fingerprint:
+            return True
+        raise ValueError(f"{out} holds shards built from other inputs or options; use another directory "
+                         f"or --overwrite")
+    if out.exists() and any(p.name.endswith(".tar") or p.name == "manifest.json" for p in out.iterdir()):
+        raise ValueError(f"{out} already holds shards; use another directory or --overwrite")
+    (out / "_progress").mkdir(parents=True, exist_ok=True)
+    return False
+
+
 def build_shards(opt: ShardOptions) -> dict:
-    """Run the whole shard pipeline; returns the manifest (also written to OUTPUT/manifest.json)."""
+    """Run (or resume) the whole shard pipeline; returns the manifest (also OUTPUT/manifest.json)."""
     t0 = time.time()
     out = Path(opt.output)
-    out.mkdir(parents=True, exist_ok=True)
     files = sources.expand_inputs(opt.inputs)
     if opt.max_files:
         files = files[: opt.max_files]
     if not files:
         raise ValueError("no input files found")
     segmenter = default_segmenter(opt.scorer) if opt.segmenter == "auto" else opt.segmenter
-    scorer = get_scorer(opt.scorer)  # fail early on an unknown scorer
-    in_bytes = sum(Path(p).stat().st_size for p, _ in files)
-    log.info("shard: %d files, %.1f MB, scorer=%s, segmenter=%s", len(files), in_bytes / 1e6, opt.scorer, segmenter)
+    scorer = get_scorer(opt.scorer, opt.scorer_params)  # fail early on an unknown scorer or bad params
+    fingerprint = _fingerprint(opt, files, segmenter)
+    resuming = _prepare_output(out, fingerprint, opt.overwrite)
+    progress = out / "_progress"
+    sizes = [os.stat(p).st_size for p, _ in files]
+    log.info("shard: %d files, %.1f MB, scorer=%s, segmenter=%s%s", len(files), sum(sizes) / 1e6, scorer.name,
+             segmenter, " (resuming)" if resuming else "")
 
     tok_dir = out / "tokenizer"
-    if opt.tokenizer == "train":
-        def texts():
-            for p, n in files:
-                for d in sources.read_file(p, n, opt.text_field, opt.score_field).docs:
-                    yield d.text
-        tok = toklib.train_tokenizer(texts(), opt.vocab_size)
-        tok_hash = toklib.save_tokenizer(tok, tok_dir)
+    if resuming and (tok_dir / "tokenizer.json").is_file():
+        tok = toklib.load_tokenizer(tok_dir)
+    elif opt.tokenizer == "train":
+        tok = toklib.train_tokenizer(
+            (d.text for p, n in files for d in sources.read_file(p, n, opt.text_field, opt.score_field).docs),
+            opt.vocab_size)
         log.info("shard: trained byte-level BPE, vocab %d, in %.1fs", tok.get_vocab_size(), time.time() - t0)
     else:
         tok = toklib.load_tokenizer(opt.tokenizer)
-        tok_hash = toklib.save_tokenizer(tok, tok_dir)
+    tok_hash = toklib.save_tokenizer(tok, tok_dir)
     vocab = tok.get_vocab_size()
+    tok_dtype = np.uint16 if vocab <= 65535 else np.int32
+    chunks = plan_chunks(sizes, opt.shard_size_mb * 1e6 / OUTPUT_PER_INPUT_BYTE)
+    _atomic_json(progress / "plan.json", {"fingerprint": fingerprint, "chunks": len(chunks), "tokenizer": tok_hash})
 
-    max_bytes = int(opt.shard_size_mb * 1e6)
-    writers = {s: _SplitWriter(out, s, max_bytes, vocab) for s in ("train", "val")}
-    skipped: Counter = Counter()
-    problems: list[str] = []
-    initargs = (tok.to_str(), opt.scorer, segmenter, opt.text_field, opt.score_field)
-    done_bytes = 0
+    done = {c for c in range(len(chunks)) if (progress / f"chunk-{c:06d}.json").is_file()}
+    todo = [c for c in range(len(chunks)) if c not in done]
+    if done:
+        log.info("shard: %d of %d chunks already finished, resuming", len(done), len(chunks))
+    _run_chunks(opt, out, files, sizes, chunks, todo, tok, scorer.name, segmenter, tok_dtype)
+
+    manifest = _merge(out, opt, files, sizes, len(chunks), tok_hash, vocab, toklib.special_ids(tok), scorer,
+                      segmenter, tok_dtype, time.time() - t0)
+    tr, va = manifest["splits"]["train"], manifest["splits"]["val"]
+    log.info("shard: %d train / %d val documents, %d / %d tokens, %d skipped, %.1fs -> %s", tr["samples"],
+             va["samples"], tr["tokens"], va["tokens"], sum(manifest["skipped"].values()), time.time() - t0, out)
+    return manifest
+
+
+def _run_chunks(opt, out, files, sizes, chunks, todo, tok, scorer_name, segmenter, tok_dtype) -> None:
     from tqdm import tqdm
 
-    bar = tqdm(total=in_bytes, unit="B", unit_scale=True, desc="shard", disable=not opt.progress,
-               mininterval=1.0)
-    sizes = {n: Path(p).stat().st_size for p, n in files}
+    if not todo:
+        return
+    max_bytes = int(opt.shard_size_mb * 1e6)
+    items = [files[i] for c in todo for i in chunks[c]]
+    bar = tqdm(total=sum(sizes[i] for c in todo for i in chunks[c]), unit="B", unit_scale=True, desc="shard",
+               disable=not opt.progress, mininterval=1.0, smoothing=0.1)
+    initargs = (tok.to_str(), scorer_name, opt.scorer_params, segmenter, opt.text_field, opt.score_field)
+    pool = None
     if opt.workers > 1:
-        pool = mp.get_context("spawn").Pool(opt.workers, initializer=_init_worker, initargs=initargs)
-        results = pool.imap(_process_file, files, chunksize=1)
+        pool = mp.get_context("spawn").Pool(opt.workers, initializer=encode.init_worker, initargs=initargs)
+        results = pool.imap(encode.process_file, items, chunksize=1)
     else:
-        pool = None
-        _init_worker(*initargs)
-        results = map(_process_file, files)
+        encode.init_worker(*initargs)
+        results = map(encode.process_file, items)
     try:
-        for name, encs, skip, probs in results:
-            for enc in encs:
-                writers["val" if is_val(enc["meta"]["doc_id"], opt.val_fraction) else "train"].add(enc)
-            skipped.update(skip)
-            problems.extend(probs)
-            done_bytes += sizes[name]
-            bar.update(sizes[name])
+        for c in todo:
+            writers = {s: _ChunkWriter(out, s, c, max_bytes, tok_dtype) for s in ("train", "val")}
+            skipped: Counter = Counter()
+            problems: list[str] = []
+            for i in chunks[c]:
+                _name, encs, skip, probs = next(results)
+                for enc in encs:
+                    writers["val" if is_val(enc["meta"]["doc_id"], opt.val_fraction) else "train"].add(enc)
+                skipped.update(skip)
+                problems.extend(probs)
+                bar.update(sizes[i])
+            rec = {"chunk": c, "files": len(chunks[c]), "input_bytes": sum(sizes[i] for i in chunks[c]),
+                   "splits": {s: w.record() for s, w in writers.items()}, "skipped": dict(skipped),
+                   "problems": problems}
+            _atomic_json(out / "_progress" / f"chunk-{c:06d}.json", rec)  # the chunk is finished now
     finally:
         bar.close()
         if pool is not None:
-            pool.close()
+            pool.terminate()
             pool.join()
+
+
+def _merge(out, opt, files, sizes, n_chunks, tok_hash, vocab, special, scorer, segmenter, tok_dtype, secs) -> dict:
+    splits = {s: {"samples": 0, "tokens": 0, "shards": [], "stats": ScoreStats()} for s in ("train", "val")}
+    skipped: Counter = Counter()
+    problems: list[str] = []
+    for c in range(n_chunks):
+        rec = json.loads((out / "_progress" / f"chunk-{c:06d}.json").read_text())
+        for s, r in rec["splits"].items():
+            sp = splits[s]
+            for sh in r["shards"]:
+                sp["shards"].append(dict(sh, first_index=sp["samples"]))
+                sp["samples"] += sh["samples"]
+                sp["tokens"] += sh["tokens"]
+            sp["stats"].merge(ScoreStats.from_state(r["stats"]))
+        skipped.update(rec["skipped"])
+        problems.extend(rec["problems"])
     for p in problems:
         log.warning("shard: skipped %s", p)
     (out / "skipped.log").write_text("".join(p + "\n" for p in problems))
-
-    splits = {s: w.summary() for s, w in writers.items()}
     if splits["train"]["samples"] == 0:
-        raise ValueError("no documents survived reading; see skipped.log")
+        raise ValueError(f"no documents survived reading; see {out / 'skipped.log'}")
+    for sp in splits.values():
+        sp["score_stats"] = sp.pop("stats").summary()
     manifest = {
         "format_version": FORMAT_VERSION,
         "created_by": "prefpretrain shard",
         "inputs": opt.inputs,
         "files": len(files),
-        "input_bytes": in_bytes,
-        "tokenizer": {"path": "tokenizer", "hash": tok_hash, "vocab_size": vocab,
-                      "special_ids": toklib.special_ids(tok)},
+        "input_bytes": sum(sizes),
+        "tokenizer": {"path": "tokenizer", "hash": tok_hash, "vocab_size": vocab, "special_ids": special},
+        "token_dtype": np.dtype(tok_dtype).name,
         "scorer": {"name": scorer.name, "version": scorer.version, "params": scorer.params},
         "segmenter": segmenter,
         "val_fraction": opt.val_fraction,
-        "index_dtype": INDEX_DTYPE.descr,
+        "shard_size_mb": opt.shard_size_mb,
+        "index_dtype": [list(d) for d in INDEX_DTYPE.descr],
         "splits": splits,
         "skipped": dict(sorted(skipped.items())),
-        "build_seconds": round(time.time() - t0, 1),
+        "build_seconds": round(secs, 1),
     }
-    tmp = out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    tmp.replace(out / "manifest.json")
-    log.info("shard: %d train / %d val documents, %d / %d tokens, %d skipped, %.1fs -> %s",
-             splits["train"]["samples"], splits["val"]["samples"], splits["train"]["tokens"],
-             splits["val"]["tokens"], sum(skipped.values()), time.time() - t0, out)
+    _atomic_json(out / "manifest.json", manifest)
     return manifest

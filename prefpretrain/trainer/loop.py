@@ -74,7 +74,8 @@ def _train(cfg: Config, info) -> dict:
 
     layout = layout_for(cfg.train.objective, cfg.objective.threshold, cfg.objective.drop_prob, cfg.run.seed, sp)
     mlm = mask_spec(cfg, manifest)
-    packed = [PackedSet(s, layout, cfg.data.seq_len, mlm) for s in sets]
+    skip = cfg.data.on_corrupt == "skip"
+    packed = [PackedSet(s, layout, cfg.data.seq_len, mlm, skip) for s in sets]
     for s, p in zip(cfg.data.shards, packed, strict=False):
         if len(p) == 0:
             raise ConfigError(f"data.shards: {s.path} yields no {cfg.data.seq_len}-token sample for objective "
@@ -126,6 +127,7 @@ def _train(cfg: Config, info) -> dict:
                           cfg.data.num_workers)
     it = iter(loader)
     window = {"loss": 0.0, "n": 0, "t": time.time(), "steps": 0, "score_mean": 0.0, "aligned_fraction": 0.0}
+    corrupt = 0
     engine.train()
     while step < cfg.train.max_steps:
         for _ in range(ga):
@@ -137,6 +139,7 @@ def _train(cfg: Config, info) -> dict:
             engine.step()
             window["loss"] += float(loss.detach())
             window["n"] += 1
+            corrupt += int(batch["corrupt"].sum())
             ps = batch_pref_stats(batch, cfg.objective.threshold)
             window["score_mean"] += ps["score_mean"]
             window["aligned_fraction"] += ps["aligned_fraction"]
@@ -145,10 +148,11 @@ def _train(cfg: Config, info) -> dict:
         window["steps"] += 1
 
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-            t = torch.tensor([window["loss"], window["score_mean"], window["aligned_fraction"]], dtype=torch.float64)
+            t = torch.tensor([window["loss"], window["score_mean"], window["aligned_fraction"], corrupt],
+                             dtype=torch.float64)
             if world > 1:
                 dist.all_reduce(t)
-            t /= window["n"] * world
+            t[:3] /= window["n"] * world
             dt = time.time() - window["t"]
             gn = engine.get_global_grad_norm()
             values = {
@@ -158,6 +162,7 @@ def _train(cfg: Config, info) -> dict:
                 "mem/rss_gb": _rss_gb(), "data/samples_seen": step * G, "data/tokens_seen": tokens_seen,
                 "pref/score_mean": float(t[1]), "pref/aligned_fraction": float(t[2]),
                 "train/skipped_steps": float(getattr(engine, "skipped_steps", 0)),
+                "data/corrupt_samples_skipped": float(t[3]),
             }
             mon.scalars(step, values)
             mon.progress(step, f"loss {values['train/loss']:.3f} lr {values['train/lr']:.2e} "

@@ -1,0 +1,78 @@
+"""Worker side of sharding: read one file, segment, score, tokenize every document.
+
+Runs in a process pool (scoring is the slow step); everything here is a pure function of the file
+and the options, which is what makes the shard bytes independent of the number of workers.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from prefpretrain.data_shards import sources
+from prefpretrain.data_shards import tokenizer as toklib
+from prefpretrain.data_shards.scorers import get_scorer
+from prefpretrain.data_shards.segment import get_segmenter
+
+MAX_LINE_CHARS = 20_000  # a longer line is minified code or data, not text (reason: huge_line)
+
+_W: dict = {}
+
+
+def init_worker(tok_json: str, scorer: str, scorer_params: dict, segmenter: str, text_field: str,
+                score_field: str | None) -> None:
+    import torch
+    from tokenizers import Tokenizer
+
+    torch.set_num_threads(1)  # one scoring process per core
+    _W.update(tok=Tokenizer.from_str(tok_json), scorer=get_scorer(scorer, scorer_params),
+              seg=get_segmenter(segmenter), text_field=text_field, score_field=score_field)
+    _W["eos"] = _W["tok"].token_to_id(toklib.EOS)
+
+
+def encode_document(doc: sources.Document, tok, scorer, segmenter, eos: int) -> dict | None:
+    spans = segmenter(doc.text)
+    if not spans:
+        return None
+    seg_scores = np.asarray(scorer.score(doc, spans), dtype=np.float32)
+    if len(seg_scores) != len(spans) or not np.isfinite(seg_scores).all():
+        raise ValueError(f"scorer returned {len(seg_scores)} scores (finite: {np.isfinite(seg_scores).all()}) "
+                         f"for {len(spans)} segments")
+    enc = tok.encode(doc.text, add_special_tokens=False)
+    ids = np.asarray(enc.ids + [eos], dtype=np.int64)
+    starts = np.asarray([a for a, _ in spans], dtype=np.int64)
+    tok_starts = np.asarray([o[0] for o in enc.offsets] + [len(doc.text)], dtype=np.int64)
+    seg_of_tok = np.clip(np.searchsorted(starts, tok_starts, side="right") - 1, 0, len(spans) - 1)
+    first = np.flatnonzero(np.r_[True, seg_of_tok[1:] != seg_of_tok[:-1]])  # first token of each segment
+    lens = np.asarray([b - a for a, b in spans], dtype=np.float64)
+    return {
+        "tokens": ids,
+        "scores": seg_scores[seg_of_tok].astype(np.float16),
+        "segments": np.stack([first.astype(np.int32), seg_scores[seg_of_tok[first]].view(np.int32)], axis=1),
+        "meta": {"source": doc.source, "doc_id": doc.doc_id, "chars": len(doc.text)},
+        "mean_score": float((seg_scores * lens).sum() / max(1.0, lens.sum())),
+        "seg_scores": seg_scores,
+        "seg_lens": lens,
+    }
+
+
+def process_file(item: tuple[str, str]):
+    """(name, encoded documents, skipped counts, problem lines) for one input file."""
+    path, name = item
+    res = sources.read_file(path, name, _W["text_field"], _W["score_field"])
+    out = []
+    for doc in res.docs:
+        longest = max((len(ln) for ln in doc.text.split("\n")), default=0)
+        if longest > MAX_LINE_CHARS:
+            res.skipped["huge_line"] += 1
+            res.problems.append(f"{doc.doc_id}: a line of {longest} chars > {MAX_LINE_CHARS}")
+            continue
+        try:
+            enc = encode_document(doc, _W["tok"], _W["scorer"], _W["seg"], _W["eos"])
+        except Exception as e:  # noqa: BLE001 - one document's scorer failure must not stop the run
+            res.skipped["scorer_error"] += 1
+            res.problems.append(f"{doc.doc_id}: scorer failed ({type(e).__name__}: {e})")
+            continue
+        if enc is None:
+            res.skipped["empty"] += 1
+        else:
+            out.append(enc)
+    return name, out, res.skipped, res.problems
