@@ -49,7 +49,9 @@ class FieldScorer:
             if len(doc.segment_scores) != len(spans):
                 raise ValueError(f"{doc.doc_id}: {len(doc.segment_scores)} scores for {len(spans)} segments")
             return list(doc.segment_scores)
-        return [doc.score or 0.0] * len(spans)
+        if doc.score is None:
+            raise ValueError(f"{doc.doc_id}: no score")
+        return [doc.score] * len(spans)
 
 
 # Codes a model chooses on the line itself: whitespace (E2xx incl. comments E26x), indentation width

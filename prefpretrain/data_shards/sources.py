@@ -121,6 +121,9 @@ def read_file(path: str, name: str, text_field: str = "text", score_field: str |
     base = name[:-3] if name.endswith(".gz") else name.removesuffix(".zst")
     if base.endswith(".jsonl"):
         _read_jsonl(text, name, text_field, score_field, res)
+    elif score_field is not None:
+        res.skipped["missing_score"] += 1
+        res.problems.append(f"{name}: not JSONL, so no score field {score_field!r}")
     elif len(text) > MAX_DOC_CHARS:
         res.skipped["too_large"] += 1
         res.problems.append(f"{name}: {len(text)} chars > {MAX_DOC_CHARS}")

@@ -1,0 +1,216 @@
+"""data_shards at full strength: resume, compressed inputs, every scorer, segmenters, loaders, bad shards."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from prefpretrain.data_shards import tokenizer as toklib
+from prefpretrain.data_shards.loader import MixtureDataset, train_loader
+from prefpretrain.data_shards.packing import Layout, PackedSet
+from prefpretrain.data_shards.reader import ShardSet
+from prefpretrain.data_shards.scorers import get_scorer
+from prefpretrain.data_shards.sources import Document, stdlib_root
+from prefpretrain.data_shards.writer import ShardOptions, build_shards
+from tests.conftest import ROOT, cli_env
+
+
+def _shard_files(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name.endswith((".tar", ".idx.npy"))}
+
+
+def test_interrupted_shard_run_resumes_to_the_same_bytes(tmp_path):
+    files = sorted(str(p) for p in stdlib_root().glob("*.py"))[:70]
+    args = ["--input", *files, "--scorer", "pep8", "--vocab-size", "400", "--workers", "1", "--shard-size-mb", "0.15"]
+    ref = tmp_path / "ref"
+    subprocess.run([sys.executable, "-m", "prefpretrain", "shard", "--output", str(ref), *args], check=True,
+                   env=cli_env(), cwd=ROOT, capture_output=True)
+    n_chunks = json.loads((ref / "_progress" / "plan.json").read_text())["chunks"]
+    assert n_chunks >= 4
+
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "-m", "prefpretrain", "shard", "--output", str(out), *args], env=cli_env(),
+                         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "_progress" / "chunk-000001.json").is_file() and time.time() < deadline:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    finished = len(list((out / "_progress").glob("chunk-*.json")))
+    assert 2 <= finished < n_chunks and not (out / "manifest.json").is_file()
+
+    r = subprocess.run([sys.executable, "-m", "prefpretrain", "shard", "--output", str(out), *args], env=cli_env(),
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert f"{finished} of {n_chunks} chunks already finished" in r.stderr
+    assert _shard_files(out) == _shard_files(ref)
+    a, b = (json.loads((d / "manifest.json").read_text()) for d in (ref, out))
+    assert a["splits"] == b["splits"] and a["skipped"] == b["skipped"]
+
+    r = subprocess.run([sys.executable, "-m", "prefpretrain", "shard", "--output", str(out), *args[:-2],
+                        "--shard-size-mb", "1"], env=cli_env(), cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "other inputs or options" in r.stderr
+
+
+def test_compressed_inputs_give_the_same_documents(tmp_path, stdlib_files):
+    import zstandard
+
+    src = Path(stdlib_files[0]).read_bytes()
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "a.py").write_bytes(src)
+    (d / "b.py.gz").write_bytes(gzip.compress(src))
+    (d / "c.py.zst").write_bytes(zstandard.ZstdCompressor().compress(src))
+    m = build_shards(ShardOptions(inputs=[str(d)], output=str(tmp_path / "out"), vocab_size=300, workers=1,
+                                  val_fraction=0.0, progress=False))
+    assert m["splits"]["train"]["samples"] == 3 and m["skipped"] == {}
+    ss = ShardSet(tmp_path / "out")
+    docs = [ss.read(i) for i in range(3)]
+    assert [x["meta"]["source"].rsplit("/", 1)[-1] for x in docs] == ["a.py", "b.py.gz", "c.py.zst"]
+    for x in docs[1:]:
+        assert (x["tokens"] == docs[0]["tokens"]).all() and (x["scores"] == docs[0]["scores"]).all()
+
+
+def test_huge_lines_and_scorer_failures_are_counted(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "minified.py").write_text("x = [" + "1, " * 10000 + "]\n")
+    (d / "ok.txt").write_text("A plain sentence. Another one.\n")
+    (d / "recs.jsonl").write_text('{"text": "scored doc", "s": 0.5}\n{"text": "no score"}\n'
+                                  '{"text": "two. segments.", "s": [0.1, 0.2, 0.3]}\n')
+    m = build_shards(ShardOptions(inputs=[str(d)], output=str(tmp_path / "none"), scorer="none",
+                                  vocab_size=300, workers=1, val_fraction=0.0, progress=False))
+    assert m["skipped"] == {"huge_line": 1}
+    assert "minified.py: a line of 30006 chars" in (tmp_path / "none" / "skipped.log").read_text()
+    m = build_shards(ShardOptions(inputs=[str(d)], output=str(tmp_path / "out"), scorer="field", score_field="s",
+                                  segmenter="sentence", vocab_size=300, workers=1, val_fraction=0.0, progress=False))
+    # two files are not JSONL (no score field), one record has none, one has 3 scores for 2 sentences
+    assert m["skipped"] == {"missing_score": 3, "scorer_error": 1}
+    assert m["splits"]["train"]["samples"] == 1
+    log = (tmp_path / "out" / "skipped.log").read_text()
+    assert "recs.jsonl:2: no numeric field 's'" in log and "recs.jsonl#3: scorer failed" in log
+
+
+def test_field_scores_reach_every_token(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "r.jsonl").write_text('{"text": "Good text here. Bad text there.", "s": [0.0, 2.5]}\n'
+                               '{"text": "All fine.", "s": 0.25}\n')
+    build_shards(ShardOptions(inputs=[str(d)], output=str(tmp_path / "out"), scorer="field", score_field="s",
+                              segmenter="sentence", vocab_size=300, workers=1, val_fraction=0.0, progress=False))
+    ss = ShardSet(tmp_path / "out")
+    tok = toklib.load_tokenizer(ss.tokenizer_dir)
+    a = ss.read(0)
+    assert list(a["seg_score"]) == [0.0, 2.5]
+    second = a["tokens"][a["seg_start"][1]:-1]
+    assert tok.decode(second.tolist()) == " Bad text there."
+    assert set(a["scores"][a["seg_start"][1]:].tolist()) == {2.5}
+    assert set(ss.read(1)["scores"].tolist()) == {0.25}
+
+
+def test_lexical_scorer_prefers_common_usage(tmp_path):
+    ref = tmp_path / "ref.txt"
+    ref.write_text("the cat sat on the mat. the dog sat on the log. " * 50)
+    doc = Document("d", "d", "the cat sat on the log. zyx qwv plorp.")
+    spans = [(0, 23), (23, 38)]
+    rare = get_scorer("lexical", {"reference": str(ref), "top_k": 20}).score(doc, spans)
+    assert rare == [0.0, 1.0]
+    nll = get_scorer("lexical", {"reference": str(ref), "mode": "ngram_nll"}).score(doc, spans)
+    assert 0 < nll[0] < nll[1]
+    with pytest.raises(ValueError, match="mode must be"):
+        get_scorer("lexical", {"reference": str(ref), "mode": "vibes"})
+
+
+def test_classifier_scorer_runs_a_local_model_in_batches(tmp_path, tiny_shards):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from prefpretrain.data_shards.tokenizer import hf_tokenizer
+
+    torch.manual_seed(0)
+    clf = tmp_path / "clf"
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=600, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        id2label={0: "fine", 1: "toxic"}, label2id={"fine": 0, "toxic": 1}, pad_token_id=1))
+    model.save_pretrained(clf)
+    hf_tokenizer(tiny_shards / "tokenizer").save_pretrained(clf)
+    doc = Document("d", "d", "one line\nanother line\nthird\nfourth one\n")
+    spans = [(0, 9), (9, 22), (22, 28), (28, 39)]
+    big = get_scorer("classifier", {"model_dir": str(clf), "label": "toxic"}).score(doc, spans)
+    small = get_scorer("classifier", {"model_dir": str(clf), "label": 1, "batch_size": 1}).score(doc, spans)
+    assert all(0 <= s <= 1 for s in big) and np.allclose(big, small, atol=1e-5) and len(set(big)) > 1
+    with pytest.raises(ValueError, match="label 'nope' not in"):
+        get_scorer("classifier", {"model_dir": str(clf), "label": "nope"})
+
+
+def test_user_scorer_module_function_in_worker_processes(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "a.txt").write_text("xx\nab\n")
+    (d / "b.txt").write_text("no letters of that kind\nxxxx\n")
+    m = build_shards(ShardOptions(inputs=[str(d)], output=str(tmp_path / "out"), scorer="tests.scorer_fns:x_share",
+                                  segmenter="line", vocab_size=300, workers=2, val_fraction=0.0, progress=False))
+    assert m["scorer"]["name"] == "tests.scorer_fns:x_share"
+    ss = ShardSet(tmp_path / "out")
+    assert ss.read(0)["seg_score"].tolist() == [pytest.approx(2 / 3), 0.0]
+
+
+def test_dataloader_workers_do_not_change_the_order(tiny_shards):
+    ss = ShardSet(tiny_shards)
+    ds = MixtureDataset([PackedSet(ss, Layout("mle"), 32)], [1.0], seed=5)
+    batches = {}
+    for w in (0, 2):
+        it = train_loader(ds, start_step=3, max_steps=6, micro=2, global_batch=4, rank=1, world=2, num_workers=w)
+        batches[w] = [(b["position"].tolist(), b["input_ids"]) for b in it]
+    assert [p for p, _ in batches[0]] == [[14, 15], [18, 19], [22, 23]]
+    for (p0, x0), (p2, x2) in zip(batches[0], batches[2], strict=True):
+        assert p0 == p2 and torch.equal(x0, x2)
+
+
+def test_skip_corrupt_blanks_only_the_samples_that_touch_the_bad_shard(tmp_path, stdlib_files):
+    out = tmp_path / "s"
+    build_shards(ShardOptions(inputs=stdlib_files, output=str(out), vocab_size=300, workers=1, val_fraction=0.0,
+                              shard_size_mb=0.03, progress=False))
+    m = json.loads((out / "manifest.json").read_text())
+    bad = m["splits"]["train"]["shards"][1]
+    raw = bytearray((out / bad["name"]).read_bytes())
+    raw[600] ^= 0xFF
+    (out / bad["name"]).write_bytes(bytes(raw))
+    ps = PackedSet(ShardSet(out), Layout("mle"), 64, skip_corrupt=True)
+    flags = [bool(ps[i]["corrupt"]) for i in range(len(ps))]
+    assert 0 < sum(flags) < len(flags)
+    blank = ps[flags.index(True)]
+    assert (blank["labels"] == -100).all()
+    strict = PackedSet(ShardSet(out), Layout("mle"), 64)
+    with pytest.raises(Exception, match="sha256 mismatch"):
+        strict[flags.index(True)]
+
+
+def test_sentence_segments_for_prose(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "p.txt").write_text("Dr. Smith arrived at 9 a.m. on Monday. He left early! Why?\nNew line here.\n")
+    build_shards(ShardOptions(inputs=[str(d)], output=str(tmp_path / "out"), scorer="none", segmenter="sentence",
+                              vocab_size=300, workers=1, val_fraction=0.0, progress=False))
+    ss = ShardSet(tmp_path / "out")
+    tok = toklib.load_tokenizer(ss.tokenizer_dir)
+    doc = ss.read(0)
+    bounds = list(doc["seg_start"]) + [len(doc["tokens"]) - 1]
+    segs = [tok.decode(doc["tokens"][a:b].tolist()) for a, b in zip(bounds, bounds[1:], strict=False)]
+    assert segs == ["Dr. Smith arrived at 9 a.m. on Monday.", " He left early!", " Why?\n", "New line here.\n"]
+
+
+def test_shard_progress_and_workers_flag_exist():
+    r = subprocess.run([sys.executable, "-m", "prefpretrain", "shard", "--help"], capture_output=True, text=True,
+                       env=cli_env(), cwd=ROOT)
+    for flag in ("--workers", "--scorer-params", "--overwrite", "--segmenter", "--score-field"):
+        assert flag in r.stdout
+    assert os.cpu_count()
