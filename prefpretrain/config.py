@@ -335,9 +335,19 @@ def check_paths(cfg: Config) -> None:
     """Paths the run needs must exist (called once the shards were built)."""
     if not cfg.data.shards:
         raise ConfigError("data.shards: no shard set given")
+    from prefpretrain.data_shards.writer import FORMAT_VERSION
+
     for i, s in enumerate(cfg.data.shards):
-        if not (Path(s.path) / "manifest.json").is_file():
+        mf = Path(s.path) / "manifest.json"
+        if not mf.is_file():
             raise ConfigError(f"data.shards[{i}].path: no manifest.json in {s.path!r} (run `prefpretrain shard`)")
+        try:
+            fmt = json.loads(mf.read_text()).get("format_version")
+        except json.JSONDecodeError:
+            raise ConfigError(f"data.shards[{i}].path: {mf} is not valid JSON") from None
+        if fmt != FORMAT_VERSION:
+            raise ConfigError(f"data.shards[{i}].path: shard format {fmt} in {s.path!r}, this prefpretrain reads "
+                              f"{FORMAT_VERSION}: shard again (prefpretrain shard --overwrite)")
     fp = cfg.model.from_pretrained
     if fp and not (Path(fp) / "config.json").is_file():
         raise ConfigError(f"model.from_pretrained: no HF model directory at {fp!r}")

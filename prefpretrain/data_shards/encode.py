@@ -5,12 +5,14 @@ and the options, which is what makes the shard bytes independent of the number o
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from prefpretrain.data_shards import sources
 from prefpretrain.data_shards import tokenizer as toklib
 from prefpretrain.data_shards.scorers import get_scorer
-from prefpretrain.data_shards.segment import get_segmenter
+from prefpretrain.data_shards.segment import get_segmenter, line_spans
 
 MAX_LINE_CHARS = 20_000  # a longer line is minified code or data, not text (reason: huge_line)
 
@@ -19,10 +21,9 @@ _W: dict = {}
 
 def init_worker(tok_json: str, scorer: str, scorer_params: dict, segmenter: str, text_field: str,
                 score_field: str | None) -> None:
-    import torch
     from tokenizers import Tokenizer
 
-    torch.set_num_threads(1)  # one scoring process per core
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _W.update(tok=Tokenizer.from_str(tok_json), scorer=get_scorer(scorer, scorer_params),
               seg=get_segmenter(segmenter), text_field=text_field, score_field=score_field)
     _W["eos"] = _W["tok"].token_to_id(toklib.EOS)
@@ -36,11 +37,20 @@ def encode_document(doc: sources.Document, tok, scorer, segmenter, eos: int) -> 
     if len(seg_scores) != len(spans) or not np.isfinite(seg_scores).all():
         raise ValueError(f"scorer returned {len(seg_scores)} scores (finite: {np.isfinite(seg_scores).all()}) "
                          f"for {len(spans)} segments")
-    enc = tok.encode(doc.text, add_special_tokens=False)
-    ids = np.asarray(enc.ids + [eos], dtype=np.int64)
-    starts = np.asarray([a for a, _ in spans], dtype=np.int64)
-    tok_starts = np.asarray([o[0] for o in enc.offsets] + [len(doc.text)], dtype=np.int64)
-    seg_of_tok = np.clip(np.searchsorted(starts, tok_starts, side="right") - 1, 0, len(spans) - 1)
+    if segmenter is line_spans:
+        # the pre-tokenizer splits after every newline, so encoding line by line gives exactly the
+        # tokens of the whole text, and each line's tokens are its segment (no offsets to map)
+        encs = tok.encode_batch_fast([doc.text[a:b] for a, b in spans], add_special_tokens=False)
+        counts = np.fromiter((len(e.ids) for e in encs), dtype=np.int64, count=len(encs))
+        ids = np.fromiter((i for e in encs for i in e.ids), dtype=np.int64, count=int(counts.sum()))
+        ids = np.append(ids, eos)
+        seg_of_tok = np.append(np.repeat(np.arange(len(spans)), counts), len(spans) - 1)
+    else:
+        enc = tok.encode(doc.text, add_special_tokens=False)
+        ids = np.asarray(enc.ids + [eos], dtype=np.int64)
+        starts = np.asarray([a for a, _ in spans], dtype=np.int64)
+        tok_starts = np.asarray([o[0] for o in enc.offsets] + [len(doc.text)], dtype=np.int64)
+        seg_of_tok = np.clip(np.searchsorted(starts, tok_starts, side="right") - 1, 0, len(spans) - 1)
     first = np.flatnonzero(np.r_[True, seg_of_tok[1:] != seg_of_tok[:-1]])  # first token of each segment
     lens = np.asarray([b - a for a, b in spans], dtype=np.float64)
     return {

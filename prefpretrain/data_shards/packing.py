@@ -87,21 +87,35 @@ def layout_lengths(ss: ShardSet, layout: Layout) -> np.ndarray:
 def doc_window(ss: ShardSet, d: int, layout: Layout, lo: int, hi: int) -> dict:
     """Positions [lo, hi) of document d as the layout presents it, reading only the tokens needed.
 
-    Conditional: control k goes before raw token P[k], so it sits at layout position C[k] = P[k] + k;
-    the raw tokens in the window are [lo - #(C < lo), hi - #(C < hi)).
+    Conditional: with K[j] the controls kept before segment j (a hash, no I/O) and S[j] its first raw
+    token, segment j starts at layout position S[j] + K[j], increasing in j. Two binary searches over
+    S (4-byte reads) find the segments [j_lo, j_hi) whose controls fall in the window; the raw tokens in
+    it are [lo - K[j_lo], hi - K[j_hi]). Only those segments and tokens are read.
     """
     if layout.kind != "conditional":
         ids, scores = ss.read_tokens(d, lo, hi)
         return {"ids": ids, "labels": ids.copy(), "scores": scores, "control": np.zeros(len(ids), bool)}
-    seg_start, seg_score = ss.read_segments(d)
-    keep = _keep_control(layout, np.full(len(seg_start), d, dtype=np.int64), np.arange(len(seg_start)))
-    P = seg_start[keep]
-    C = P + np.arange(len(P))
-    c_lo, c_hi = int(np.searchsorted(C, lo)), int(np.searchsorted(C, hi))
-    a, b = lo - c_lo, hi - c_hi
+    nseg = ss.n_segments(d)
+    kept = _keep_control(layout, np.full(nseg, d, dtype=np.int64), np.arange(nseg, dtype=np.int64))
+    K = np.concatenate([[0], np.cumsum(kept)])
+
+    def first_at_or_after(pos: int) -> int:  # first segment j with S[j] + K[j] >= pos
+        a, b = 0, nseg
+        while a < b:
+            m = (a + b) // 2
+            if ss.segment_start(d, m) + K[m] < pos:
+                a = m + 1
+            else:
+                b = m
+        return a
+
+    j_lo, j_hi = first_at_or_after(lo), first_at_or_after(hi)
+    starts, seg_score = ss.read_segments(d, j_lo, j_hi)
+    keep = kept[j_lo:j_hi]
+    a, b = lo - int(K[j_lo]), hi - int(K[j_hi])
     tokens, scores = ss.read_tokens(d, a, b)
-    pos = P[c_lo:c_hi] - a
-    sc = seg_score[keep][c_lo:c_hi]
+    pos = starts[keep] - a
+    sc = seg_score[keep]
     ctrl = np.where(sc <= layout.threshold, layout.aligned_id, layout.misaligned_id)
     ids = np.insert(tokens, pos, ctrl)
     is_ctrl = np.insert(np.zeros(len(tokens), bool), pos, True)

@@ -130,10 +130,19 @@ class ShardSet:
         self.bytes_read += n
         return b
 
-    def read_segments(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """(first token of each segment, segment scores) of document i."""
+    def n_segments(self, i: int) -> int:
+        return int(self._locate(i)[1]["n_segments"])
+
+    def segment_start(self, i: int, j: int) -> int:
+        """First token of segment j of document i (one 4-byte read)."""
         s, rec = self._locate(i)
-        raw = np.frombuffer(self._pread(s, int(rec["segments_at"]), 8 * int(rec["n_segments"])), dtype="<i4")
+        return int(np.frombuffer(self._pread(s, int(rec["segments_at"]) + 8 * j, 4), dtype="<i4")[0])
+
+    def read_segments(self, i: int, j0: int = 0, j1: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(first token, score) of segments [j0, j1) of document i."""
+        s, rec = self._locate(i)
+        j1 = int(rec["n_segments"]) if j1 is None else j1
+        raw = np.frombuffer(self._pread(s, int(rec["segments_at"]) + 8 * j0, 8 * (j1 - j0)), dtype="<i4")
         raw = raw.reshape(-1, 2)
         return raw[:, 0].astype(np.int64), np.ascontiguousarray(raw[:, 1]).view(np.float32)
 

@@ -150,6 +150,7 @@ class ClassifierScorer:
         if not (Path(model_dir) / "config.json").is_file():
             raise ValueError(f"scorer 'classifier': no HF model directory at {model_dir!r}")
         self._torch = torch
+        torch.set_num_threads(1)  # one scoring process per core
         self._tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         self._model = AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True).eval()
         l2i = {str(k): v for k, v in self._model.config.label2id.items()}

@@ -20,11 +20,13 @@ class ScoreStats:
         self.max = float("-inf")
         self.hist = np.zeros(len(EDGES) - 1, dtype=np.int64)
         self.sketch: list[tuple[list[float], int]] = []  # (101 quantiles, count) per chunk
+        self._pending: list[np.ndarray] = []
 
     def add(self, scores: np.ndarray, lens: np.ndarray) -> None:
         if len(scores) == 0:
             return
         s = scores.astype(np.float64)
+        self._pending.append(s)
         self.n += len(s)
         self.sum += float(s.sum())
         self.weighted_sum += float((s * lens).sum())
@@ -33,9 +35,16 @@ class ScoreStats:
         self.min = min(self.min, float(s.min()))
         self.max = max(self.max, float(s.max()))
         self.hist += np.histogram(s, bins=EDGES)[0]
-        self.sketch.append((np.percentile(s, QUANTILES).tolist(), len(s)))
+
+    def _flush(self) -> None:
+        """Summarise what was added since the last flush as one quantile sketch."""
+        if self._pending:
+            s = np.concatenate(self._pending)
+            self.sketch.append((np.percentile(s, QUANTILES).tolist(), len(s)))
+            self._pending = []
 
     def to_state(self) -> dict:
+        self._flush()
         return {"n": self.n, "sum": self.sum, "weighted_sum": self.weighted_sum, "weight": self.weight,
                 "zero": self.zero, "min": self.min, "max": self.max, "hist": self.hist.tolist(),
                 "sketch": self.sketch}
@@ -50,6 +59,8 @@ class ScoreStats:
         return st
 
     def merge(self, other: ScoreStats) -> None:
+        self._flush()
+        other._flush()
         self.n += other.n
         self.sum += other.sum
         self.weighted_sum += other.weighted_sum
@@ -71,6 +82,7 @@ class ScoreStats:
         return float(vals[order][min(len(vals) - 1, np.searchsorted(cw, p / 100 * cw[-1]))])
 
     def summary(self) -> dict:
+        self._flush()
         if self.n == 0:
             return {"segments": 0}
         return {

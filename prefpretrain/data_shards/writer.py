@@ -254,7 +254,10 @@ def _run_chunks(opt, out, files, sizes, chunks, todo, tok, scorer_name, segmente
     if not todo:
         return
     max_bytes = int(opt.shard_size_mb * 1e6)
-    items = [files[i] for c in todo for i in chunks[c]]
+    # within a chunk, the largest files go to the pool first (less idle time at the chunk's end); the
+    # chunk is written in file order once all its results are in, so the bytes do not change
+    order = {c: sorted(chunks[c], key=lambda i: (-sizes[i], i)) for c in todo}
+    items = [files[i] for c in todo for i in order[c]]
     bar = tqdm(total=sum(sizes[i] for c in todo for i in chunks[c]), unit="B", unit_scale=True, desc="shard",
                disable=not opt.progress, mininterval=1.0, smoothing=0.1)
     initargs = (tok.to_str(), scorer_name, opt.scorer_params, segmenter, opt.text_field, opt.score_field)
@@ -270,8 +273,9 @@ def _run_chunks(opt, out, files, sizes, chunks, todo, tok, scorer_name, segmente
             writers = {s: _ChunkWriter(out, s, c, max_bytes, tok_dtype) for s in ("train", "val")}
             skipped: Counter = Counter()
             problems: list[str] = []
+            got = {i: next(results) for i in order[c]}
             for i in chunks[c]:
-                _name, encs, skip, probs = next(results)
+                _name, encs, skip, probs = got.pop(i)
                 for enc in encs:
                     writers["val" if is_val(enc["meta"]["doc_id"], opt.val_fraction) else "train"].add(enc)
                 skipped.update(skip)
