@@ -214,3 +214,52 @@ def test_shard_progress_and_workers_flag_exist():
     for flag in ("--workers", "--scorer-params", "--overwrite", "--segmenter", "--score-field"):
         assert flag in r.stdout
     assert os.cpu_count()
+
+
+def test_pii_scorer_counts_real_items_and_needs_a_literal_at(tmp_path):
+    s = get_scorer("pii")
+    text = ("Contact me at john.doe@example.com or call (650) 253-0000. I looked at the sky at noon.Then "
+            "bob at example dot com left.")
+    assert sorted(t for t, _ in s.items(text)) == ["email", "phone"]
+    assert ("email", "john.doe@example.com") in s.items(text)
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "a.txt").write_text("Write to ann@python.org for help. The cat sat at home.com today.\n")
+    build_shards(ShardOptions(inputs=[str(d)], output=str(tmp_path / "out"), scorer="pii", vocab_size=300,
+                              workers=1, val_fraction=0.0, progress=False))
+    ss = ShardSet(tmp_path / "out")
+    assert ss.manifest["segmenter"] == "sentence" and ss.manifest["scorer"]["params"]["email_requires_at"]
+    scores = ss.read(0)["seg_score"]
+    assert scores[0] == pytest.approx(1 / len("Write to ann@python.org for help.")) and scores[1] == 0
+
+
+def test_ranks_of_any_world_size_read_the_same_global_sequence(tiny_shards):
+    """What ranks read (the token content, not just positions) for world size 1, 2 and 3 is one sequence."""
+    ss = ShardSet(tiny_shards)
+    sp = json.loads((tiny_shards / "manifest.json").read_text())["tokenizer"]["special_ids"]
+    ds = MixtureDataset([PackedSet(ss, Layout("conditional", 0.0, 0.1, 3, sp["aligned"], sp["misaligned"]), 32),
+                         PackedSet(ss, Layout("mle"), 32)], [2.0, 1.0], seed=11)
+    G, steps = 6, 5
+    seqs = {}
+    for world in (1, 2, 3):
+        per_rank = [[b for b in train_loader(ds, 0, steps, G // world if world < 3 else 1, G, r, world)]
+                    for r in range(world)]
+        per_step = G // world // (G // world if world < 3 else 1)
+        out = []
+        for step in range(steps):
+            for r in range(world):
+                for b in per_rank[r][step * per_step:(step + 1) * per_step]:
+                    out.extend(b["input_ids"])
+        seqs[world] = torch.stack(out)
+    assert seqs[1].shape == (steps * G, 32)
+    assert torch.equal(seqs[1], seqs[2]) and torch.equal(seqs[1], seqs[3])
+
+
+def test_too_large_documents_are_skipped(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "big.txt").write_text(("word " * 20 + "\n") * 21000)
+    (d / "small.txt").write_text("Fine.\n")
+    m = build_shards(ShardOptions(inputs=[str(d)], output=str(tmp_path / "out"), scorer="none", vocab_size=300,
+                                  workers=1, val_fraction=0.0, progress=False))
+    assert m["skipped"] == {"too_large": 1} and m["splits"]["train"]["samples"] == 1

@@ -112,27 +112,42 @@ class Pep8Scorer:
         return [c / max(1, b - a) for c, (a, b) in zip(counts, spans, strict=True)]
 
 
+# scrubadub's email pattern also takes "word at word.word" (so "me at john.doe@example.com" becomes one
+# bogus item and the real address is lost, and "the sky at noon.Then" is an email); ours needs a literal @.
+EMAIL_AT = re.compile(r"\b[a-z0-9!#$%&'*+/=?^_`{|}~-](?:[.a-z0-9!#$%&'*+/=?^_`{|}~-]{0,62}[a-z0-9!#$%&'*+/=?^_`{|}~-])?"
+                      r"@[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)+\b",
+                      re.IGNORECASE)
+
+
 class PiiScorer:
-    """scrubadub PII items per character. Emails must contain a literal '@' (scrubadub also
-    flags prose like 'x at y')."""
+    """scrubadub PII items per character (its default detectors: credential, credit card, phone,
+    twitter, url, SSN), with emails found by EMAIL_AT (a literal '@' required)."""
 
     name = "pii"
 
     def __init__(self):
         try:
             import scrubadub
+            from scrubadub.detectors import RegexDetector
+            from scrubadub.filth import EmailFilth
         except ImportError:
             raise ValueError("scorer 'pii' needs scrubadub: pip install -e .[pii]") from None
+
+        class StrictEmailDetector(RegexDetector):
+            name, filth_cls, regex = "email_at", EmailFilth, EMAIL_AT
+
         self.version = scrubadub.__version__
-        self.params = {"detectors": "scrubadub default", "email_requires_at": True}
         self._scrubber = scrubadub.Scrubber()
+        self._scrubber.remove_detector("email")
+        self._scrubber.add_detector(StrictEmailDetector)
+        self.params = {"detectors": sorted(self._scrubber._detectors), "email_requires_at": True}
+
+    def items(self, text: str) -> list[tuple[str, str]]:
+        """(type, text) of every PII item found."""
+        return [(f.type, f.text) for f in self._scrubber.iter_filth(text)]
 
     def score(self, doc: Document, spans: list[Span]) -> list[float]:
-        out = []
-        for a, b in spans:
-            n = sum(1 for f in self._scrubber.iter_filth(doc.text[a:b]) if f.type != "email" or "@" in f.text)
-            out.append(n / max(1, b - a))
-        return out
+        return [len(self.items(doc.text[a:b])) / max(1, b - a) for a, b in spans]
 
 
 class ClassifierScorer:
