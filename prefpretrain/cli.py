@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from prefpretrain.config import Config, ConfigError, check_paths, config_help, load_config
+from prefpretrain.config import Config, ConfigError, check_device, check_paths, config_help, load_config
 from prefpretrain.logs import setup_logging
 
 log = logging.getLogger("prefpretrain")
@@ -110,6 +110,7 @@ def world_from_env() -> int:
 def validated(config: str, overrides: list[str], world: int, need_paths: bool = True) -> Config:
     cfg = load_config(config, overrides)
     cfg.grad_accum_for(world)
+    check_device(cfg)
     if need_paths:
         check_paths(cfg)
     return cfg
@@ -139,10 +140,15 @@ def cmd_shard(a) -> int:
 
 def cmd_train(a) -> int:
     cfg = validated(a.config, a.overrides, world_from_env())
-    from prefpretrain.trainer.loop import train
+    from prefpretrain.trainer.loop import EXIT_DIVERGED, TrainingDiverged, train
 
-    res = train(cfg)
-    if int(os.environ.get("RANK", 0)) == 0:
+    try:
+        res = train(cfg)
+    except TrainingDiverged as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"prefpretrain train: diverged: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
+    if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(res))
     return 0
 
@@ -151,13 +157,14 @@ def cmd_launch(a) -> int:
     cfg = load_config(a.config, a.overrides)
     n = a.nproc_per_node or cfg.launch.nproc_per_node
     cfg.grad_accum_for(n)
+    check_device(cfg)
     from prefpretrain.launcher.local import launch_local, torchrun_argv
 
     if a.dry_run:
         print(" ".join(torchrun_argv(a.config, a.overrides, n, a.max_restarts)))
         return 0
     check_paths(cfg)
-    return launch_local(a.config, a.overrides, n, a.max_restarts)
+    return launch_local(a.config, a.overrides, n, a.max_restarts, cfg.run.output_dir)
 
 
 def ensure_shards(cfg: Config) -> None:
@@ -185,6 +192,7 @@ def cmd_run(a) -> int:
     cfg = load_config(a.config, a.overrides)
     world = cfg.launch.nproc_per_node
     cfg.grad_accum_for(world)
+    check_device(cfg)
     ensure_shards(cfg)
     for s in cfg.data.shards[1:]:
         if not (Path(s.path) / "manifest.json").is_file():
@@ -193,7 +201,7 @@ def cmd_run(a) -> int:
     t_shard = time.time() - t0
     from prefpretrain.launcher.local import launch_local
 
-    rc = launch_local(a.config, a.overrides, world)
+    rc = launch_local(a.config, a.overrides, world, 0, cfg.run.output_dir)
     if rc != 0:
         log.error("training failed with exit code %d", rc)
         return rc

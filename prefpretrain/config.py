@@ -53,6 +53,8 @@ class ModelConfig:
     num_layers: int = 4  # transformer blocks
     num_heads: int = 4  # attention heads
     intermediate_size: int | None = None  # MLP width (default 4 x hidden_size)
+    freeze: str = "none"  # none | embeddings | bottom:N (embeddings + first N blocks) | all_but_top:N
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass (less memory, ~30 % slower)
     mlm_probability: float = 0.15  # masked LMs: share of tokens masked (80 % [MASK], 10 % random, 10 % kept)
     dropout: float = 0.0  # dropout in attention / MLP / embeddings where the architecture has it
     extra: dict[str, Any] = field(default_factory=dict)  # more HF config fields, passed as is
@@ -67,6 +69,8 @@ class TrainConfig:
     lr: float = 1e-3  # peak learning rate (AdamW)
     min_lr: float = 1e-4  # floor of the cosine decay
     warmup_steps: int = 50  # linear warm-up steps
+    schedule: Literal["cosine", "constant_cooldown", "constant"] = "cosine"  # after warm-up
+    cooldown_steps: int = 0  # constant_cooldown: linear decay to min_lr over the last N steps
     weight_decay: float = 0.1  # AdamW weight decay (not applied to biases, norms, embeddings)
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
@@ -74,6 +78,8 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # mixed precision mode
     objective: Literal["mle", "filter", "conditional"] = "mle"  # training objective
     log_every: int = 10  # steps between log lines / TensorBoard points
+    max_bad_steps: int = 10  # stop after this many consecutive steps skipped for a non-finite loss/gradient
+    peak_flops: float = 0.0  # per-rank peak FLOP/s for MFU (0 = measure with a matmul probe at start)
 
 
 @dataclass
@@ -87,6 +93,8 @@ class EngineConfig:
     zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3 (0 = plain data parallel)
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # torch.distributed backend; auto = nccl on GPU
     device: Literal["auto", "cpu", "cuda"] = "auto"  # where to train
+    offload: Literal["none", "optimizer", "all"] = "none"  # ZeRO-Offload: optimizer states (stage>=1), params (3)
+    loss_scale_power: int = 16  # fp16: initial dynamic loss scale 2^N
 
 
 @dataclass
@@ -98,6 +106,9 @@ class CheckpointConfig:
 @dataclass
 class EvalConfig:
     every_steps: int = 0  # validation loss every N steps (0 = only at the end)
+    at_start: bool = False  # also measure validation loss before the first step
+    early_stop_patience: int = 0  # stop after N evaluations without improvement (0 = never)
+    early_stop_min_delta: float = 0.0  # an improvement must lower the validation loss by more than this
     val_samples: int = 64  # validation samples (packed sequences) per evaluation (0 = all)
     samples: int = 32  # unconditional samples for the misalignment score
     max_new_tokens: int = 128  # tokens per sample
@@ -327,8 +338,33 @@ def _check_values(cfg: Config) -> None:
             raise ConfigError(f"data.shards[{i}].weight: must be positive, got {s.weight}")
         if not s.path:
             raise ConfigError(f"data.shards[{i}].path: empty")
+    if cfg.engine.offload == "all" and cfg.engine.zero_stage != 3:
+        raise ConfigError("engine.offload: 'all' (parameters too) needs engine.zero_stage=3")
+    if cfg.engine.offload != "none" and cfg.engine.zero_stage == 0:
+        raise ConfigError("engine.offload: offloading needs engine.zero_stage >= 1")
+    f = cfg.model.freeze
+    if f not in ("none", "embeddings") and not (
+            f.partition(":")[0] in ("bottom", "all_but_top") and f.partition(":")[2].isdigit()):
+        raise ConfigError(f"model.freeze: expected none, embeddings, bottom:N or all_but_top:N, got {f!r}")
+    if t.schedule == "constant_cooldown" and not 0 < t.cooldown_steps <= t.max_steps - t.warmup_steps:
+        raise ConfigError(f"train.cooldown_steps: must be within (0, max_steps - warmup_steps], got {t.cooldown_steps}")
+    if t.max_bad_steps <= 0:
+        raise ConfigError(f"train.max_bad_steps: must be positive, got {t.max_bad_steps}")
     if not 0 < cfg.model.mlm_probability < 1:
         raise ConfigError(f"model.mlm_probability: must be within (0, 1), got {cfg.model.mlm_probability}")
+
+
+def check_device(cfg: Config) -> None:
+    """What the chosen device cannot do, said before any process starts."""
+    import torch
+
+    cuda = torch.cuda.is_available() if cfg.engine.device == "auto" else cfg.engine.device == "cuda"
+    if cfg.engine.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("engine.device: cuda asked for, but torch sees no GPU")
+    if not cuda and cfg.train.precision == "fp16":
+        raise ConfigError("train.precision: fp16 is not supported by DeepSpeed on CPU; use bf16 or fp32")
+    if not cuda and cfg.engine.backend == "nccl":
+        raise ConfigError("engine.backend: nccl needs GPUs; use gloo (or auto) on CPU")
 
 
 def check_paths(cfg: Config) -> None:

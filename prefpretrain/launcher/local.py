@@ -21,9 +21,10 @@ def torchrun_argv(config: str, overrides: list[str], nproc_per_node: int, max_re
     ]
 
 
-def child_env() -> dict[str, str]:
+def child_env(nproc_per_node: int = 1) -> dict[str, str]:
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")  # one thread per rank: ranks x threads must not exceed the cores
+    # ranks x threads must not exceed the cores
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc_per_node)))
     env.setdefault("PYTHONUNBUFFERED", "1")
     from prefpretrain.trainer.engine import extensions_cache
 
@@ -31,7 +32,21 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def launch_local(config: str, overrides: list[str], nproc_per_node: int, max_restarts: int = 0) -> int:
+def launch_local(config: str, overrides: list[str], nproc_per_node: int, max_restarts: int = 0,
+                 run_dir: str | None = None) -> int:
+    """Run torchrun; a failed run's own exit code (RUN/failure.json) is returned instead of torchrun's 1."""
+    import time
+    from pathlib import Path
+
+    from prefpretrain.trainer.checkpoint import read_failure
+
     argv = torchrun_argv(config, overrides, nproc_per_node, max_restarts)
     log.info("launch: %s", " ".join(argv))
-    return subprocess.run(argv, env=child_env()).returncode
+    t0 = time.time()
+    rc = subprocess.run(argv, env=child_env(nproc_per_node), check=False).returncode
+    if rc != 0 and run_dir is not None:
+        failure = read_failure(Path(run_dir), t0)
+        if failure is not None:
+            log.error("run failed: %s", failure["message"])
+            return int(failure["exit_code"])
+    return rc

@@ -68,6 +68,23 @@ def save(engine, ckpt_root: Path, step: int, state: dict, keep_last: int, rank: 
     return d
 
 
+def write_failure(run_dir: Path, reason: str, exit_code: int, message: str) -> None:
+    """RUN/failure.json: why a run stopped, for the launcher (torchrun only reports 'a child failed')."""
+    import time
+
+    _atomic_write(run_dir / "failure.json", json.dumps({"reason": reason, "exit_code": exit_code, "message": message,
+                                                        "time": time.time()}, indent=1))
+
+
+def read_failure(run_dir: Path, since: float) -> dict | None:
+    p = run_dir / "failure.json"
+    if p.is_file():
+        f = json.loads(p.read_text())
+        if f.get("time", 0) >= since:
+            return f
+    return None
+
+
 def find_latest(ckpt_root: Path) -> Path | None:
     """The newest complete checkpoint: `latest` if it is complete, else the newest with a state.json."""
     lp = ckpt_root / "latest"

@@ -1,4 +1,8 @@
-"""DeepSpeed engine from the config: ZeRO stage, precision, accumulation, clipping, AdamW + schedule."""
+"""DeepSpeed engine from the config: ZeRO stage, offload, precision, accumulation, clipping, AdamW + schedule.
+
+The same code runs on CPU (gloo) and CUDA (nccl). On CPU the client optimizer is `torch.optim.AdamW`
+(DeepSpeed's own Adam ops JIT-compile for ~45 s each); its JIT ops are cached in TORCH_EXTENSIONS_DIR.
+"""
 from __future__ import annotations
 
 import json
@@ -8,6 +12,7 @@ import os
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from prefpretrain.config import Config
 
@@ -28,30 +33,65 @@ def deepspeed_env() -> None:
     extensions_cache()
 
 
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW that skips a step whose gradients are not finite on any rank (all ranks agree), and counts it.
+
+    DeepSpeed's ZeRO-1/2 optimizer already skips such steps; this guard covers ZeRO-0 and ZeRO-3 in
+    every precision. `overflow` is what DeepSpeed's engine reads to count a skipped step.
+    """
+
+    overflow = False
+    skipped = 0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        bad = any(p.grad is not None and not bool(torch.isfinite(p.grad).all())
+                  for g in self.param_groups for p in g["params"])
+        flag = torch.tensor([1.0 if bad else 0.0])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.overflow = bool(flag.item())
+        if self.overflow:
+            self.skipped += 1
+            return None
+        return super().step(closure)
+
+
 def ds_config(cfg: Config, world: int) -> dict:
-    t = cfg.train
-    ga = cfg.grad_accum_for(world)
+    t, e = cfg.train, cfg.engine
+    zero: dict = {"stage": e.zero_stage}
+    if e.offload in ("optimizer", "all"):
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if e.offload == "all":
+        zero["offload_param"] = {"device": "cpu"}
     return {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": ga,
+        "gradient_accumulation_steps": cfg.grad_accum_for(world),
         "gradient_clipping": t.grad_clip,
-        "zero_optimization": {"stage": cfg.engine.zero_stage},
+        "zero_optimization": zero,
         "bf16": {"enabled": t.precision == "bf16"},
-        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": e.loss_scale_power},
         "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,  # keep torch AdamW with offload (no 45 s CPUAdam build)
         "steps_per_print": 2**31,
         "wall_clock_breakdown": False,
     }
 
 
 def lr_lambda(cfg: Config):
+    """Multiplier of train.lr at optimizer step `step`: linear warm-up, then the chosen schedule."""
     t = cfg.train
     floor = t.min_lr / t.lr
 
     def f(step: int) -> float:
         if step < t.warmup_steps:
             return (step + 1) / t.warmup_steps
+        if t.schedule == "constant":
+            return 1.0
+        if t.schedule == "constant_cooldown":
+            left = t.max_steps - step
+            return 1.0 if left > t.cooldown_steps else floor + (1 - floor) * max(0, left) / t.cooldown_steps
         progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -59,7 +99,7 @@ def lr_lambda(cfg: Config):
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: not on biases, norms or embeddings."""
+    """Weight decay on matrices only: not on biases, norms or embeddings. Frozen parameters are left out."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -68,7 +108,8 @@ def param_groups(model, weight_decay: float) -> list[dict]:
             no_decay.append(p)
         else:
             decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in ({"params": decay, "weight_decay": weight_decay},
+                        {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
 
 
 def build_engine(cfg: Config, model, world: int, run_dir: Path | None = None):
@@ -79,7 +120,12 @@ def build_engine(cfg: Config, model, world: int, run_dir: Path | None = None):
     if run_dir is not None:
         (run_dir / "deepspeed_config.json").write_text(json.dumps(conf, indent=1))
     t = cfg.train
-    opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
+    opt = GuardedAdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=conf)
-    return engine
+    return engine, opt
+
+
+def local_param_elements(engine) -> int:
+    """Parameter elements this rank holds (ZeRO-3 keeps a partition in `ds_tensor`)."""
+    return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in engine.module.parameters())

@@ -1,9 +1,13 @@
-"""The training loop: one process per rank, under torchrun, srun, or alone."""
+"""The training loop: one process per rank, under torchrun, srun, or alone.
+
+`train(cfg)` = set up (data, model, engine, resume) -> the loop below -> final eval + checkpoint.
+"""
 from __future__ import annotations
 
 import logging
 import resource
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,18 +22,22 @@ from prefpretrain.data_shards.reader import ShardSet
 from prefpretrain.launcher import dist as distlib
 from prefpretrain.logs import setup_logging
 from prefpretrain.trainer import checkpoint as ckptlib
-from prefpretrain.trainer.engine import build_engine
+from prefpretrain.trainer.engine import build_engine, local_param_elements
 from prefpretrain.trainer.evaluate import validation_loss
-from prefpretrain.trainer.model import build_model, count_params
+from prefpretrain.trainer.flops import matmul_peak, mfu
+from prefpretrain.trainer.model import apply_freeze, build_model, count_params
 from prefpretrain.trainer.monitor import Monitor
-from prefpretrain.trainer.objectives import batch_pref_stats, compute_loss, layout_for
+from prefpretrain.trainer.objectives import batch_pref_stats, compute_loss, layout_for, target_count
 from prefpretrain.trainer.runinfo import check_agreement, write_run_files
 
 log = logging.getLogger(__name__)
 
 
-def _rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux -> GB
+EXIT_DIVERGED = 3  # exit code of `train` when it stops for non-finite steps; the last good checkpoint is intact
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
 
 
 def open_data(cfg: Config):
@@ -38,9 +46,8 @@ def open_data(cfg: Config):
     hashes = {s.tokenizer_hash for s in sets}
     if len(hashes) > 1:
         raise ConfigError(f"data.shards: shard sets use different tokenizers ({', '.join(sorted(hashes))})")
-    manifest = sets[0].manifest
     val = ShardSet(cfg.data.shards[0].path, "val", verify=cfg.data.verify_checksums)
-    return sets, val, manifest
+    return sets, val, sets[0].manifest
 
 
 def mask_spec(cfg: Config, manifest: dict) -> MaskSpec | None:
@@ -52,10 +59,22 @@ def mask_spec(cfg: Config, manifest: dict) -> MaskSpec | None:
                     special_ids=tuple(sorted(set(sp.values()))), prob=cfg.model.mlm_probability, seed=cfg.run.seed)
 
 
+@dataclass
+class Window:
+    """What the loop accumulates between two log lines."""
+
+    t0: float = field(default_factory=time.time)
+    steps: int = 0
+    micro: int = 0
+    nll: float = 0.0
+    targets: int = 0
+    score_mean: float = 0.0
+    aligned_fraction: float = 0.0
+
+
 def train(cfg: Config) -> dict:
     info = distlib.setup(cfg.engine.backend, cfg.engine.device)
-    rank, _world = info.rank, info.world_size
-    setup_logging(rank)
+    setup_logging(info.rank)
     try:
         return _train(cfg, info)
     finally:
@@ -65,39 +84,45 @@ def train(cfg: Config) -> dict:
 def _train(cfg: Config, info) -> dict:
     rank, world, dev = info.rank, info.world_size, info.device
     run_dir = Path(cfg.run.output_dir)
-    ga = cfg.grad_accum_for(world)
+    t, ga = cfg.train, cfg.grad_accum_for(world)
+    G, L = t.global_batch_size, cfg.data.seq_len
+    causal = cfg.model.kind == "causal"
+
+    # ---- data
     sets, val_set, manifest = open_data(cfg)
     sp = manifest["tokenizer"]["special_ids"]
     check_agreement(world, {"config_hash": cfg.hash(), "tokenizer_hash": sets[0].tokenizer_hash,
                             "shards": [s.manifest["splits"]["train"]["shards"][0]["sha256"] for s in sets]})
-    causal = cfg.model.kind == "causal"
-
-    layout = layout_for(cfg.train.objective, cfg.objective.threshold, cfg.objective.drop_prob, cfg.run.seed, sp)
+    layout = layout_for(t.objective, cfg.objective.threshold, cfg.objective.drop_prob, cfg.run.seed, sp)
     mlm = mask_spec(cfg, manifest)
-    skip = cfg.data.on_corrupt == "skip"
-    packed = [PackedSet(s, layout, cfg.data.seq_len, mlm, skip) for s in sets]
-    for s, p in zip(cfg.data.shards, packed, strict=False):
+    packed = [PackedSet(s, layout, L, mlm, cfg.data.on_corrupt == "skip") for s in sets]
+    for s, p in zip(cfg.data.shards, packed, strict=True):
         if len(p) == 0:
-            raise ConfigError(f"data.shards: {s.path} yields no {cfg.data.seq_len}-token sample for objective "
-                              f"{cfg.train.objective!r}")
+            raise ConfigError(f"data.shards: {s.path} yields no {L}-token sample for objective {t.objective!r}")
     ds = MixtureDataset(packed, [s.weight for s in cfg.data.shards], cfg.run.seed)
-    val_packed = PackedSet(val_set, layout, cfg.data.seq_len, mlm)
+    val_packed = PackedSet(val_set, layout, L, mlm)
 
+    # ---- model and engine
     torch.manual_seed(cfg.run.seed)
     np.random.seed(cfg.run.seed % 2**32)
-    model = build_model(cfg.model, manifest["tokenizer"]["vocab_size"], cfg.data.seq_len, sp)
+    model = build_model(cfg.model, manifest["tokenizer"]["vocab_size"], L, sp)
     n_params = count_params(model)
+    n_frozen = apply_freeze(model, cfg.model.freeze)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    peak = t.peak_flops or matmul_peak(t.precision, dev)
     write_run_files(run_dir, cfg, world, rank, {
-        "n_params": n_params, "grad_accum": ga, "tokenizer_hash": sets[0].tokenizer_hash,
+        "n_params": n_params, "n_frozen": n_frozen, "grad_accum": ga, "tokenizer_hash": sets[0].tokenizer_hash,
         "train_samples": [len(p) for p in packed], "val_samples": len(val_packed), "layout": layout.kind,
+        "peak_flops_per_rank": peak, "peak_flops_source": "config" if t.peak_flops else "matmul probe",
     })
     if rank == 0:
         model.config.save_pretrained(str(run_dir / "model_config"))
-    engine = build_engine(cfg, model, world, run_dir if rank == 0 else None)
+    engine, guard = build_engine(cfg, model, world, run_dir if rank == 0 else None)
 
+    # ---- resume
     ckpt_root = run_dir / "checkpoints"
-    start_step, tokens_seen = 0, 0
-    ckpt = None
+    step, tokens_seen, ckpt = 0, 0, None
     if cfg.run.resume == "auto":
         ckpt = ckptlib.find_latest(ckpt_root)
     elif cfg.run.resume != "never":
@@ -111,88 +136,135 @@ def _train(cfg: Config, info) -> dict:
             log.warning("resuming %s written with another config (hash %s, now %s)", ckpt, st["config_hash"],
                         cfg.hash())
         ckptlib.load(engine, ckpt, rank)
-        start_step, tokens_seen = st["step"], st["tokens_seen"]
-        log.info("resumed from %s at step %d (data position %d)", ckpt, start_step, st["data_position"])
+        step, tokens_seen = st["step"], st["tokens_seen"]
+        log.info("resumed from %s at step %d (data position %d)", ckpt, step, st["data_position"])
+    last_ckpt_step = step if ckpt is not None else -1
 
-    mon = Monitor(run_dir, rank == 0, cfg.train.max_steps, start_step, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    log.info("training %s (%.2fM params) with %s on %d rank(s), ZeRO-%d, %s, %d x %d x %d = %d samples/step",
-             cfg.model.arch, n_params / 1e6, cfg.train.objective, world, cfg.engine.zero_stage, cfg.train.precision,
-             cfg.train.micro_batch_size, world, ga, cfg.train.global_batch_size)
+    mon = Monitor(run_dir, rank == 0, t.max_steps, step, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    log.info("training %s (%.2fM params, %.2fM frozen) with %s on %d rank(s), ZeRO-%d, %s, %d x %d x %d = %d "
+             "samples/step; peak %.1f GFLOP/s per rank", cfg.model.arch, n_params / 1e6, n_frozen / 1e6,
+             t.objective, world, cfg.engine.zero_stage, t.precision, t.micro_batch_size, world, ga, G, peak / 1e9)
 
-    G, L = cfg.train.global_batch_size, cfg.data.seq_len
-    step = start_step
-    last_ckpt_step = start_step if ckpt is not None else -1
-    val = {}
-    loader = train_loader(ds, start_step, cfg.train.max_steps, cfg.train.micro_batch_size, G, rank, world,
-                          cfg.data.num_workers)
-    it = iter(loader)
-    window = {"loss": 0.0, "n": 0, "t": time.time(), "steps": 0, "score_mean": 0.0, "aligned_fraction": 0.0}
-    corrupt = 0
+    def evaluate(at: int) -> dict:
+        v = validation_loss(engine.module, val_packed, cfg.eval.val_samples, t.micro_batch_size, rank, world, causal)
+        mon.scalars(at, {"eval/val_loss": v["val_loss"], "eval/perplexity": v["perplexity"]}, kind="eval")
+        log.info("step %d: val loss %.4f, perplexity %.2f", at, v["val_loss"], v["perplexity"])
+        return v
+
+    def save(at: int) -> None:
+        state = {"tokenizer_hash": sets[0].tokenizer_hash, "data_position": at * G, "tokens_seen": tokens_seen,
+                 "world_size": world, "config_hash": cfg.hash(), "zero_stage": cfg.engine.zero_stage,
+                 "model_kind": cfg.model.kind, "objective": t.objective, "global_batch_size": G}
+        t0 = time.time()
+        log.info("checkpoint %s saved in %.1fs", ckptlib.save(engine, ckpt_root, at, state, cfg.checkpoint.keep_last,
+                                                              rank), time.time() - t0)
+
+    if cfg.eval.at_start:
+        evaluate(step)
+
+    # ---- the loop
+    it = iter(train_loader(ds, step, t.max_steps, t.micro_batch_size, G, rank, world, cfg.data.num_workers))
+    w = Window()
+    corrupt, bad_run, bad_total, best, evals_since_best, stopped_early = 0, 0, 0, float("inf"), 0, False
     engine.train()
-    while step < cfg.train.max_steps:
-        for _ in range(ga):
-            batch = next(it)
+    while step < t.max_steps:
+        guard.overflow = False
+        micro_batches = [next(it) for _ in range(ga)]
+        # the step's loss is the mean over ALL its target tokens (every micro batch, every rank), so
+        # accumulation x micro batch x world size can be split any way without changing the gradient
+        n_targets = torch.tensor([sum(target_count(b, causal) for b in micro_batches)], dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(n_targets)
+        scale = ga * world / max(1.0, float(n_targets))  # DeepSpeed divides by ga and averages over ranks
+        for batch in micro_batches:
             logits = engine(input_ids=batch["input_ids"].to(dev)).logits
-            b = {k: v.to(dev) for k, v in batch.items()}
-            loss, _ = compute_loss(cfg.train.objective, logits, b, causal)
-            engine.backward(loss)
+            nll_sum, n = compute_loss(t.objective, logits, {k: v.to(dev) for k, v in batch.items()}, causal)
+            engine.backward(nll_sum * scale)
             engine.step()
-            window["loss"] += float(loss.detach())
-            window["n"] += 1
-            corrupt += int(batch["corrupt"].sum())
+            w.micro += 1
+            w.nll += float(nll_sum.detach())
+            w.targets += n
             ps = batch_pref_stats(batch, cfg.objective.threshold)
-            window["score_mean"] += ps["score_mean"]
-            window["aligned_fraction"] += ps["aligned_fraction"]
+            w.score_mean += ps["score_mean"]
+            w.aligned_fraction += ps["aligned_fraction"]
+            corrupt += int(batch["corrupt"].sum())
         step += 1
+        w.steps += 1
         tokens_seen += G * L
-        window["steps"] += 1
 
-        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-            t = torch.tensor([window["loss"], window["score_mean"], window["aligned_fraction"], corrupt],
-                             dtype=torch.float64)
+        if engine.was_step_applied() and not guard.overflow:
+            bad_run = 0
+        else:  # DeepSpeed (ZeRO-1/2, fp16 scaling) or our guard skipped it: a non-finite gradient
+            bad_run, bad_total = bad_run + 1, bad_total + 1
+            log.warning("step %d skipped: non-finite loss or gradient (%d in a row)", step, bad_run)
+            if bad_run >= t.max_bad_steps:
+                msg = (f"{bad_run} consecutive steps had a non-finite loss or gradient (train.max_bad_steps="
+                       f"{t.max_bad_steps}); stopping at step {step}. The last good checkpoint is "
+                       f"{ckptlib.find_latest(ckpt_root)}; lower train.lr or check the data")
+                if rank == 0:
+                    ckptlib.write_failure(run_dir, "diverged", EXIT_DIVERGED, msg)
+                raise TrainingDiverged(msg)
+
+        if step % t.log_every == 0 or step == t.max_steps:
+            sums = torch.tensor([w.nll, w.targets, w.score_mean, w.aligned_fraction, corrupt], dtype=torch.float64)
             if world > 1:
-                dist.all_reduce(t)
-            t[:3] /= window["n"] * world
-            dt = time.time() - window["t"]
+                dist.all_reduce(sums)
+            loss = float(sums[0] / sums[1].clamp_min(1))
+            sums[2:4] /= w.micro * world
+            dt = time.time() - w.t0
+            tps = w.steps * G * L / dt
             gn = engine.get_global_grad_norm()
             values = {
-                "train/loss": float(t[0]), "train/lr": engine.get_lr()[0],
+                "train/loss": loss, "train/lr": engine.get_lr()[0],
                 "train/grad_norm": float(gn) if gn is not None else float("nan"),
-                "perf/tokens_per_s": window["steps"] * G * L / dt, "perf/step_time_s": dt / window["steps"],
-                "mem/rss_gb": _rss_gb(), "data/samples_seen": step * G, "data/tokens_seen": tokens_seen,
-                "pref/score_mean": float(t[1]), "pref/aligned_fraction": float(t[2]),
-                "train/skipped_steps": float(getattr(engine, "skipped_steps", 0)),
-                "data/corrupt_samples_skipped": float(t[3]),
+                "train/skipped_steps": float(bad_total), "perf/tokens_per_s": tps, "perf/step_time_s": dt / w.steps,
+                "perf/mfu": mfu(n_params, tps, peak, world),
+                "mem/rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+                "data/samples_seen": step * G, "data/tokens_seen": tokens_seen,
+                "data/epoch": step * G / len(packed[0]) if len(packed) == 1 else step * G / sum(map(len, packed)),
+                "data/corrupt_samples_skipped": float(sums[4]),
+                "pref/score_mean": float(sums[2]), "pref/aligned_fraction": float(sums[3]),
             }
+            if dev.type == "cuda":
+                values["mem/cuda_max_allocated_gb"] = torch.cuda.max_memory_allocated(dev) / 1e9
             mon.scalars(step, values)
-            mon.progress(step, f"loss {values['train/loss']:.3f} lr {values['train/lr']:.2e} "
-                               f"{values['perf/tokens_per_s']:.0f} tok/s")
-            window = {"loss": 0.0, "n": 0, "t": time.time(), "steps": 0, "score_mean": 0.0, "aligned_fraction": 0.0}
+            mon.progress(step, f"loss {values['train/loss']:.3f} lr {values['train/lr']:.2e} {tps:.0f} tok/s "
+                               f"mfu {values['perf/mfu']:.1%}")
+            w = Window()
 
-        if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < cfg.train.max_steps:
-            val = validation_loss(engine.module, val_packed, cfg.eval.val_samples, cfg.train.micro_batch_size,
-                                  rank, world, causal)
-            mon.scalars(step, {"eval/val_loss": val["val_loss"], "eval/perplexity": val["perplexity"]}, kind="eval")
-            log.info("step %d: val loss %.4f, perplexity %.2f", step, val["val_loss"], val["perplexity"])
+        if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < t.max_steps:
+            v = evaluate(step)
+            if cfg.eval.early_stop_patience:
+                if v["val_loss"] < best - cfg.eval.early_stop_min_delta:
+                    best, evals_since_best = v["val_loss"], 0
+                else:
+                    evals_since_best += 1
+                if evals_since_best >= cfg.eval.early_stop_patience:
+                    log.info("early stop at step %d: no improvement over %.4f by more than %g in %d evaluations",
+                             step, best, cfg.eval.early_stop_min_delta, evals_since_best)
+                    stopped_early = True
+                    break
 
-        if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < cfg.train.max_steps:
-            _save(engine, cfg, ckpt_root, step, tokens_seen, world, rank, sets[0].tokenizer_hash)
-            last_ckpt_step = step
+        if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < t.max_steps:
+            if bad_run:  # never let a checkpoint of a diverging run replace the last good one
+                log.warning("step %d: checkpoint not written while steps are being skipped", step)
+            else:
+                save(step)
+                last_ckpt_step = step
 
-    val = validation_loss(engine.module, val_packed, cfg.eval.val_samples, cfg.train.micro_batch_size, rank, world,
-                          causal)
-    mon.scalars(step, {"eval/val_loss": val["val_loss"], "eval/perplexity": val["perplexity"]}, kind="eval")
+    val = evaluate(step)
     if last_ckpt_step != step:
-        _save(engine, cfg, ckpt_root, step, tokens_seen, world, rank, sets[0].tokenizer_hash)
+        save(step)
     mon.close()
     _rank_record(engine, run_dir, info, cfg, step)
     log.info("done: step %d, %d tokens, val loss %.4f, checkpoint %s", step, tokens_seen, val["val_loss"],
              ckptlib.find_latest(ckpt_root))
-    return {"step": step, "tokens_seen": tokens_seen, **val}
+    return {"step": step, "tokens_seen": tokens_seen, "stopped_early": stopped_early, "skipped_steps": bad_total,
+            **val}
 
 
 def _rank_record(engine, run_dir: Path, info, cfg: Config, step: int) -> None:
-    """RUN/ranks/rankR.json: who this rank was and a checksum of the parameters it holds, so anyone can
+    """RUN/ranks/rankR.json: who this rank was, what it holds, and a checksum of its parameters, so anyone can
     check that the ranks trained one model together (ZeRO-3 ranks hold different partitions)."""
     import hashlib
     import json
@@ -203,21 +275,9 @@ def _rank_record(engine, run_dir: Path, info, cfg: Config, step: int) -> None:
         h.update(name.encode())
         h.update(p.detach().float().cpu().numpy().tobytes())
     rec = {"rank": info.rank, "world_size": info.world_size, "local_rank": info.local_rank,
-           "host": socket.gethostname(),
-           "backend": info.backend, "device": str(info.device), "step": step, "zero_stage": cfg.engine.zero_stage,
+           "host": socket.gethostname(), "backend": info.backend, "device": str(info.device), "step": step,
+           "zero_stage": cfg.engine.zero_stage, "local_param_elements": local_param_elements(engine),
            "param_checksum": h.hexdigest()[:32] if cfg.engine.zero_stage < 3 else None}
     d = run_dir / "ranks"
     d.mkdir(parents=True, exist_ok=True)
     (d / f"rank{info.rank}.json").write_text(json.dumps(rec, indent=1))
-
-
-def _save(engine, cfg: Config, ckpt_root: Path, step: int, tokens_seen: int, world: int, rank: int,
-          tokenizer_hash: str) -> None:
-    state = {"tokenizer_hash": tokenizer_hash,
-        "data_position": step * cfg.train.global_batch_size, "tokens_seen": tokens_seen, "world_size": world,
-        "config_hash": cfg.hash(), "zero_stage": cfg.engine.zero_stage, "model_kind": cfg.model.kind,
-        "objective": cfg.train.objective, "global_batch_size": cfg.train.global_batch_size,
-    }
-    t0 = time.time()
-    d = ckptlib.save(engine, ckpt_root, step, state, cfg.checkpoint.keep_last, rank)
-    log.info("checkpoint %s saved in %.1fs", d, time.time() - t0)

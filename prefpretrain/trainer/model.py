@@ -67,3 +67,48 @@ def load_model_dir(path: str | Path, kind: str = "causal"):
 
 def count_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def _blocks(model):
+    """The transformer's list of blocks (the ModuleList as long as the config's layer count)."""
+    import torch.nn as nn
+
+    n = model.config.num_hidden_layers
+    for _name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) == n:
+            return m
+    raise ValueError(f"cannot find the {n} transformer blocks of {type(model).__name__}")
+
+
+def apply_freeze(model, spec: str) -> int:
+    """Freeze parameters by strategy; returns how many parameter elements are frozen.
+
+    embeddings: token (and position) embeddings — with tied weights that includes the LM head.
+    bottom:N: embeddings and the first N blocks. all_but_top:N: everything except the top N blocks,
+    the final norm and an untied head.
+    """
+    if spec == "none":
+        return 0
+    kind, _, n = spec.partition(":")
+    emb = {id(p) for p in model.get_input_embeddings().parameters()}
+    for name, p in model.named_parameters():
+        if "position" in name or "wpe" in name:
+            emb.add(id(p))
+    frozen: set[int] = set()
+    if kind in ("embeddings", "bottom"):
+        frozen |= emb
+    if kind == "bottom":
+        for block in list(_blocks(model))[: int(n)]:
+            frozen |= {id(p) for p in block.parameters()}
+    if kind == "all_but_top":
+        blocks = list(_blocks(model))
+        in_blocks = {id(p) for b in blocks for p in b.parameters()}
+        keep = {id(p) for b in blocks[len(blocks) - int(n):] for p in b.parameters()}
+        top = {id(p) for p in model.parameters() if id(p) not in in_blocks and id(p) not in emb}  # final norm, head
+        frozen = {id(p) for p in model.parameters()} - keep - top
+    count = 0
+    for p in model.parameters():
+        if id(p) in frozen:
+            p.requires_grad_(False)
+            count += p.numel()
+    return count

@@ -32,15 +32,22 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor, causal: bool = True) -
     return nll * mask, mask
 
 
-def mle_loss(logits: torch.Tensor, batch: dict, causal: bool = True) -> tuple[torch.Tensor, dict]:
+def target_count(batch: dict, causal: bool = True) -> int:
+    """Tokens that carry a loss in a batch (what a step's loss is averaged over)."""
+    labels = batch["labels"][:, 1:] if causal else batch["labels"]
+    return int((labels != IGNORE).sum())
+
+
+def mle_loss(logits: torch.Tensor, batch: dict, causal: bool = True) -> tuple[torch.Tensor, int]:
+    """Summed NLL of the batch's targets, and their count."""
     nll, mask = token_nll(logits, batch["labels"], causal)
-    n = mask.sum().clamp_min(1)
-    loss = nll.sum() / n
-    return loss, {"tokens": float(mask.sum())}
+    return nll.sum(), int(mask.sum())
 
 
-def compute_loss(objective: str, logits: torch.Tensor, batch: dict, causal: bool = True):
-    # mle, filter and conditional share the loss; they differ in the data (packing layouts)
+def compute_loss(objective: str, logits: torch.Tensor, batch: dict, causal: bool = True) -> tuple[torch.Tensor, int]:
+    """(summed loss, target count). The loop divides by the step's target count over all micro batches and
+    ranks, so accumulation and world size do not change the gradient. mle, filter and conditional share
+    the loss; they differ in the data (packing layouts)."""
     if objective in OBJECTIVES:
         return mle_loss(logits, batch, causal)
     raise ValueError(f"unknown objective {objective!r}")

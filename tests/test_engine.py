@@ -1,0 +1,155 @@
+"""The engine: ZeRO 0-3, precisions, accumulation, transfer + freezing, schedules, early stopping, divergence."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from prefpretrain.config import load_config
+from prefpretrain.trainer.engine import lr_lambda
+from tests.conftest import ROOT, cli_env, read_metrics, run_cli, tiny_overrides
+
+
+def _launch(shards, run_dir, nproc=2, expect=0, **kw):
+    r = run_cli("launch", "configs/tiny.yaml", "--nproc-per-node", str(nproc), *tiny_overrides(shards, run_dir, **kw))
+    assert r.returncode == expect, r.stdout[-3000:] + r.stderr[-6000:]
+    return r
+
+
+def _losses(run_dir):
+    return [m["loss"] for m in read_metrics(run_dir)]
+
+
+FAST = {"train.max_steps": 4, "train.log_every": 1, "checkpoint.every_steps": 0, "eval.every_steps": 0,
+        "train.precision": "fp32"}
+
+
+@pytest.mark.dist
+def test_zero_stages_give_the_same_losses_and_zero3_partitions(tiny_shards, tmp_path):
+    losses, ranks = {}, {}
+    for stage in (0, 1, 2, 3):
+        run = tmp_path / f"z{stage}"
+        _launch(tiny_shards, run, **FAST, **{"engine.zero_stage": stage})
+        losses[stage] = _losses(run)
+        ranks[stage] = [json.loads((run / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
+        ds = json.loads((run / "deepspeed_config.json").read_text())
+        assert ds["zero_optimization"]["stage"] == stage
+    for stage in (1, 2, 3):
+        assert losses[stage] == pytest.approx(losses[0], abs=1e-4), stage
+    total = json.loads((tmp_path / "z0" / "run_info.json").read_text())["n_params"]
+    assert [r["local_param_elements"] for r in ranks[0]] == [total, total]
+    for r in ranks[3]:
+        assert 0.45 * total <= r["local_param_elements"] <= 0.55 * total
+    # ZeRO-3's partitions consolidate into the same kind of export
+    assert run_cli("export", str(tmp_path / "z3"), str(tmp_path / "z3x")).returncode == 0
+
+
+@pytest.mark.dist
+def test_bf16_trains_and_fp16_is_refused_on_cpu(tiny_shards, tmp_path):
+    kw = {"train.max_steps": 12, "train.log_every": 1, "checkpoint.every_steps": 0, "train.lr": "1.0e-2"}
+    _launch(tiny_shards, tmp_path / "bf16", **kw, **{"train.precision": "bf16", "engine.zero_stage": 1})
+    ls = _losses(tmp_path / "bf16")
+    assert sum(ls[-3:]) < sum(ls[:3]) - 0.5
+    # DeepSpeed's CPU accelerator has no fp16: say so before any process starts (GPU check: bench/gpu_checks.py)
+    r = run_cli("launch", "configs/tiny.yaml", *tiny_overrides(tiny_shards, tmp_path / "fp16"), "train.precision=fp16")
+    assert r.returncode == 2 and "train.precision: fp16 is not supported by DeepSpeed on CPU" in r.stderr
+
+
+@pytest.mark.dist
+def test_accumulation_equals_a_larger_micro_batch(tiny_shards, tmp_path):
+    kw = dict(FAST, **{"train.global_batch_size": 8})
+    _launch(tiny_shards, tmp_path / "acc", nproc=1, **kw, **{"train.micro_batch_size": 2})  # 2 x 4 accumulation
+    _launch(tiny_shards, tmp_path / "big", nproc=1, **kw, **{"train.micro_batch_size": 8})
+    assert _losses(tmp_path / "acc") == pytest.approx(_losses(tmp_path / "big"), abs=1e-4)
+
+
+@pytest.mark.dist
+def test_transfer_reproduces_val_loss_and_frozen_parameters_stay(tiny_shards, tmp_path):
+    src = tmp_path / "src"
+    _launch(tiny_shards, src, **dict(FAST, **{"train.max_steps": 6}))
+    assert run_cli("export", str(src), str(tmp_path / "srcx")).returncode == 0
+    src_val = [m for m in read_metrics(src, "eval")][-1]["eval/val_loss"]
+
+    dst = tmp_path / "dst"
+    _launch(tiny_shards, dst, **dict(FAST, **{"model.from_pretrained": str(tmp_path / "srcx"), "eval.at_start": "true",
+                                              "model.freeze": "bottom:1", "train.lr": "1.0e-2"}))
+    first = read_metrics(dst, "eval")[0]
+    assert first["step"] == 0 and first["eval/val_loss"] == pytest.approx(src_val, abs=1e-4)
+    assert run_cli("export", str(dst), str(tmp_path / "dstx")).returncode == 0
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "srcx" / "model.safetensors"))
+    b = load_file(str(tmp_path / "dstx" / "model.safetensors"))
+    frozen = [k for k in a if k.startswith(("transformer.wte", "transformer.wpe", "transformer.h.0."))]
+    moved = [k for k in a if k.startswith("transformer.h.1.")]
+    assert frozen and moved
+    assert all(torch.equal(a[k], b[k]) for k in frozen)
+    assert all(not torch.equal(a[k], b[k]) for k in moved if a[k].ndim == 2)
+    info = json.loads((dst / "run_info.json").read_text())
+    assert info["n_frozen"] > 0
+
+
+@pytest.mark.dist
+def test_early_stopping_stops_when_validation_stops_improving(tiny_shards, tmp_path):
+    run = tmp_path / "es"
+    r = _launch(tiny_shards, run, nproc=1, **{"train.max_steps": 20, "eval.every_steps": 2, "train.log_every": 1,
+                                              "eval.early_stop_patience": 1, "eval.early_stop_min_delta": 10.0})
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["stopped_early"] and res["step"] == 4  # 1st eval sets the best, the 2nd does not beat it by 10
+    assert "early stop at step 4" in r.stderr
+
+
+@pytest.mark.dist
+def test_divergence_stops_with_exit_3_and_the_last_good_checkpoint(tiny_shards, tmp_path):
+    run = tmp_path / "nan"
+    r = _launch(tiny_shards, run, expect=3, **{"train.lr": "1.0e8", "train.min_lr": 0, "train.warmup_steps": 1,
+                                               "train.max_steps": 20, "train.log_every": 1, "train.max_bad_steps": 3,
+                                               "checkpoint.every_steps": 1, "train.precision": "fp32"})
+    assert "3 consecutive steps had a non-finite loss or gradient" in r.stderr
+    latest = (run / "checkpoints" / "latest").read_text()
+    assert latest == "step_00000001"  # no checkpoint was written while steps were skipped
+    assert json.loads((run / "failure.json").read_text())["reason"] == "diverged"
+    assert read_metrics(run)[-1]["skipped_steps"] >= 2
+
+
+@pytest.mark.dist
+def test_ranks_with_different_configs_refuse_to_train(tiny_shards, tmp_path):
+    from prefpretrain.launcher.dist import free_port
+
+    port = str(free_port())
+    procs = []
+    for rank, lr in ((0, "1.0e-3"), (1, "2.0e-3")):
+        env = dict(cli_env(), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=port, OMP_NUM_THREADS="1")
+        args = tiny_overrides(tiny_shards, tmp_path / "r", **{"train.lr": lr})
+        procs.append(subprocess.Popen([sys.executable, "-m", "prefpretrain", "train", "configs/tiny.yaml", *args],
+                                      env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode != 0 for p in procs)
+    assert any("ranks disagree on config_hash" in err for _, err in outs)
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+@pytest.mark.dist
+def test_llama_and_gradient_checkpointing(tiny_shards, tmp_path):
+    kw = dict(FAST, **{"model.arch": "llama"})
+    _launch(tiny_shards, tmp_path / "a", nproc=1, **kw)
+    _launch(tiny_shards, tmp_path / "b", nproc=1, **kw, **{"model.gradient_checkpointing": "true"})
+    assert _losses(tmp_path / "a") == pytest.approx(_losses(tmp_path / "b"), abs=1e-5)
+    cfg = json.loads((tmp_path / "a" / "model_config" / "config.json").read_text())
+    assert cfg["model_type"] == "llama"
+    m = read_metrics(tmp_path / "a")[-1]
+    assert 0 < m["mfu"] < 1 and m["tokens_per_s"] > 0
+
+
+def test_schedules():
+    base = ["train.max_steps=100", "train.warmup_steps=10", "train.lr=1.0", "train.min_lr=0.1"]
+    cos = lr_lambda(load_config(ROOT / "configs" / "demo.yaml", base))
+    assert cos(0) == pytest.approx(0.1) and cos(9) == pytest.approx(1.0) and cos(10) == pytest.approx(1.0)
+    assert cos(55) == pytest.approx(0.55) and cos(100) == pytest.approx(0.1)
+    cc = lr_lambda(load_config(ROOT / "configs" / "demo.yaml",
+                               base + ["train.schedule=constant_cooldown", "train.cooldown_steps=20"]))
+    assert cc(50) == 1.0 and cc(80) == 1.0 and cc(90) == pytest.approx(0.55) and cc(100) == pytest.approx(0.1)
