@@ -60,6 +60,8 @@ class GuardedAdamW(torch.optim.AdamW):
 def ds_config(cfg: Config, world: int) -> dict:
     t, e = cfg.train, cfg.engine
     zero: dict = {"stage": e.zero_stage}
+    if e.zero_stage in (1, 2):
+        zero["overlap_comm"] = True  # reduce gradient buckets while the backward pass goes on
     if e.offload in ("optimizer", "all"):
         zero["offload_optimizer"] = {"device": "cpu"}
     if e.offload == "all":
