@@ -98,6 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--condition", choices=["aligned", "misaligned", "none"], default="none",
                    help="conditional models: control token to prefix and re-insert after each newline")
     p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("tensorboard", help="serve the runs' TensorBoard events (127.0.0.1 by default)")
+    p.add_argument("run_dirs", nargs="+")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=int, default=6006)
+
+    p = sub.add_parser("report", help="PNG plots and a markdown table comparing runs")
+    p.add_argument("run_dirs", nargs="+")
+    p.add_argument("--out", required=True, help="output directory (report.md + PNGs)")
     return ap
 
 
@@ -270,8 +279,22 @@ def cmd_generate(a) -> int:
     return 0
 
 
+def cmd_tensorboard(a) -> int:
+    from prefpretrain.launcher.tensorboard import serve
+
+    return serve(a.run_dirs, a.host, a.port)
+
+
+def cmd_report(a) -> int:
+    from prefpretrain.report import build_report
+
+    print(build_report(a.run_dirs, a.out))
+    return 0
+
+
 COMMANDS = {"shard": cmd_shard, "train": cmd_train, "launch": cmd_launch, "run": cmd_run,
-            "evaluate": cmd_evaluate, "export": cmd_export, "generate": cmd_generate}
+            "evaluate": cmd_evaluate, "export": cmd_export, "generate": cmd_generate,
+            "tensorboard": cmd_tensorboard, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -261,6 +261,7 @@ def _run_chunks(opt, out, files, sizes, chunks, todo, tok, scorer_name, segmente
     bar = tqdm(total=sum(sizes[i] for c in todo for i in chunks[c]), unit="B", unit_scale=True, desc="shard",
                disable=not opt.progress, mininterval=1.0, smoothing=0.1)
     initargs = (tok.to_str(), scorer_name, opt.scorer_params, segmenter, opt.text_field, opt.score_field)
+    t_start, done_bytes, total = time.time(), 0, sum(sizes[i] for c in todo for i in chunks[c])
     pool = None
     if opt.workers > 1:
         pool = mp.get_context("spawn").Pool(opt.workers, initializer=encode.init_worker, initargs=initargs)
@@ -285,6 +286,11 @@ def _run_chunks(opt, out, files, sizes, chunks, todo, tok, scorer_name, segmente
                    "splits": {s: w.record() for s, w in writers.items()}, "skipped": dict(skipped),
                    "problems": problems}
             _atomic_json(out / "_progress" / f"chunk-{c:06d}.json", rec)  # the chunk is finished now
+            done_bytes += rec["input_bytes"]
+            if not opt.progress:  # plain log lines where there is no progress bar (cluster logs)
+                rate = done_bytes / max(1e-9, time.time() - t_start)
+                log.info("shard: chunk %d of %d done, %.1f of %.1f MB, %.2f MB/s, ETA %.0fs", todo.index(c) + 1,
+                         len(todo), done_bytes / 1e6, total / 1e6, rate / 1e6, (total - done_bytes) / max(rate, 1))
     finally:
         bar.close()
         if pool is not None:

@@ -130,10 +130,15 @@ def evaluate_run(run_dir: str | Path, samples: int | None = None, condition: str
 
 
 def _to_tensorboard(run: Path, step: int, res: dict) -> None:
+    """eval/* scalars in TensorBoard, mirrored as one `kind: evaluate` line in metrics.jsonl."""
     from torch.utils.tensorboard import SummaryWriter
 
     w = SummaryWriter(str(run / "tensorboard"))
+    rec = {"step": step, "kind": "evaluate", "time": round(time.time(), 3), "tokens_seen": res.get("tokens_seen")}
     for k in ("val_loss", "perplexity", "misalignment", "misalignment_zero_fraction", "val_loss_plain"):
         if k in res:
             w.add_scalar(f"eval/{k}", res[k], step)
+            rec[f"eval/{k}"] = res[k]
     w.close()
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(rec) + "\n")

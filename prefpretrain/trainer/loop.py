@@ -255,6 +255,10 @@ def _train(cfg: Config, info) -> dict:
     val = evaluate(step)
     if last_ckpt_step != step:
         save(step)
+    mon.hparams({"objective": t.objective, "arch": cfg.model.arch, "params_m": round(n_params / 1e6, 2),
+                 "lr": t.lr, "global_batch": G, "seq_len": L, "precision": t.precision,
+                 "zero_stage": cfg.engine.zero_stage, "world_size": world, "seed": cfg.run.seed},
+                {"eval/val_loss": val["val_loss"], "eval/perplexity": val["perplexity"]})
     mon.close()
     _rank_record(engine, run_dir, info, cfg, step)
     log.info("done: step %d, %d tokens, val loss %.4f, checkpoint %s", step, tokens_seen, val["val_loss"],

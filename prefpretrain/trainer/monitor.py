@@ -49,6 +49,17 @@ class Monitor:
         else:
             log.info("step %d | %s", step, text)
 
+    def hparams(self, hparams: dict, metrics: dict) -> None:
+        """The run's main settings and final metrics in TensorBoard's HPARAMS tab (same event file)."""
+        if not self.enabled:
+            return
+        from torch.utils.tensorboard.summary import hparams as hp_summary
+
+        clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
+        for s in hp_summary(clean, metrics):
+            self.writer.file_writer.add_summary(s)
+        self.writer.flush()
+
     def close(self) -> None:
         if not self.enabled:
             return

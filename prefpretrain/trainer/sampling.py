@@ -38,7 +38,12 @@ def sample(model, n: int, max_new_tokens: int, *, bos_id: int, eos_id: int, bann
     nl[list(newline_ids)] = True
     ban = torch.tensor(sorted(set(banned)), dtype=torch.long)
     out: list[list[int]] = []
-    for start in range(0, n, batch_size):
+    import sys
+
+    from tqdm import tqdm
+
+    starts = range(0, n, batch_size)
+    for start in tqdm(starts, desc="sample", unit="batch", disable=not sys.stderr.isatty() or len(starts) < 2):
         b = min(batch_size, n - start)
         prompt = [bos_id] + ([control_id] if control_id is not None else [])
         for t in prompt_ids:

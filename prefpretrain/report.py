@@ -1,0 +1,151 @@
+"""`prefpretrain report RUN_DIR... --out DIR`: PNG plots and a markdown table comparing runs.
+
+Reads what runs already write (metrics.jsonl, eval.json, run_info.json, config.yaml, forgetting.json if
+any); draws loss curves, misalignment vs tokens, objective comparison bars and forgetting.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+
+def load_run(run: Path) -> dict:
+    if not (run / "metrics.jsonl").is_file():
+        raise FileNotFoundError(f"{run}: no metrics.jsonl (not a run directory?)")
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    cfg = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
+    info = json.loads((run / "run_info.json").read_text()) if (run / "run_info.json").is_file() else {}
+    ev = json.loads((run / "eval.json").read_text()) if (run / "eval.json").is_file() else {}
+    fg = json.loads((run / "forgetting.json").read_text()) if (run / "forgetting.json").is_file() else None
+    tokens_per_step = cfg.get("train", {}).get("global_batch_size", 0) * cfg.get("data", {}).get("seq_len", 0)
+    train = [r for r in recs if r["kind"] == "train"]
+    return {
+        "name": run.name, "path": str(run), "objective": cfg.get("train", {}).get("objective", "?"),
+        "train": train, "val": [r for r in recs if r["kind"] == "eval"],
+        "evaluations": [r for r in recs if r["kind"] == "evaluate"], "eval": ev, "forgetting": fg,
+        "tokens_per_step": tokens_per_step, "params": info.get("n_params"),
+        "seconds": (train[-1]["time"] - train[0]["time"]) if len(train) > 1 else None,
+    }
+
+
+def _fig():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_losses(runs: list[dict], out: Path) -> Path:
+    plt = _fig()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for r in runs:
+        tps = r["tokens_per_step"] or 1
+        line, = ax.plot([m["step"] * tps for m in r["train"]], [m["loss"] for m in r["train"]],
+                        label=f"{r['name']} train", alpha=0.8)
+        if r["val"]:
+            ax.plot([m["step"] * tps for m in r["val"]], [m["eval/val_loss"] for m in r["val"]], "o--",
+                    color=line.get_color(), label=f"{r['name']} val")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title("Loss curves")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    p = out / "loss_curves.png"
+    fig.tight_layout()
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return p
+
+
+def plot_misalignment(runs: list[dict], out: Path) -> Path | None:
+    pts = [(r["name"], e["tokens_seen"], e["eval/misalignment"]) for r in runs for e in r["evaluations"]
+           if e.get("eval/misalignment") is not None and e.get("tokens_seen") is not None]
+    if not pts:
+        return None
+    plt = _fig()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name in dict.fromkeys(n for n, _, _ in pts):
+        xs = sorted((t, m) for n, t, m in pts if n == name)
+        ax.plot([t for t, _ in xs], [m for _, m in xs], "o-", label=name)
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("misalignment (score per char, lower is better)")
+    ax.set_title("Misalignment of samples vs tokens")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    p = out / "misalignment.png"
+    fig.tight_layout()
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return p
+
+
+def plot_objectives(runs: list[dict], out: Path) -> Path | None:
+    have = [r for r in runs if r["eval"]]
+    if not have:
+        return None
+    plt = _fig()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+    names = [f"{r['name']}\n({r['objective']})" for r in have]
+    axes[0].bar(names, [r["eval"].get("misalignment", 0) or 0 for r in have], color="tab:red")
+    axes[0].set_title("misalignment (lower is better)")
+    axes[1].bar(names, [r["eval"].get("val_loss", 0) for r in have], color="tab:blue")
+    axes[1].set_title("validation loss")
+    for ax in axes:
+        ax.tick_params(axis="x", labelsize=7)
+        ax.grid(alpha=0.3, axis="y")
+    p = out / "objectives.png"
+    fig.tight_layout()
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return p
+
+
+def plot_forgetting(runs: list[dict], out: Path) -> Path | None:
+    have = [r for r in runs if r["forgetting"]]
+    if not have:
+        return None
+    plt = _fig()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in have:
+        sets = r["forgetting"].get("old", {})
+        ax.bar([f"{r['name']}:{k}" for k in sets], [v["after"] - v["before"] for v in sets.values()])
+    ax.set_ylabel("loss increase on old validation sets")
+    ax.set_title("Forgetting")
+    ax.tick_params(axis="x", labelsize=7)
+    p = out / "forgetting.png"
+    fig.tight_layout()
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return p
+
+
+def _fmt(v, spec: str) -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def build_report(run_dirs: list[str], out_dir: str) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [load_run(Path(r)) for r in run_dirs]
+    plots = [p for p in (plot_losses(runs, out), plot_misalignment(runs, out), plot_objectives(runs, out),
+                         plot_forgetting(runs, out)) if p is not None]
+    lines = ["# prefpretrain report", "",
+             "| run | objective | params | steps | tokens | val loss | perplexity | misalignment | clean samples "
+             "| train time (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        ev, last = r["eval"], (r["train"][-1] if r["train"] else {})
+        steps = last.get("step")
+        params = r["params"] / 1e6 if r["params"] else None
+        lines.append(
+            f"| {r['name']} | {r['objective']} | {_fmt(params, '.2f')} M | {_fmt(steps, 'd')} "
+            f"| {_fmt(steps and steps * r['tokens_per_step'], ',d')} | {_fmt(ev.get('val_loss'), '.4f')} "
+            f"| {_fmt(ev.get('perplexity'), '.2f')} | {_fmt(ev.get('misalignment'), '.5f')} "
+            f"| {_fmt(ev.get('misalignment_zero_fraction'), '.0%')} | {_fmt(r['seconds'], '.0f')} |")
+    lines += [""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
+    md = out / "report.md"
+    md.write_text("\n".join(lines))
+    return md
