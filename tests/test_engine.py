@@ -153,3 +153,15 @@ def test_schedules():
     cc = lr_lambda(load_config(ROOT / "configs" / "demo.yaml",
                                base + ["train.schedule=constant_cooldown", "train.cooldown_steps=20"]))
     assert cc(50) == 1.0 and cc(80) == 1.0 and cc(90) == pytest.approx(0.55) and cc(100) == pytest.approx(0.1)
+
+
+@pytest.mark.dist
+def test_offload_gives_the_same_losses(tiny_shards, tmp_path):
+    _launch(tiny_shards, tmp_path / "ref", **FAST, **{"engine.zero_stage": 2})
+    _launch(tiny_shards, tmp_path / "opt", **FAST, **{"engine.zero_stage": 2, "engine.offload": "optimizer"})
+    _launch(tiny_shards, tmp_path / "all", **FAST, **{"engine.zero_stage": 3, "engine.offload": "all"})
+    ref = _losses(tmp_path / "ref")
+    assert _losses(tmp_path / "opt") == pytest.approx(ref, abs=1e-4)
+    assert _losses(tmp_path / "all") == pytest.approx(ref, abs=1e-4)
+    zero = json.loads((tmp_path / "all" / "deepspeed_config.json").read_text())["zero_optimization"]
+    assert zero["offload_param"] == {"device": "cpu"} and zero["offload_optimizer"] == {"device": "cpu"}
