@@ -149,7 +149,7 @@ def cmd_shard(a) -> int:
 
 def cmd_train(a) -> int:
     cfg = validated(a.config, a.overrides, world_from_env())
-    from prefpretrain.trainer.loop import EXIT_DIVERGED, TrainingDiverged, train
+    from prefpretrain.trainer.loop import EXIT_DIVERGED, EXIT_PREEMPTED, Preempted, TrainingDiverged, train
 
     try:
         res = train(cfg)
@@ -157,6 +157,10 @@ def cmd_train(a) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"prefpretrain train: diverged: {e}", file=sys.stderr)
         return EXIT_DIVERGED
+    except Preempted as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"prefpretrain train: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(res))
     return 0

@@ -41,6 +41,7 @@ class DataConfig:
     seq_len: int = 256  # tokens per training sample (packed across documents)
     num_workers: int = 0  # DataLoader worker processes per rank (order does not depend on it)
     verify_checksums: bool = True  # check each shard's sha256 against the manifest when first opened
+    log_sample_ids: bool = False  # debug: RUN/sample_ids/rankR.jsonl, the global positions each rank used per step
     on_corrupt: Literal["error", "skip"] = "error"  # skip: a sample touching a bad shard carries no loss, counted
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 
@@ -43,10 +44,19 @@ def launch_local(config: str, overrides: list[str], nproc_per_node: int, max_res
     argv = torchrun_argv(config, overrides, nproc_per_node, max_restarts)
     log.info("launch: %s", " ".join(argv))
     t0 = time.time()
-    rc = subprocess.run(argv, env=child_env(nproc_per_node), check=False).returncode
+    proc = subprocess.Popen(argv, env=child_env(nproc_per_node))
+    # pre-emption (SIGTERM, or SLURM's SIGUSR1) goes to torchrun as SIGTERM, which it passes to the ranks
+    # (torchrun itself would die of an unhandled SIGUSR1 and orphan them)
+    old = {s: signal.signal(s, lambda _s, _f: proc.send_signal(signal.SIGTERM))
+           for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        rc = proc.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
     if rc != 0 and run_dir is not None:
         failure = read_failure(Path(run_dir), t0)
         if failure is not None:
-            log.error("run failed: %s", failure["message"])
+            log.error("run stopped (%s): %s", failure["reason"], failure["message"])
             return int(failure["exit_code"])
     return rc

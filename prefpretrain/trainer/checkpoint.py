@@ -64,6 +64,7 @@ def save(engine, ckpt_root: Path, step: int, state: dict, keep_last: int, rank: 
         done = sorted(p for p in ckpt_root.glob("step_*") if (p / "state.json").is_file())
         for old in done[: max(0, len(done) - keep_last)]:
             shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(old.with_name(old.name + "_universal"), ignore_errors=True)
     dist.barrier()
     return d
 
@@ -101,13 +102,32 @@ def read_state(ckpt: Path) -> dict:
     return json.loads((ckpt / "state.json").read_text())
 
 
-def load(engine, ckpt: Path, rank: int) -> dict:
-    state = read_state(ckpt)
+def universal(ckpt: Path, rank: int) -> Path:
+    """The DeepSpeed universal form of a ZeRO checkpoint (converted once, by rank 0, next to it)."""
+    import subprocess
+    import sys
+
+    out = ckpt.with_name(ckpt.name + "_universal")
+    if rank == 0 and not (out / "converted").is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        r = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt),
+                            "--output_folder", str(out), "--inject_missing_state"], capture_output=True, text=True,
+                           check=False)
+        if r.returncode != 0:
+            raise RuntimeError(f"converting {ckpt} to a universal checkpoint failed:\n{r.stderr[-3000:]}")
+        (out / "converted").write_text("ok\n")
+    dist.barrier()
+    return out
+
+
+def load(engine, ckpt: Path, rank: int) -> None:
+    """Model, optimizer and scheduler from a checkpoint (or its universal form), and this rank's RNG."""
     engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True, load_lr_scheduler_states=True)
     rng = ckpt / f"rng_rank{rank}.json"
     if rng.is_file():
         set_rng_state(json.loads(rng.read_text()))
-    return state
+    else:
+        log.info("no RNG state for rank %d in %s (another world size); RNG starts from the seed", rank, ckpt)
 
 
 def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:

@@ -57,7 +57,7 @@ class GuardedAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def ds_config(cfg: Config, world: int) -> dict:
+def ds_config(cfg: Config, world: int, load_universal: bool = False) -> dict:
     t, e = cfg.train, cfg.engine
     zero: dict = {"stage": e.zero_stage}
     if e.zero_stage in (1, 2):
@@ -78,6 +78,7 @@ def ds_config(cfg: Config, world: int) -> dict:
         "zero_force_ds_cpu_optimizer": False,  # keep torch AdamW with offload (no 45 s CPUAdam build)
         "steps_per_print": 2**31,
         "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": load_universal},
     }
 
 
@@ -114,11 +115,11 @@ def param_groups(model, weight_decay: float) -> list[dict]:
                         {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
 
 
-def build_engine(cfg: Config, model, world: int, run_dir: Path | None = None):
+def build_engine(cfg: Config, model, world: int, run_dir: Path | None = None, load_universal: bool = False):
     deepspeed_env()
     import deepspeed
 
-    conf = ds_config(cfg, world)
+    conf = ds_config(cfg, world, load_universal)
     if run_dir is not None:
         (run_dir / "deepspeed_config.json").write_text(json.dumps(conf, indent=1))
     t = cfg.train

@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import json
 import logging
 import resource
 import time
@@ -34,10 +35,22 @@ log = logging.getLogger(__name__)
 
 
 EXIT_DIVERGED = 3  # exit code of `train` when it stops for non-finite steps; the last good checkpoint is intact
+EXIT_PREEMPTED = 4  # exit code after SIGTERM / SIGUSR1: a checkpoint of the current step was written
 
 
 class TrainingDiverged(RuntimeError):
     """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+class Preempted(RuntimeError):
+    """SIGTERM or SIGUSR1 arrived; the run saved a checkpoint and stopped."""
+
+
+_STOP = {"signal": None}
+
+
+def _on_signal(signum, _frame) -> None:
+    _STOP["signal"] = signum  # acted on at the next step boundary, by every rank at once
 
 
 def open_data(cfg: Config):
@@ -73,6 +86,10 @@ class Window:
 
 
 def train(cfg: Config) -> dict:
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, _on_signal)
     info = distlib.setup(cfg.engine.backend, cfg.engine.device)
     setup_logging(info.rank)
     try:
@@ -118,24 +135,37 @@ def _train(cfg: Config, info) -> dict:
     })
     if rank == 0:
         model.config.save_pretrained(str(run_dir / "model_config"))
-    engine, guard = build_engine(cfg, model, world, run_dir if rank == 0 else None)
 
-    # ---- resume
+    # ---- resume (at any world size: the data position is world-size independent, and ZeRO states
+    # written by another number of ranks are converted to a DeepSpeed universal checkpoint)
     ckpt_root = run_dir / "checkpoints"
-    step, tokens_seen, ckpt = 0, 0, None
+    step, tokens_seen, ckpt, load_from = 0, 0, None, None
     if cfg.run.resume == "auto":
         ckpt = ckptlib.find_latest(ckpt_root)
     elif cfg.run.resume != "never":
         ckpt = Path(cfg.run.resume)
+        if not (ckpt / "state.json").is_file():
+            raise ConfigError(f"run.resume: {ckpt} is not a complete checkpoint (no state.json)")
     if ckpt is not None:
         st = ckptlib.read_state(ckpt)
-        if st["world_size"] != world:
-            raise ConfigError(f"run.resume: checkpoint {ckpt} was written by {st['world_size']} ranks, this run has "
-                              f"{world}; resuming at another world size is not supported yet")
+        if st.get("tokenizer_hash") not in (None, sets[0].tokenizer_hash):
+            raise ConfigError(f"run.resume: {ckpt} was trained with tokenizer {st['tokenizer_hash']}, the shards "
+                              f"use {sets[0].tokenizer_hash}")
+        if st["global_batch_size"] != G:
+            raise ConfigError(f"train.global_batch_size: {G}, but {ckpt} was trained with {st['global_batch_size']} "
+                              f"(it defines the data order; keep it when resuming)")
         if st["config_hash"] != cfg.hash():
             log.warning("resuming %s written with another config (hash %s, now %s)", ckpt, st["config_hash"],
                         cfg.hash())
-        ckptlib.load(engine, ckpt, rank)
+        load_from = ckpt
+        if st["world_size"] != world and st.get("zero_stage", 0) >= 1:
+            load_from = ckptlib.universal(ckpt, rank)
+            log.info("checkpoint %s was written by %d ranks; loading its universal form %s on %d", ckpt,
+                     st["world_size"], load_from, world)
+    engine, guard = build_engine(cfg, model, world, run_dir if rank == 0 else None,
+                                 load_universal=load_from is not None and load_from != ckpt)
+    if ckpt is not None:
+        ckptlib.load(engine, load_from, rank)
         step, tokens_seen = st["step"], st["tokens_seen"]
         log.info("resumed from %s at step %d (data position %d)", ckpt, step, st["data_position"])
     last_ckpt_step = step if ckpt is not None else -1
@@ -164,6 +194,10 @@ def _train(cfg: Config, info) -> dict:
 
     # ---- the loop
     it = iter(train_loader(ds, step, t.max_steps, t.micro_batch_size, G, rank, world, cfg.data.num_workers))
+    ids_log = None
+    if cfg.data.log_sample_ids:
+        (run_dir / "sample_ids").mkdir(parents=True, exist_ok=True)
+        ids_log = open(run_dir / "sample_ids" / f"rank{rank}.jsonl", "a")  # noqa: SIM115 - closed at the end
     w = Window()
     corrupt, bad_run, bad_total, best, evals_since_best, stopped_early = 0, 0, 0, float("inf"), 0, False
     engine.train()
@@ -172,10 +206,21 @@ def _train(cfg: Config, info) -> dict:
         micro_batches = [next(it) for _ in range(ga)]
         # the step's loss is the mean over ALL its target tokens (every micro batch, every rank), so
         # accumulation x micro batch x world size can be split any way without changing the gradient
-        n_targets = torch.tensor([sum(target_count(b, causal) for b in micro_batches)], dtype=torch.float64)
+        # one all-reduce carries the step's target count and whether any rank was asked to stop
+        shared = torch.tensor([sum(target_count(b, causal) for b in micro_batches),
+                               float(_STOP["signal"] is not None)], dtype=torch.float64)
         if world > 1:
-            dist.all_reduce(n_targets)
-        scale = ga * world / max(1.0, float(n_targets))  # DeepSpeed divides by ga and averages over ranks
+            dist.all_reduce(shared)
+        if shared[1] > 0:
+            if last_ckpt_step != step:
+                save(step)
+            msg = f"stopped by a signal at step {step}; checkpoint {ckptlib.find_latest(ckpt_root)} holds it"
+            if rank == 0:
+                ckptlib.write_failure(run_dir, "preempted", EXIT_PREEMPTED, msg)
+            log.warning(msg)
+            mon.close()
+            raise Preempted(msg)
+        scale = ga * world / max(1.0, float(shared[0]))  # DeepSpeed divides by ga and averages over ranks
         for batch in micro_batches:
             logits = engine(input_ids=batch["input_ids"].to(dev)).logits
             nll_sum, n = compute_loss(t.objective, logits, {k: v.to(dev) for k, v in batch.items()}, causal)
@@ -191,6 +236,10 @@ def _train(cfg: Config, info) -> dict:
         step += 1
         w.steps += 1
         tokens_seen += G * L
+        if ids_log is not None:
+            ids_log.write(json.dumps({"step": step, "rank": rank,
+                                      "ids": [int(j) for b in micro_batches for j in b["position"]]}) + "\n")
+            ids_log.flush()
 
         if engine.was_step_applied() and not guard.overflow:
             bad_run = 0
@@ -260,6 +309,8 @@ def _train(cfg: Config, info) -> dict:
                  "zero_stage": cfg.engine.zero_stage, "world_size": world, "seed": cfg.run.seed},
                 {"eval/val_loss": val["val_loss"], "eval/perplexity": val["perplexity"]})
     mon.close()
+    if ids_log is not None:
+        ids_log.close()
     _rank_record(engine, run_dir, info, cfg, step)
     log.info("done: step %d, %d tokens, val loss %.4f, checkpoint %s", step, tokens_seen, val["val_loss"],
              ckptlib.find_latest(ckpt_root))
@@ -271,7 +322,6 @@ def _rank_record(engine, run_dir: Path, info, cfg: Config, step: int) -> None:
     """RUN/ranks/rankR.json: who this rank was, what it holds, and a checksum of its parameters, so anyone can
     check that the ranks trained one model together (ZeRO-3 ranks hold different partitions)."""
     import hashlib
-    import json
     import socket
 
     h = hashlib.sha256()

@@ -1,0 +1,144 @@
+"""Checkpoints: resume at another world size, pre-emption, a killed worker under torchrun elastic, crashes."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from prefpretrain.trainer.checkpoint import find_latest
+from tests.conftest import ROOT, cli_env, read_metrics, run_cli, tiny_overrides
+
+pytestmark = pytest.mark.dist
+
+KW = {"train.log_every": 1, "train.precision": "fp32", "eval.every_steps": 0, "checkpoint.keep_last": 10}
+
+
+def _launch(shards, run, nproc, **kw):
+    r = run_cli("launch", "configs/tiny.yaml", "--nproc-per-node", str(nproc), *tiny_overrides(shards, run, **kw))
+    assert r.returncode == 0, r.stderr[-5000:]
+    return r
+
+
+def _truncate(src: Path, dst: Path, step: int) -> None:
+    """The run directory as a crash right after step `step`'s checkpoint would have left it."""
+    shutil.copytree(src, dst)
+    for d in (dst / "checkpoints").glob("step_*"):
+        if int(d.name.split("_")[1]) > step:
+            shutil.rmtree(d)
+    (dst / "checkpoints" / "latest").write_text(f"step_{step:08d}")
+    (dst / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in read_metrics(src) if m["step"] <= step))
+
+
+def test_resume_at_another_world_size_continues_exactly(tiny_shards, tmp_path):
+    kw = dict(KW, **{"train.max_steps": 9, "checkpoint.every_steps": 3})
+    ref = tmp_path / "ref"
+    _launch(tiny_shards, ref, 2, **kw)
+    a = tmp_path / "a"  # 2 ranks -> stop after 3 -> 1 rank
+    _truncate(ref, a, 3)
+    r = _launch(tiny_shards, a, 1, **kw)
+    assert "loading its universal form" in r.stderr and "at step 3 (data position 12)" in r.stderr
+    b = tmp_path / "b"  # ... -> stop after 6 -> 2 ranks again
+    _truncate(a, b, 6)
+    r = _launch(tiny_shards, b, 2, **kw)
+    assert "at step 6 (data position 24)" in r.stderr
+    want = [m["loss"] for m in read_metrics(ref)]
+    assert [m["loss"] for m in read_metrics(a)] == pytest.approx(want, abs=1e-5)
+    assert [m["loss"] for m in read_metrics(b)] == pytest.approx(want, abs=1e-5)
+    assert json.loads((b / "checkpoints" / "step_00000009" / "state.json").read_text())["world_size"] == 2
+
+
+def _wait_for(pred, timeout=120.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_4(tiny_shards, tmp_path):
+    run = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "prefpretrain", "launch", "configs/tiny.yaml", "--nproc-per-node", "2",
+                          *tiny_overrides(tiny_shards, run, **dict(KW, **{"train.max_steps": 5000,
+                                                                          "checkpoint.every_steps": 0}))],
+                         cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert _wait_for(lambda: (run / "metrics.jsonl").is_file() and len(read_metrics(run)) >= 3)
+    t0 = time.time()
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 4, err[-3000:]
+    assert time.time() - t0 < 30  # within torchrun's grace period
+    ckpt = find_latest(run / "checkpoints")
+    step = json.loads((ckpt / "state.json").read_text())["step"]
+    assert step >= 3 and json.loads((run / "failure.json").read_text())["reason"] == "preempted"
+    assert read_metrics(run)[-1]["step"] <= step
+
+
+def _worker_pids(run: Path) -> dict[int, int]:
+    """rank -> pid of the `prefpretrain train` processes of this run."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().split(b"\0")
+            env = (d / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"train" in cmd and f"run.output_dir={run}".encode() in cmd:
+            rank = [e for e in env if e.startswith(b"RANK=")]
+            if rank:
+                out[int(rank[0][5:])] = int(d.name)
+    return out
+
+
+def _last_ids(run: Path) -> Counter:
+    last = {}
+    for f in sorted((run / "sample_ids").glob("rank*.jsonl")):
+        for line in f.read_text().splitlines():
+            rec = json.loads(line)
+            last[(rec["step"], rec["rank"])] = tuple(rec["ids"])  # after a restart, steps are written again
+    return Counter(last.values())
+
+
+def test_killed_worker_restarts_and_gives_the_same_result(tiny_shards, tmp_path):
+    kw = dict(KW, **{"train.max_steps": 400, "checkpoint.every_steps": 50, "data.log_sample_ids": "true"})
+    ref = tmp_path / "ref"
+    _launch(tiny_shards, ref, 2, **kw)
+
+    run = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "prefpretrain", "launch", "configs/tiny.yaml", "--nproc-per-node", "2",
+                          "--max-restarts", "1", *tiny_overrides(tiny_shards, run, **kw)],
+                         cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert _wait_for(lambda: (run / "checkpoints" / "latest").is_file())
+    pids = _worker_pids(run)
+    assert set(pids) == {0, 1}
+    killed_at = len(read_metrics(run))
+    os.kill(pids[1], signal.SIGKILL)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-4000:]
+    assert killed_at < 400 and "resumed from" in err
+    assert len(json.loads((run / "run_info.json").read_text())["history"]) == 1  # started twice
+    assert read_metrics(run)[-1]["loss"] == pytest.approx(read_metrics(ref)[-1]["loss"], abs=1e-5)
+    assert _last_ids(run) == _last_ids(ref)
+
+
+def test_an_incomplete_checkpoint_is_never_used(tiny_shards, tmp_path):
+    run = tmp_path / "run"
+    _launch(tiny_shards, run, 2, **dict(KW, **{"train.max_steps": 6, "checkpoint.every_steps": 3}))
+    ck = run / "checkpoints"
+    # a crash in the middle of saving step 6: DeepSpeed's files are there, our state.json is not
+    (ck / "step_00000006" / "state.json").unlink()
+    assert find_latest(ck).name == "step_00000003"  # `latest` names an incomplete one: fall back
+    (ck / "latest").write_text("step_00000003")
+    assert find_latest(ck).name == "step_00000003"
+    r = run_cli("evaluate", str(run), "--samples", "0")
+    assert r.returncode == 0 and json.loads((run / "eval.json").read_text())["step"] == 3
