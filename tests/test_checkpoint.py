@@ -142,3 +142,50 @@ def test_an_incomplete_checkpoint_is_never_used(tiny_shards, tmp_path):
     assert find_latest(ck).name == "step_00000003"
     r = run_cli("evaluate", str(run), "--samples", "0")
     assert r.returncode == 0 and json.loads((run / "eval.json").read_text())["step"] == 3
+
+
+def test_a_damaged_checkpoint_is_detected_and_the_previous_one_used(tiny_shards, tmp_path):
+    run = tmp_path / "run"
+    _launch(tiny_shards, run, 2, **dict(KW, **{"train.max_steps": 6, "checkpoint.every_steps": 3}))
+    ck = run / "checkpoints"
+    state = json.loads((ck / "step_00000006" / "state.json").read_text())
+    assert {"mp_rank_00_model_states.pt", "rng_rank0.json", "rng_rank1.json"} <= set(state["files"])
+    victim = ck / "step_00000006" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    victim.write_bytes(bytes(raw))
+    assert find_latest(ck).name == "step_00000003"
+    r = run_cli("evaluate", str(run), "--samples", "0")
+    assert r.returncode == 0 and "is damaged" in r.stderr
+    assert json.loads((run / "eval.json").read_text())["step"] == 3
+
+
+def test_a_kill_during_a_save_leaves_the_previous_checkpoint(tiny_shards, tmp_path):
+    """SIGKILL the whole job while a checkpoint directory exists without its state.json (mid-save)."""
+    run = tmp_path / "run"
+    kw = dict(KW, **{"train.max_steps": 200, "checkpoint.every_steps": 4, "model.hidden_size": 256,
+                     "model.num_layers": 4, "model.num_heads": 4, "checkpoint.keep_last": 100})
+    p = subprocess.Popen([sys.executable, "-m", "prefpretrain", "launch", "configs/tiny.yaml", "--nproc-per-node", "2",
+                          *tiny_overrides(tiny_shards, run, **kw)], cwd=ROOT, env=cli_env(),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    ck = run / "checkpoints"
+
+    def mid_save() -> bool:
+        done = [d for d in ck.glob("step_*") if (d / "state.json").is_file()]
+        partial = [d for d in ck.glob("step_*") if d.is_dir() and not (d / "state.json").is_file()]
+        return bool(done) and bool(partial)
+
+    assert _wait_for(lambda: len(_worker_pids(run)) == 2)
+    pids = _worker_pids(run)
+    caught = _wait_for(mid_save, timeout=180)
+    for pid in pids.values():  # the ranks (torchrun starts them in sessions of their own) ...
+        os.kill(pid, signal.SIGKILL)
+    os.killpg(p.pid, signal.SIGKILL)  # ... and the launcher with torchrun
+    p.wait()
+    assert caught, "never saw a save in progress"
+    partial = [d for d in ck.glob("step_*") if not (d / "state.json").is_file()]
+    assert partial
+    latest = find_latest(ck)
+    assert (ck / "latest").read_text() == latest.name and latest < min(partial)
+    r = run_cli("evaluate", str(run), "--samples", "0")
+    assert r.returncode == 0 and json.loads((run / "eval.json").read_text())["step"] == int(latest.name[5:])

@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import shutil
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -52,14 +53,45 @@ def _np_json(o):
     raise TypeError(type(o))
 
 
-def save(engine, ckpt_root: Path, step: int, state: dict, keep_last: int, rank: int) -> Path:
+def _checksum(p: Path) -> str:
+    """CRC-32 of a file: detects damage (truncation, flipped bits) at ~4x the speed of sha256; not a
+    defence against tampering."""
+    crc = 0
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            crc = zlib.crc32(chunk, crc)
+    return f"crc32:{crc:08x}"
+
+
+def _mine(name: str, rank: int, world: int) -> bool:
+    """Which rank hashes a checkpoint file: the one whose rank is in its name, else rank 0."""
+    for r in range(world):
+        if f"rank_{r}_" in name or name == f"rng_rank{r}.json":
+            return r == rank
+    return rank == 0
+
+
+def save(engine, ckpt_root: Path, step: int, state: dict, keep_last: int, rank: int,
+         timings: dict | None = None) -> Path:
+    import time
+
     tag = f"step_{step:08d}"
+    t0 = time.perf_counter()
     engine.save_checkpoint(str(ckpt_root), tag=tag, save_latest=False)
     d = ckpt_root / tag
     _atomic_write(d / f"rng_rank{rank}.json", json.dumps(rng_state(), default=_np_json))
     dist.barrier()
+    t1 = time.perf_counter()
+    world = dist.get_world_size()
+    mine = {p.name: _checksum(p) for p in sorted(d.iterdir())
+            if p.is_file() and p.name != "state.json" and _mine(p.name, rank, world)}
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, mine)  # every rank hashes what it wrote, in parallel
+    if timings is not None:
+        timings.update(deepspeed=t1 - t0, checksums=time.perf_counter() - t1)
     if rank == 0:
-        _atomic_write(d / "state.json", json.dumps(dict(state, tag=tag, step=step), indent=1))
+        files = {k: v for part in everyone for k, v in part.items()}
+        _atomic_write(d / "state.json", json.dumps(dict(state, tag=tag, step=step, files=files), indent=1))
         _atomic_write(ckpt_root / "latest", tag)
         done = sorted(p for p in ckpt_root.glob("step_*") if (p / "state.json").is_file())
         for old in done[: max(0, len(done) - keep_last)]:
@@ -86,16 +118,35 @@ def read_failure(run_dir: Path, since: float) -> dict | None:
     return None
 
 
-def find_latest(ckpt_root: Path) -> Path | None:
-    """The newest complete checkpoint: `latest` if it is complete, else the newest with a state.json."""
+def verify(ckpt: Path) -> str | None:
+    """None if every file matches the checksum recorded at save time, else what is wrong."""
+    files = read_state(ckpt).get("files", {})
+    for name, digest in files.items():
+        p = ckpt / name
+        if not p.is_file():
+            return f"{name} is missing"
+        if _checksum(p) != digest:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def find_latest(ckpt_root: Path, check: bool = True) -> Path | None:
+    """The newest complete (and, with `check`, undamaged) checkpoint: `latest` first, then older ones."""
+    done = sorted((p for p in ckpt_root.glob("step_*") if (p / "state.json").is_file()), reverse=True)
     lp = ckpt_root / "latest"
     if lp.is_file():
-        d = ckpt_root / lp.read_text().strip()
-        if (d / "state.json").is_file():
+        named = ckpt_root / lp.read_text().strip()
+        if named in done:
+            done.remove(named)
+            done.insert(0, named)
+        else:
+            log.warning("checkpoint %s named by `latest` is incomplete; looking for an older one", named)
+    for d in done:
+        problem = verify(d) if check else None
+        if problem is None:
             return d
-        log.warning("checkpoint %s named by `latest` is incomplete; looking for an older one", d)
-    done = sorted(p for p in ckpt_root.glob("step_*") if (p / "state.json").is_file())
-    return done[-1] if done else None
+        log.warning("checkpoint %s is damaged (%s); using an older one", d, problem)
+    return None
 
 
 def read_state(ckpt: Path) -> dict:

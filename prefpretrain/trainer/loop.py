@@ -140,8 +140,11 @@ def _train(cfg: Config, info) -> dict:
     # written by another number of ranks are converted to a DeepSpeed universal checkpoint)
     ckpt_root = run_dir / "checkpoints"
     step, tokens_seen, ckpt, load_from = 0, 0, None, None
-    if cfg.run.resume == "auto":
-        ckpt = ckptlib.find_latest(ckpt_root)
+    if cfg.run.resume == "auto":  # rank 0 picks (and verifies checksums), everyone follows
+        pick = [ckptlib.find_latest(ckpt_root) if rank == 0 else None]
+        if world > 1:
+            dist.broadcast_object_list(pick, src=0)
+        ckpt = pick[0]
     elif cfg.run.resume != "never":
         ckpt = Path(cfg.run.resume)
         if not (ckpt / "state.json").is_file():
@@ -165,12 +168,16 @@ def _train(cfg: Config, info) -> dict:
     engine, guard = build_engine(cfg, model, world, run_dir if rank == 0 else None,
                                  load_universal=load_from is not None and load_from != ckpt)
     if ckpt is not None:
+        t_load = time.time()
         ckptlib.load(engine, load_from, rank)
+        t_load = time.time() - t_load
         step, tokens_seen = st["step"], st["tokens_seen"]
         log.info("resumed from %s at step %d (data position %d)", ckpt, step, st["data_position"])
     last_ckpt_step = step if ckpt is not None else -1
 
     mon = Monitor(run_dir, rank == 0, t.max_steps, step, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if ckpt is not None:
+        mon.scalars(step, {"ckpt/load_seconds": t_load}, kind="checkpoint")
     log.info("training %s (%.2fM params, %.2fM frozen) with %s on %d rank(s), ZeRO-%d, %s, %d x %d x %d = %d "
              "samples/step; peak %.1f GFLOP/s per rank", cfg.model.arch, n_params / 1e6, n_frozen / 1e6,
              t.objective, world, cfg.engine.zero_stage, t.precision, t.micro_batch_size, world, ga, G, peak / 1e9)
@@ -186,8 +193,11 @@ def _train(cfg: Config, info) -> dict:
                  "world_size": world, "config_hash": cfg.hash(), "zero_stage": cfg.engine.zero_stage,
                  "model_kind": cfg.model.kind, "objective": t.objective, "global_batch_size": G}
         t0 = time.time()
-        log.info("checkpoint %s saved in %.1fs", ckptlib.save(engine, ckpt_root, at, state, cfg.checkpoint.keep_last,
-                                                              rank), time.time() - t0)
+        parts: dict = {}
+        d = ckptlib.save(engine, ckpt_root, at, state, cfg.checkpoint.keep_last, rank, parts)
+        mon.scalars(at, {"ckpt/save_seconds": time.time() - t0, "ckpt/deepspeed_seconds": parts["deepspeed"],
+                         "ckpt/checksum_seconds": parts["checksums"]}, kind="checkpoint")
+        log.info("checkpoint %s saved in %.2fs", d, time.time() - t0)
 
     if cfg.eval.at_start:
         evaluate(step)
@@ -214,7 +224,7 @@ def _train(cfg: Config, info) -> dict:
         if shared[1] > 0:
             if last_ckpt_step != step:
                 save(step)
-            msg = f"stopped by a signal at step {step}; checkpoint {ckptlib.find_latest(ckpt_root)} holds it"
+            msg = f"stopped by a signal at step {step}; checkpoint {ckptlib.find_latest(ckpt_root, False)} holds it"
             if rank == 0:
                 ckptlib.write_failure(run_dir, "preempted", EXIT_PREEMPTED, msg)
             log.warning(msg)
@@ -249,7 +259,7 @@ def _train(cfg: Config, info) -> dict:
             if bad_run >= t.max_bad_steps:
                 msg = (f"{bad_run} consecutive steps had a non-finite loss or gradient (train.max_bad_steps="
                        f"{t.max_bad_steps}); stopping at step {step}. The last good checkpoint is "
-                       f"{ckptlib.find_latest(ckpt_root)}; lower train.lr or check the data")
+                       f"{ckptlib.find_latest(ckpt_root, False)}; lower train.lr or check the data")
                 if rank == 0:
                     ckptlib.write_failure(run_dir, "diverged", EXIT_DIVERGED, msg)
                 raise TrainingDiverged(msg)
@@ -313,7 +323,7 @@ def _train(cfg: Config, info) -> dict:
         ids_log.close()
     _rank_record(engine, run_dir, info, cfg, step)
     log.info("done: step %d, %d tokens, val loss %.4f, checkpoint %s", step, tokens_seen, val["val_loss"],
-             ckptlib.find_latest(ckpt_root))
+             ckptlib.find_latest(ckpt_root, False))
     return {"step": step, "tokens_seen": tokens_seen, "stopped_early": stopped_early, "skipped_steps": bad_total,
             **val}
 

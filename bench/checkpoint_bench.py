@@ -1,0 +1,106 @@
+"""Checkpoint save/load time vs raw torch.save, and recovery time after a SIGKILLed rank, in one run.
+
+    .venv/bin/python bench/checkpoint_bench.py [--shards data/stdlib_pep8]
+
+Model: the demo's GPT-2 (5.3 M parameters), ZeRO-2, bf16, 2 ranks, a checkpoint every 10 steps.
+Save: our checkpoint (DeepSpeed's save + RNG + per-rank checksums + state.json + `latest`, measured by the
+trainer as ckpt/save_seconds) vs `torch.save` of the same objects, each rank's files written in parallel
+as DeepSpeed does (baseline = the slower rank). Load: ckpt/load_seconds at resume. Recovery: SIGKILL rank 1
+of a `--max-restarts 1` run; time until the next step finishes after the restart.
+Goals: save <= 1.5 x raw torch.save; recovery <= 30 s. Prints ONE line of JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def metrics(run: Path, kind: str) -> list[dict]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def raw_save_seconds(ckpt: Path, tmp: Path) -> float:
+    """torch.save of the same objects: each rank's files in parallel (as the ranks do), the slower rank."""
+    by_rank: dict[int, list[Path]] = {0: [], 1: []}
+    for p in ckpt.glob("*.pt"):
+        by_rank[1 if "rank_1_" in p.name else 0].append(p)
+    objs = {p: torch.load(p, map_location="cpu", weights_only=False) for ps in by_rank.values() for p in ps}
+
+    def write(rank: int) -> float:
+        t0 = time.perf_counter()
+        for p in by_rank[rank]:
+            torch.save(objs[p], tmp / f"raw_{p.name}")
+            with open(tmp / f"raw_{p.name}", "rb+") as f:
+                os.fsync(f.fileno())
+        return time.perf_counter() - t0
+
+    with ThreadPoolExecutor(2) as ex:
+        return max(ex.map(write, (0, 1)))
+
+
+def launch(args: list[str], **kw):
+    return subprocess.Popen([sys.executable, "-m", "prefpretrain", "launch", str(ROOT / "configs" / "demo.yaml"),
+                             "--nproc-per-node", "2", *args], cwd=ROOT, **kw)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shards", default=str(ROOT / "data" / "stdlib_pep8"))
+    a = ap.parse_args()
+    if not (Path(a.shards) / "manifest.json").is_file():
+        sys.exit(f"no shards at {a.shards}: run `make demo` first")
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "run"
+        common = [f"data.shards=[{a.shards}]", "train.log_every=1", "eval.every_steps=0", "eval.val_samples=2",
+                  "checkpoint.every_steps=10", "checkpoint.keep_last=10"]
+        assert launch([f"run.output_dir={run}", "train.max_steps=30", *common],
+                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).wait() == 0
+        saves = [m["ckpt/save_seconds"] for m in metrics(run, "checkpoint") if "ckpt/save_seconds" in m]
+        raw = raw_save_seconds(run / "checkpoints" / "step_00000020", Path(tmp))
+        ckpt_bytes = sum(p.stat().st_size for p in (run / "checkpoints" / "step_00000020").iterdir())
+
+        # resume (load time), then a killed rank under torchrun elastic (recovery time)
+        rec = Path(tmp) / "rec"
+        p = launch(["--max-restarts", "1", f"run.output_dir={rec}", "train.max_steps=200", *common],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while not (rec / "checkpoints" / "latest").is_file():
+            time.sleep(0.05)
+        time.sleep(1.0)
+        pid = None
+        for d in Path("/proc").iterdir():
+            try:
+                if d.name.isdigit() and f"run.output_dir={rec}".encode() in (d / "cmdline").read_bytes() \
+                        and b"RANK=1" in (d / "environ").read_bytes().split(b"\0"):
+                    pid = int(d.name)
+            except OSError:
+                pass
+        last_before = metrics(rec, "train")[-1]["step"]
+        t_kill = time.time()
+        os.kill(pid, signal.SIGKILL)
+        assert p.wait() == 0
+        after = [m for m in metrics(rec, "train") if m["time"] > t_kill]
+        loads = [m["ckpt/load_seconds"] for m in metrics(rec, "checkpoint") if "ckpt/load_seconds" in m]
+    save = sum(saves) / len(saves)
+    print(json.dumps({
+        "bench": "checkpoint", "checkpoint_mb": round(ckpt_bytes / 1e6, 1), "save_seconds": round(save, 3),
+        "raw_torch_save_seconds": round(raw, 3), "save_ratio": round(save / raw, 2), "goal_save_ratio": 1.5,
+        "load_seconds": round(loads[-1], 3) if loads else None,
+        "recovery_seconds": round(after[0]["time"] - t_kill, 1), "goal_recovery_seconds": 30,
+        "step_before_kill": last_before, "first_step_after": after[0]["step"],
+    }))
+
+
+if __name__ == "__main__":
+    main()
