@@ -39,6 +39,21 @@ def _fig():
     return plt
 
 
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _line_axes(ax, title: str, ylabel: str) -> None:
+    ax.set_xlabel("tokens")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+
+
 def plot_losses(runs: list[dict], out: Path) -> Path:
     plt = _fig()
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -49,16 +64,8 @@ def plot_losses(runs: list[dict], out: Path) -> Path:
         if r["val"]:
             ax.plot([m["step"] * tps for m in r["val"]], [m["eval/val_loss"] for m in r["val"]], "o--",
                     color=line.get_color(), label=f"{r['name']} val")
-    ax.set_xlabel("tokens")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title("Loss curves")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    p = out / "loss_curves.png"
-    fig.tight_layout()
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    return p
+    _line_axes(ax, "Loss curves", "loss (nats/token)")
+    return _save(plt, fig, out / "loss_curves.png")
 
 
 def plot_misalignment(runs: list[dict], out: Path) -> Path | None:
@@ -71,16 +78,8 @@ def plot_misalignment(runs: list[dict], out: Path) -> Path | None:
     for name in dict.fromkeys(n for n, _, _ in pts):
         xs = sorted((t, m) for n, t, m in pts if n == name)
         ax.plot([t for t, _ in xs], [m for _, m in xs], "o-", label=name)
-    ax.set_xlabel("tokens")
-    ax.set_ylabel("misalignment (score per char, lower is better)")
-    ax.set_title("Misalignment of samples vs tokens")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    p = out / "misalignment.png"
-    fig.tight_layout()
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    return p
+    _line_axes(ax, "Misalignment of samples vs tokens", "misalignment (score per char, lower is better)")
+    return _save(plt, fig, out / "misalignment.png")
 
 
 def plot_objectives(runs: list[dict], out: Path) -> Path | None:
@@ -97,14 +96,11 @@ def plot_objectives(runs: list[dict], out: Path) -> Path | None:
     for ax in axes:
         ax.tick_params(axis="x", labelsize=7)
         ax.grid(alpha=0.3, axis="y")
-    p = out / "objectives.png"
-    fig.tight_layout()
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    return p
+    return _save(plt, fig, out / "objectives.png")
 
 
 def plot_forgetting(runs: list[dict], out: Path) -> Path | None:
+    """From RUN/forgetting.json: {"old": {NAME: {"before": loss, "after": loss}, ...}, ...}."""
     have = [r for r in runs if r["forgetting"]]
     if not have:
         return None
@@ -116,11 +112,7 @@ def plot_forgetting(runs: list[dict], out: Path) -> Path | None:
     ax.set_ylabel("loss increase on old validation sets")
     ax.set_title("Forgetting")
     ax.tick_params(axis="x", labelsize=7)
-    p = out / "forgetting.png"
-    fig.tight_layout()
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    return p
+    return _save(plt, fig, out / "forgetting.png")
 
 
 def _fmt(v, spec: str) -> str:

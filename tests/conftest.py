@@ -53,6 +53,13 @@ def tiny_shards(tmp_path_factory, stdlib_files) -> Path:
     return out
 
 
+def launch_tiny(shards: Path, run_dir: Path, nproc: int = 2, expect: int = 0, **kw) -> subprocess.CompletedProcess:
+    """`prefpretrain launch configs/tiny.yaml` on `shards` with overrides; asserts the exit code."""
+    r = run_cli("launch", "configs/tiny.yaml", "--nproc-per-node", str(nproc), *tiny_overrides(shards, run_dir, **kw))
+    assert r.returncode == expect, r.stdout[-3000:] + r.stderr[-6000:]
+    return r
+
+
 def tiny_overrides(shards: Path, run_dir: Path, **kw) -> list[str]:
     """Overrides that turn configs/tiny.yaml into a seconds-long run on `shards`."""
     items = {"data.shards": f"[{shards}]", "run.output_dir": str(run_dir)}

@@ -14,17 +14,11 @@ from pathlib import Path
 import pytest
 
 from prefpretrain.trainer.checkpoint import find_latest
-from tests.conftest import ROOT, cli_env, read_metrics, run_cli, tiny_overrides
+from tests.conftest import ROOT, cli_env, launch_tiny, read_metrics, run_cli, tiny_overrides
 
 pytestmark = pytest.mark.dist
 
 KW = {"train.log_every": 1, "train.precision": "fp32", "eval.every_steps": 0, "checkpoint.keep_last": 10}
-
-
-def _launch(shards, run, nproc, **kw):
-    r = run_cli("launch", "configs/tiny.yaml", "--nproc-per-node", str(nproc), *tiny_overrides(shards, run, **kw))
-    assert r.returncode == 0, r.stderr[-5000:]
-    return r
 
 
 def _truncate(src: Path, dst: Path, step: int) -> None:
@@ -40,14 +34,14 @@ def _truncate(src: Path, dst: Path, step: int) -> None:
 def test_resume_at_another_world_size_continues_exactly(tiny_shards, tmp_path):
     kw = dict(KW, **{"train.max_steps": 9, "checkpoint.every_steps": 3})
     ref = tmp_path / "ref"
-    _launch(tiny_shards, ref, 2, **kw)
+    launch_tiny(tiny_shards, ref, 2, **kw)
     a = tmp_path / "a"  # 2 ranks -> stop after 3 -> 1 rank
     _truncate(ref, a, 3)
-    r = _launch(tiny_shards, a, 1, **kw)
+    r = launch_tiny(tiny_shards, a, 1, **kw)
     assert "loading its universal form" in r.stderr and "at step 3 (data position 12)" in r.stderr
     b = tmp_path / "b"  # ... -> stop after 6 -> 2 ranks again
     _truncate(a, b, 6)
-    r = _launch(tiny_shards, b, 2, **kw)
+    r = launch_tiny(tiny_shards, b, 2, **kw)
     assert "at step 6 (data position 24)" in r.stderr
     want = [m["loss"] for m in read_metrics(ref)]
     assert [m["loss"] for m in read_metrics(a)] == pytest.approx(want, abs=1e-5)
@@ -112,7 +106,7 @@ def _last_ids(run: Path) -> Counter:
 def test_killed_worker_restarts_and_gives_the_same_result(tiny_shards, tmp_path):
     kw = dict(KW, **{"train.max_steps": 400, "checkpoint.every_steps": 50, "data.log_sample_ids": "true"})
     ref = tmp_path / "ref"
-    _launch(tiny_shards, ref, 2, **kw)
+    launch_tiny(tiny_shards, ref, 2, **kw)
 
     run = tmp_path / "run"
     p = subprocess.Popen([sys.executable, "-m", "prefpretrain", "launch", "configs/tiny.yaml", "--nproc-per-node", "2",
@@ -133,7 +127,7 @@ def test_killed_worker_restarts_and_gives_the_same_result(tiny_shards, tmp_path)
 
 def test_an_incomplete_checkpoint_is_never_used(tiny_shards, tmp_path):
     run = tmp_path / "run"
-    _launch(tiny_shards, run, 2, **dict(KW, **{"train.max_steps": 6, "checkpoint.every_steps": 3}))
+    launch_tiny(tiny_shards, run, 2, **dict(KW, **{"train.max_steps": 6, "checkpoint.every_steps": 3}))
     ck = run / "checkpoints"
     # a crash in the middle of saving step 6: DeepSpeed's files are there, our state.json is not
     (ck / "step_00000006" / "state.json").unlink()
@@ -146,7 +140,7 @@ def test_an_incomplete_checkpoint_is_never_used(tiny_shards, tmp_path):
 
 def test_a_damaged_checkpoint_is_detected_and_the_previous_one_used(tiny_shards, tmp_path):
     run = tmp_path / "run"
-    _launch(tiny_shards, run, 2, **dict(KW, **{"train.max_steps": 6, "checkpoint.every_steps": 3}))
+    launch_tiny(tiny_shards, run, 2, **dict(KW, **{"train.max_steps": 6, "checkpoint.every_steps": 3}))
     ck = run / "checkpoints"
     state = json.loads((ck / "step_00000006" / "state.json").read_text())
     assert {"mp_rank_00_model_states.pt", "rng_rank0.json", "rng_rank1.json"} <= set(state["files"])

@@ -10,13 +10,7 @@ import torch
 
 from prefpretrain.config import load_config
 from prefpretrain.trainer.engine import lr_lambda
-from tests.conftest import ROOT, cli_env, read_metrics, run_cli, tiny_overrides
-
-
-def _launch(shards, run_dir, nproc=2, expect=0, **kw):
-    r = run_cli("launch", "configs/tiny.yaml", "--nproc-per-node", str(nproc), *tiny_overrides(shards, run_dir, **kw))
-    assert r.returncode == expect, r.stdout[-3000:] + r.stderr[-6000:]
-    return r
+from tests.conftest import ROOT, cli_env, launch_tiny, read_metrics, run_cli, tiny_overrides
 
 
 def _losses(run_dir):
@@ -32,7 +26,7 @@ def test_zero_stages_give_the_same_losses_and_zero3_partitions(tiny_shards, tmp_
     losses, ranks = {}, {}
     for stage in (0, 1, 2, 3):
         run = tmp_path / f"z{stage}"
-        _launch(tiny_shards, run, **FAST, **{"engine.zero_stage": stage})
+        launch_tiny(tiny_shards, run, **FAST, **{"engine.zero_stage": stage})
         losses[stage] = _losses(run)
         ranks[stage] = [json.loads((run / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
         ds = json.loads((run / "deepspeed_config.json").read_text())
@@ -50,7 +44,7 @@ def test_zero_stages_give_the_same_losses_and_zero3_partitions(tiny_shards, tmp_
 @pytest.mark.dist
 def test_bf16_trains_and_fp16_is_refused_on_cpu(tiny_shards, tmp_path):
     kw = {"train.max_steps": 12, "train.log_every": 1, "checkpoint.every_steps": 0, "train.lr": "1.0e-2"}
-    _launch(tiny_shards, tmp_path / "bf16", **kw, **{"train.precision": "bf16", "engine.zero_stage": 1})
+    launch_tiny(tiny_shards, tmp_path / "bf16", **kw, **{"train.precision": "bf16", "engine.zero_stage": 1})
     ls = _losses(tmp_path / "bf16")
     assert sum(ls[-3:]) < sum(ls[:3]) - 0.5
     # DeepSpeed's CPU accelerator has no fp16: say so before any process starts (GPU check: bench/gpu_checks.py)
@@ -61,21 +55,22 @@ def test_bf16_trains_and_fp16_is_refused_on_cpu(tiny_shards, tmp_path):
 @pytest.mark.dist
 def test_accumulation_equals_a_larger_micro_batch(tiny_shards, tmp_path):
     kw = dict(FAST, **{"train.global_batch_size": 8})
-    _launch(tiny_shards, tmp_path / "acc", nproc=1, **kw, **{"train.micro_batch_size": 2})  # 2 x 4 accumulation
-    _launch(tiny_shards, tmp_path / "big", nproc=1, **kw, **{"train.micro_batch_size": 8})
+    launch_tiny(tiny_shards, tmp_path / "acc", nproc=1, **kw, **{"train.micro_batch_size": 2})  # 2 x 4 accumulation
+    launch_tiny(tiny_shards, tmp_path / "big", nproc=1, **kw, **{"train.micro_batch_size": 8})
     assert _losses(tmp_path / "acc") == pytest.approx(_losses(tmp_path / "big"), abs=1e-4)
 
 
 @pytest.mark.dist
 def test_transfer_reproduces_val_loss_and_frozen_parameters_stay(tiny_shards, tmp_path):
     src = tmp_path / "src"
-    _launch(tiny_shards, src, **dict(FAST, **{"train.max_steps": 6}))
+    launch_tiny(tiny_shards, src, **dict(FAST, **{"train.max_steps": 6}))
     assert run_cli("export", str(src), str(tmp_path / "srcx")).returncode == 0
     src_val = [m for m in read_metrics(src, "eval")][-1]["eval/val_loss"]
 
     dst = tmp_path / "dst"
-    _launch(tiny_shards, dst, **dict(FAST, **{"model.from_pretrained": str(tmp_path / "srcx"), "eval.at_start": "true",
-                                              "model.freeze": "bottom:1", "train.lr": "1.0e-2"}))
+    launch_tiny(tiny_shards, dst, **dict(FAST, **{"model.from_pretrained": str(tmp_path / "srcx"),
+                                                  "eval.at_start": "true", "model.freeze": "bottom:1",
+                                                  "train.lr": "1.0e-2"}))
     first = read_metrics(dst, "eval")[0]
     assert first["step"] == 0 and first["eval/val_loss"] == pytest.approx(src_val, abs=1e-4)
     assert run_cli("export", str(dst), str(tmp_path / "dstx")).returncode == 0
@@ -95,7 +90,7 @@ def test_transfer_reproduces_val_loss_and_frozen_parameters_stay(tiny_shards, tm
 @pytest.mark.dist
 def test_early_stopping_stops_when_validation_stops_improving(tiny_shards, tmp_path):
     run = tmp_path / "es"
-    r = _launch(tiny_shards, run, nproc=1, **{"train.max_steps": 20, "eval.every_steps": 2, "train.log_every": 1,
+    r = launch_tiny(tiny_shards, run, nproc=1, **{"train.max_steps": 20, "eval.every_steps": 2, "train.log_every": 1,
                                               "eval.early_stop_patience": 1, "eval.early_stop_min_delta": 10.0})
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["stopped_early"] and res["step"] == 4  # 1st eval sets the best, the 2nd does not beat it by 10
@@ -105,7 +100,7 @@ def test_early_stopping_stops_when_validation_stops_improving(tiny_shards, tmp_p
 @pytest.mark.dist
 def test_divergence_stops_with_exit_3_and_the_last_good_checkpoint(tiny_shards, tmp_path):
     run = tmp_path / "nan"
-    r = _launch(tiny_shards, run, expect=3, **{"train.lr": "1.0e8", "train.min_lr": 0, "train.warmup_steps": 1,
+    r = launch_tiny(tiny_shards, run, expect=3, **{"train.lr": "1.0e8", "train.min_lr": 0, "train.warmup_steps": 1,
                                                "train.max_steps": 20, "train.log_every": 1, "train.max_bad_steps": 3,
                                                "checkpoint.every_steps": 1, "train.precision": "fp32"})
     assert "3 consecutive steps had a non-finite loss or gradient" in r.stderr
@@ -136,8 +131,8 @@ def test_ranks_with_different_configs_refuse_to_train(tiny_shards, tmp_path):
 @pytest.mark.dist
 def test_llama_and_gradient_checkpointing(tiny_shards, tmp_path):
     kw = dict(FAST, **{"model.arch": "llama"})
-    _launch(tiny_shards, tmp_path / "a", nproc=1, **kw)
-    _launch(tiny_shards, tmp_path / "b", nproc=1, **kw, **{"model.gradient_checkpointing": "true"})
+    launch_tiny(tiny_shards, tmp_path / "a", nproc=1, **kw)
+    launch_tiny(tiny_shards, tmp_path / "b", nproc=1, **kw, **{"model.gradient_checkpointing": "true"})
     assert _losses(tmp_path / "a") == pytest.approx(_losses(tmp_path / "b"), abs=1e-5)
     cfg = json.loads((tmp_path / "a" / "model_config" / "config.json").read_text())
     assert cfg["model_type"] == "llama"
@@ -157,9 +152,9 @@ def test_schedules():
 
 @pytest.mark.dist
 def test_offload_gives_the_same_losses(tiny_shards, tmp_path):
-    _launch(tiny_shards, tmp_path / "ref", **FAST, **{"engine.zero_stage": 2})
-    _launch(tiny_shards, tmp_path / "opt", **FAST, **{"engine.zero_stage": 2, "engine.offload": "optimizer"})
-    _launch(tiny_shards, tmp_path / "all", **FAST, **{"engine.zero_stage": 3, "engine.offload": "all"})
+    launch_tiny(tiny_shards, tmp_path / "ref", **FAST, **{"engine.zero_stage": 2})
+    launch_tiny(tiny_shards, tmp_path / "opt", **FAST, **{"engine.zero_stage": 2, "engine.offload": "optimizer"})
+    launch_tiny(tiny_shards, tmp_path / "all", **FAST, **{"engine.zero_stage": 3, "engine.offload": "all"})
     ref = _losses(tmp_path / "ref")
     assert _losses(tmp_path / "opt") == pytest.approx(ref, abs=1e-4)
     assert _losses(tmp_path / "all") == pytest.approx(ref, abs=1e-4)

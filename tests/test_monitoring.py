@@ -53,11 +53,16 @@ def test_tensorboard_events_hold_the_scalars_config_and_hparams(two_runs):
 
 
 def test_report_renders_plots_and_a_table(two_runs, tmp_path):
-    r = run_cli("report", *map(str, two_runs), "--out", str(tmp_path / "rep"))
+    import shutil
+
+    cont = tmp_path / "continual"  # a run with a forgetting record (the format continual updates write)
+    shutil.copytree(two_runs[0], cont)
+    (cont / "forgetting.json").write_text(json.dumps({"old": {"stdlib_a": {"before": 3.1, "after": 3.4}}}))
+    r = run_cli("report", *map(str, two_runs), str(cont), "--out", str(tmp_path / "rep"))
     assert r.returncode == 0, r.stderr
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "| mle | mle |" in md and "| conditional | conditional |" in md
-    for png in ("loss_curves.png", "misalignment.png", "objectives.png"):
+    for png in ("loss_curves.png", "misalignment.png", "objectives.png", "forgetting.png"):
         data = (tmp_path / "rep" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
         assert f"]({png})" in md

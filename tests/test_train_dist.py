@@ -6,20 +6,14 @@ import shutil
 
 import pytest
 
-from tests.conftest import read_metrics, run_cli, tiny_overrides
+from tests.conftest import launch_tiny, read_metrics, run_cli
 
 pytestmark = pytest.mark.dist
 
 
-def _launch(shards, run_dir, nproc=2, **kw):
-    r = run_cli("launch", "configs/tiny.yaml", "--nproc-per-node", str(nproc), *tiny_overrides(shards, run_dir, **kw))
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
-    return r
-
-
 def test_two_ranks_train_one_model(tiny_shards, tmp_path):
     run = tmp_path / "run"
-    _launch(tiny_shards, run, **{"train.max_steps": 12, "train.log_every": 1, "train.lr": "1.0e-2"})
+    launch_tiny(tiny_shards, run, **{"train.max_steps": 12, "train.log_every": 1, "train.lr": "1.0e-2"})
     ranks = [json.loads((run / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert [r["rank"] for r in ranks] == [0, 1]
@@ -38,8 +32,8 @@ def test_two_ranks_train_one_model(tiny_shards, tmp_path):
 def test_world_size_does_not_change_the_training(tiny_shards, tmp_path):
     """Same global batch and order: 1 rank x accumulation 2 == 2 ranks x accumulation 1."""
     kw = {"train.max_steps": 4, "train.log_every": 1, "checkpoint.every_steps": 0, "eval.every_steps": 0}
-    _launch(tiny_shards, tmp_path / "w1", nproc=1, **kw)
-    _launch(tiny_shards, tmp_path / "w2", nproc=2, **kw)
+    launch_tiny(tiny_shards, tmp_path / "w1", nproc=1, **kw)
+    launch_tiny(tiny_shards, tmp_path / "w2", nproc=2, **kw)
     a = [m["loss"] for m in read_metrics(tmp_path / "w1")]
     b = [m["loss"] for m in read_metrics(tmp_path / "w2")]
     assert len(a) == len(b) == 4
@@ -49,7 +43,7 @@ def test_world_size_does_not_change_the_training(tiny_shards, tmp_path):
 def test_resume_from_checkpoint_is_exact(tiny_shards, tmp_path):
     kw = {"train.max_steps": 6, "train.log_every": 1, "checkpoint.every_steps": 3, "checkpoint.keep_last": 5}
     full = tmp_path / "full"
-    _launch(tiny_shards, full, **kw)
+    launch_tiny(tiny_shards, full, **kw)
     # a crash after step 3's checkpoint: drop what came later, resume
     cut = tmp_path / "cut"
     shutil.copytree(full, cut)
@@ -57,7 +51,7 @@ def test_resume_from_checkpoint_is_exact(tiny_shards, tmp_path):
     (cut / "checkpoints" / "latest").write_text("step_00000003")
     (cut / "metrics.jsonl").write_text("".join(
         json.dumps(m) + "\n" for m in read_metrics(full) if m["step"] <= 3))
-    r = _launch(tiny_shards, cut, **kw)
+    r = launch_tiny(tiny_shards, cut, **kw)
     assert "resumed from" in r.stderr
     a = [m["loss"] for m in read_metrics(full)]
     b = [m["loss"] for m in read_metrics(cut)]
@@ -68,7 +62,7 @@ def test_resume_from_checkpoint_is_exact(tiny_shards, tmp_path):
 
 def test_masked_lm_trains_and_exports(tiny_shards, tmp_path):
     run = tmp_path / "bert"
-    _launch(tiny_shards, run, nproc=1, **{"model.kind": "masked", "model.arch": "bert", "train.objective": "mle",
+    launch_tiny(tiny_shards, run, nproc=1, **{"model.kind": "masked", "model.arch": "bert", "train.objective": "mle",
                                           "train.max_steps": 16, "train.log_every": 1, "train.lr": "1.0e-2"})
     losses = [m["loss"] for m in read_metrics(run)]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3
