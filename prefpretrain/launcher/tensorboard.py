@@ -1,9 +1,12 @@
 """`prefpretrain tensorboard RUN_DIR...`: TensorBoard on 127.0.0.1 unless told otherwise."""
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def tensorboard_argv(run_dirs: list[str], host: str = "127.0.0.1", port: int = 6006) -> list[str]:
@@ -19,7 +22,7 @@ def tensorboard_argv(run_dirs: list[str], host: str = "127.0.0.1", port: int = 6
 
 def serve(run_dirs: list[str], host: str = "127.0.0.1", port: int = 6006) -> int:
     argv = tensorboard_argv(run_dirs, host, port)
-    print(f"TensorBoard at http://{host}:{port}/ (Ctrl-C stops it)", flush=True)
+    log.info("TensorBoard at http://%s:%d/ (Ctrl-C stops it)", host, port)
     try:
         return subprocess.run(argv, check=False).returncode
     except KeyboardInterrupt:
