@@ -251,7 +251,7 @@ def _print_summary(s: dict, ev: dict) -> None:
                      f"{s['condition']}): {s['misalignment']:.5f}; {ev['misalignment_zero_fraction']:.0%} clean")
     lines += [
         f"  run dir      {s['run_dir']}", f"  checkpoint   {s['checkpoint']}", (f"  tensorboard  {s['tensorboard']}"
-        f"   (tensorboard --logdir {s['tensorboard']})"), f"  metrics      {s['metrics']}",
+        f"   (prefpretrain tensorboard {s['run_dir']})"), f"  metrics      {s['metrics']}",
         f"  eval         {s['eval']}", f"  HF export    {s['export']}",
         (f"  try it       prefpretrain generate {s['export']} --condition "
         f"{'aligned' if s.get('condition') == 'aligned' else 'none'} --n 2"), "=" * 72,
