@@ -210,6 +210,7 @@ def _train(cfg: Config, info) -> dict:
         ids_log = open(run_dir / "sample_ids" / f"rank{rank}.jsonl", "a")  # noqa: SIM115 - closed at the end
     w = Window()
     corrupt, bad_run, bad_total, best, evals_since_best, stopped_early = 0, 0, 0, float("inf"), 0, False
+    val: dict = {}
     engine.train()
     while step < t.max_steps:
         guard.overflow = False
@@ -292,7 +293,7 @@ def _train(cfg: Config, info) -> dict:
             w = Window()
 
         if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < t.max_steps:
-            v = evaluate(step)
+            v = val = evaluate(step)
             if cfg.eval.early_stop_patience:
                 if v["val_loss"] < best - cfg.eval.early_stop_min_delta:
                     best, evals_since_best = v["val_loss"], 0
@@ -311,7 +312,8 @@ def _train(cfg: Config, info) -> dict:
                 save(step)
                 last_ckpt_step = step
 
-    val = evaluate(step)
+    if not stopped_early:  # (an early stop has just measured it)
+        val = evaluate(step)
     if last_ckpt_step != step:
         save(step)
     mon.hparams({"objective": t.objective, "arch": cfg.model.arch, "params_m": round(n_params / 1e6, 2),
