@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -72,7 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc-per-node", type=int, default=None,
                    help="ranks on this machine (default launch.nproc_per_node)")
     p.add_argument("--max-restarts", type=int, default=0, help="torchrun elastic restarts")
-    p.add_argument("--dry-run", action="store_true", help="print the command line and start nothing")
+    p.add_argument("--nnodes", type=int, default=1, help="machines in the job (run this command on each)")
+    p.add_argument("--node-rank", type=int, default=0, help="this machine's index, 0..nnodes-1")
+    p.add_argument("--rdzv-endpoint", default=None,
+                   help="HOST:PORT every node can reach (the first node's address); needed with --nnodes > 1")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the command line of every node and start nothing")
 
     p = sub.add_parser("run", help="the whole pipeline: shard (if needed) -> launch -> evaluate -> export",
                        formatter_class=fmt, epilog=CONFIG_EPILOG + config_help())
@@ -169,15 +175,22 @@ def cmd_train(a) -> int:
 def cmd_launch(a) -> int:
     cfg = load_config(a.config, a.overrides)
     n = a.nproc_per_node or cfg.launch.nproc_per_node
-    cfg.grad_accum_for(n)
+    if a.nnodes < 1 or not 0 <= a.node_rank < a.nnodes:
+        raise ConfigError(f"--node-rank: {a.node_rank} is not within 0..{a.nnodes - 1} (--nnodes {a.nnodes})")
+    if a.nnodes > 1 and not a.rdzv_endpoint:
+        raise ConfigError("--rdzv-endpoint: HOST:PORT of the first node is needed with --nnodes > 1")
+    cfg.grad_accum_for(n * a.nnodes)
     check_device(cfg)
     from prefpretrain.launcher.local import launch_local, torchrun_argv
 
+    node = {"nnodes": a.nnodes, "rdzv_endpoint": a.rdzv_endpoint, "rdzv_id": Path(cfg.run.output_dir).name}
     if a.dry_run:
-        print(" ".join(torchrun_argv(a.config, a.overrides, n, a.max_restarts)))
+        for r in range(a.nnodes):
+            print(f"# node {r}:", shlex.join(torchrun_argv(a.config, a.overrides, n, a.max_restarts, node_rank=r,
+                                                          **node)))
         return 0
     check_paths(cfg)
-    return launch_local(a.config, a.overrides, n, a.max_restarts, cfg.run.output_dir)
+    return launch_local(a.config, a.overrides, n, a.max_restarts, cfg.run.output_dir, node_rank=a.node_rank, **node)
 
 
 def ensure_shards(cfg: Config) -> None:

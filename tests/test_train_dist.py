@@ -71,3 +71,38 @@ def test_masked_lm_trains_and_exports(tiny_shards, tmp_path):
     from transformers import AutoModelForMaskedLM
 
     assert type(AutoModelForMaskedLM.from_pretrained(str(tmp_path / "export"))).__name__ == "BertForMaskedLM"
+
+
+def test_two_nodes_by_hand_rendezvous_and_train_one_model(tiny_shards, tmp_path):
+    """Two `launch --nnodes 2 --node-rank R --rdzv-endpoint` agents (here on one host) form one job."""
+    import subprocess
+    import sys
+
+    from prefpretrain.launcher.dist import free_port
+    from tests.conftest import ROOT, cli_env, tiny_overrides
+
+    run, port = tmp_path / "run", free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "prefpretrain", "launch", "configs/tiny.yaml", "--nnodes", "2",
+                               "--node-rank", str(r), "--nproc-per-node", "1", "--rdzv-endpoint", f"127.0.0.1:{port}",
+                               *tiny_overrides(tiny_shards, run, **{"train.log_every": 1, "train.precision": "fp32"})],
+                              cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
+    ranks = [json.loads((run / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2] and ranks[0]["param_checksum"] == ranks[1]["param_checksum"]
+    assert len(read_metrics(run)) == 6
+
+
+def test_launch_dry_run_prints_every_node_and_refuses_bad_requests():
+    r = run_cli("launch", "configs/demo.yaml", "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint",
+                "n1:29500", "--dry-run", "train.max_steps=5")
+    assert r.returncode == 0
+    lines = r.stdout.strip().splitlines()
+    assert [ln.split(":", 1)[0] for ln in lines] == ["# node 0", "# node 1"]
+    for i, ln in enumerate(lines):
+        assert f"--node-rank {i}" in ln and "--rdzv-endpoint n1:29500" in ln and ln.endswith("train.max_steps=5")
+    assert run_cli("launch", "configs/demo.yaml", "--nnodes", "2", "--dry-run").returncode == 2
+    r = run_cli("launch", "configs/demo.yaml", "--nnodes", "3", "--nproc-per-node", "2", "--rdzv-endpoint", "n:1",
+                "--dry-run")
+    assert r.returncode == 2 and "is not divisible by micro_batch_size x world size = 8 x 6" in r.stderr

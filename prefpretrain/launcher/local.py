@@ -12,11 +12,18 @@ from prefpretrain.launcher.dist import free_port
 log = logging.getLogger(__name__)
 
 
-def torchrun_argv(config: str, overrides: list[str], nproc_per_node: int, max_restarts: int = 0) -> list[str]:
+def torchrun_argv(config: str, overrides: list[str], nproc_per_node: int, max_restarts: int = 0,
+                  nnodes: int = 1, node_rank: int = 0, rdzv_endpoint: str | None = None,
+                  rdzv_id: str = "prefpretrain") -> list[str]:
+    """The torchrun command of one node. One node without an endpoint gets a free local port."""
+    if rdzv_endpoint is None:
+        if nnodes > 1:
+            raise ValueError("--rdzv-endpoint HOST:PORT is needed with more than one node")
+        rdzv_endpoint = f"127.0.0.1:{free_port()}"
     return [
         sys.executable, "-m", "torch.distributed.run",
-        "--nnodes", "1", "--nproc-per-node", str(nproc_per_node),
-        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
+        "--nnodes", str(nnodes), "--node-rank", str(node_rank), "--nproc-per-node", str(nproc_per_node),
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint, "--rdzv-id", rdzv_id,
         "--max-restarts", str(max_restarts),
         "-m", "prefpretrain", "train", config, *overrides,
     ]
@@ -34,14 +41,15 @@ def child_env(nproc_per_node: int = 1) -> dict[str, str]:
 
 
 def launch_local(config: str, overrides: list[str], nproc_per_node: int, max_restarts: int = 0,
-                 run_dir: str | None = None) -> int:
-    """Run torchrun; a failed run's own exit code (RUN/failure.json) is returned instead of torchrun's 1."""
+                 run_dir: str | None = None, **node) -> int:
+    """Run torchrun for this node (`node`: nnodes, node_rank, rdzv_endpoint, rdzv_id); a failed run's own exit
+    code (RUN/failure.json) is returned instead of torchrun's 1."""
     import time
     from pathlib import Path
 
     from prefpretrain.trainer.checkpoint import read_failure
 
-    argv = torchrun_argv(config, overrides, nproc_per_node, max_restarts)
+    argv = torchrun_argv(config, overrides, nproc_per_node, max_restarts, **node)
     log.info("launch: %s", " ".join(argv))
     t0 = time.time()
     proc = subprocess.Popen(argv, env=child_env(nproc_per_node))
