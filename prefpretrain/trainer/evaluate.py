@@ -18,7 +18,7 @@ from prefpretrain.data_shards.scorers import Pep8Scorer, get_scorer
 from prefpretrain.data_shards.segment import get_segmenter
 from prefpretrain.data_shards.sources import Document
 from prefpretrain.trainer.objectives import token_nll
-from prefpretrain.trainer.sampling import newline_token_ids, sample
+from prefpretrain.trainer.sampling import sample_texts
 
 log = logging.getLogger(__name__)
 # pycodestyle codes that only say a sample was cut off, not how it was written
@@ -65,20 +65,12 @@ def complete_lines(text: str) -> str:
 def misalignment(model, tok, manifest: dict, *, n: int, max_new_tokens: int, temperature: float, top_p: float,
                  condition: str, seed: int, max_positions: int | None) -> dict:
     """Mean scorer score of n samples (control tokens banned from sampling and stripped)."""
-    sp = manifest["tokenizer"]["special_ids"]
-    control = {"aligned": sp["aligned"], "misaligned": sp["misaligned"]}.get(condition)
     t0 = time.time()
-    seqs = sample(model, n, max_new_tokens, bos_id=sp["eos"], eos_id=sp["eos"],
-                  banned=[sp["pad"], sp["mask"], sp["aligned"], sp["misaligned"]], control_id=control,
-                  newline_ids=newline_token_ids(tok) if control is not None else set(),
-                  temperature=temperature, top_p=top_p, seed=seed, max_positions=max_positions)
+    texts = [complete_lines(t) for t in sample_texts(
+        model, tok, manifest["tokenizer"]["special_ids"], n, max_new_tokens, condition=condition,
+        temperature=temperature, top_p=top_p, seed=seed, max_positions=max_positions)]
     scorer = get_scorer(manifest["scorer"]["name"])
-    texts, scores = [], []
-    for s in seqs:
-        s = [t for t in s if t not in (sp["aligned"], sp["misaligned"], sp["eos"])]
-        text = complete_lines(tok.decode(s))
-        texts.append(text)
-        scores.append(sample_score(scorer, manifest["segmenter"], text))
+    scores = [sample_score(scorer, manifest["segmenter"], text) for text in texts]
     sc = np.asarray(scores)
     return {
         "misalignment": float(sc.mean()) if len(sc) else float("nan"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefpretrain.data_shards import tokenizer as toklib
-from prefpretrain.trainer.sampling import newline_token_ids, sample
+from prefpretrain.trainer.sampling import sample_texts
 
 
 def _load(model_dir: Path):
@@ -26,14 +26,10 @@ def _load(model_dir: Path):
 def generate_cli(model_dir: str, prompt: str, n: int, max_new_tokens: int, temperature: float, top_p: float,
                  condition: str, seed: int) -> list[str]:
     model, tok = _load(Path(model_dir))
-    sp = toklib.special_ids(tok)
-    control = {"aligned": sp["aligned"], "misaligned": sp["misaligned"]}.get(condition)
     max_pos = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
     prompt_ids = tok.encode(prompt, add_special_tokens=False).ids if prompt else []
-    seqs = sample(model, n, max_new_tokens, bos_id=sp["eos"], eos_id=sp["eos"],
-                  banned=[sp["pad"], sp["mask"], sp["aligned"], sp["misaligned"]], control_id=control,
-                  newline_ids=newline_token_ids(tok) if control is not None else set(),
-                  temperature=temperature, top_p=top_p, seed=seed, max_positions=max_pos, prompt_ids=prompt_ids)
-    strip = {sp["aligned"], sp["misaligned"], sp["eos"]}
-    return [prompt + tok.decode([t for t in s if t not in strip]) for s in seqs]
+    texts = sample_texts(model, tok, toklib.special_ids(tok), n, max_new_tokens, condition=condition,
+                         temperature=temperature, top_p=top_p, seed=seed, max_positions=max_pos,
+                         prompt_ids=prompt_ids)
+    return [prompt + t for t in texts]
 

@@ -2,7 +2,10 @@
 after every token that ends a line (PHF's protocol for conditional models on code)."""
 from __future__ import annotations
 
+import sys
+
 import torch
+from tqdm import tqdm
 
 
 def newline_token_ids(tok) -> set[int]:
@@ -38,10 +41,6 @@ def sample(model, n: int, max_new_tokens: int, *, bos_id: int, eos_id: int, bann
     nl[list(newline_ids)] = True
     ban = torch.tensor(sorted(set(banned)), dtype=torch.long)
     out: list[list[int]] = []
-    import sys
-
-    from tqdm import tqdm
-
     starts = range(0, n, batch_size)
     for start in tqdm(starts, desc="sample", unit="batch", disable=not sys.stderr.isatty() or len(starts) < 2):
         b = min(batch_size, n - start)
@@ -78,3 +77,16 @@ def sample(model, n: int, max_new_tokens: int, *, bos_id: int, eos_id: int, bann
             x = nxt.view(b, 1).to(dev)
         out.extend(seqs)
     return out
+
+
+def sample_texts(model, tok, sp: dict[str, int], n: int, max_new_tokens: int, *, condition: str, temperature: float,
+                 top_p: float, seed: int, max_positions: int | None, prompt_ids: list[int] = ()) -> list[str]:
+    """n decoded samples: special tokens never sampled; with condition aligned/misaligned that control token
+    prefixes the sample and follows every newline; control tokens and EOS are stripped from the text."""
+    control = {"aligned": sp["aligned"], "misaligned": sp["misaligned"]}.get(condition)
+    seqs = sample(model, n, max_new_tokens, bos_id=sp["eos"], eos_id=sp["eos"],
+                  banned=[sp["pad"], sp["mask"], sp["aligned"], sp["misaligned"]], control_id=control,
+                  newline_ids=newline_token_ids(tok) if control is not None else set(), temperature=temperature,
+                  top_p=top_p, seed=seed, max_positions=max_positions, prompt_ids=prompt_ids)
+    strip = {sp["aligned"], sp["misaligned"], sp["eos"]}
+    return [tok.decode([t for t in s if t not in strip]) for s in seqs]
