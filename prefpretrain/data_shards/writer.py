@@ -258,10 +258,10 @@ def _run_chunks(opt, out, files, sizes, chunks, todo, tok, scorer_name, segmente
     # chunk is written in file order once all its results are in, so the bytes do not change
     order = {c: sorted(chunks[c], key=lambda i: (-sizes[i], i)) for c in todo}
     items = [files[i] for c in todo for i in order[c]]
-    bar = tqdm(total=sum(sizes[i] for c in todo for i in chunks[c]), unit="B", unit_scale=True, desc="shard",
+    t_start, done_bytes, total = time.time(), 0, sum(sizes[i] for c in todo for i in chunks[c])
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="shard",
                disable=not opt.progress, mininterval=1.0, smoothing=0.1)
     initargs = (tok.to_str(), scorer_name, opt.scorer_params, segmenter, opt.text_field, opt.score_field)
-    t_start, done_bytes, total = time.time(), 0, sum(sizes[i] for c in todo for i in chunks[c])
     pool = None
     if opt.workers > 1:
         pool = mp.get_context("spawn").Pool(opt.workers, initializer=encode.init_worker, initargs=initargs)
