@@ -87,8 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="validation loss, perplexity, misalignment -> RUN_DIR/eval.json")
     p.add_argument("run_dir")
     p.add_argument("--samples", type=int, default=None,
-                   help="samples for the misalignment score (default eval.samples)")
-    p.add_argument("--condition", choices=["auto", "aligned", "misaligned", "none"], default=None)
+                   help="samples per seed for the misalignment score (default eval.samples)")
+    p.add_argument("--seeds", type=int, default=1, help="sampling seeds; the samples of all seeds are pooled")
+    p.add_argument("--condition", choices=["auto", "aligned", "misaligned", "none"], default=None,
+                   help="control token for conditional models (default eval.condition)")
+    p.add_argument("--scorer", default=None,
+                   help="score the samples with this scorer instead of the shards' (e.g. pep8_style)")
 
     p = sub.add_parser("export", help="newest checkpoint -> HF directory (safetensors + tokenizer)")
     p.add_argument("run_dir")
@@ -275,7 +279,16 @@ def _print_summary(s: dict, ev: dict) -> None:
 def cmd_evaluate(a) -> int:
     from prefpretrain.trainer.evaluate import evaluate_run
 
-    res = evaluate_run(a.run_dir, a.samples, a.condition)
+    if a.seeds < 1:
+        raise ConfigError(f"--seeds: must be >= 1, got {a.seeds}")
+    if a.scorer:
+        from prefpretrain.data_shards.scorers import get_scorer
+
+        try:
+            get_scorer(a.scorer)
+        except ValueError as e:
+            raise ConfigError(f"--scorer: {e}") from None
+    res = evaluate_run(a.run_dir, a.samples, a.condition, a.seeds, a.scorer)
     print(json.dumps({k: v for k, v in res.items() if k != "examples"}, indent=1))
     return 0
 

@@ -77,7 +77,7 @@ class TrainConfig:
     beta2: float = 0.95  # AdamW beta2
     grad_clip: float = 1.0  # clip the global gradient norm (0 = off)
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # mixed precision mode
-    objective: Literal["mle", "filter", "conditional"] = "mle"  # training objective
+    objective: Literal["mle", "filter", "conditional", "unlikelihood", "rwr", "awr"] = "mle"  # see README "Objectives"
     log_every: int = 10  # steps between log lines / TensorBoard points
     max_bad_steps: int = 10  # stop after this many consecutive steps skipped for a non-finite loss/gradient
     peak_flops: float = 0.0  # per-rank peak FLOP/s for MFU (0 = measure with a matmul probe at start)
@@ -87,6 +87,22 @@ class TrainConfig:
 class ObjectiveConfig:
     threshold: float = 0.0  # score <= threshold is "aligned" (conditional); filter keeps docs with mean <= it
     drop_prob: float = 0.1  # conditional: probability a control token is left out (seeded)
+    ul_alpha: float = 0.01  # unlikelihood: weight of -log(1 - p) on misaligned tokens (aligned ones get NLL)
+    beta: float = 1.0  # rwr/awr: temperature of the weights exp(reward / beta), exp(advantage / beta)
+    awr_alpha: float = 0.05  # awr: loss = alpha x weighted NLL + (1 - alpha) x value-head MSE
+    max_weight: float = 1000.0  # rwr/awr: weights are clamped to this
+    reward_scale: float = 0.0  # rwr/awr: reward = -score x scale; 0 = auto (1 / mean score of segments with score > 0)
+
+
+@dataclass
+class AdversarialConfig:
+    """Adversarial training in embedding space (ALUM-style virtual adversarial term), off by default."""
+
+    steps: int = 0  # ascent steps K on the embedding perturbation per micro batch (0 = off)
+    epsilon: float = 0.1  # bound on each token's perturbation (L2 norm of its embedding delta)
+    step_size: float = 0.05  # ascent step (L2 norm per token, along the normalised gradient)
+    init_std: float = 0.01  # the perturbation starts as N(0, init_std^2) per coordinate
+    weight: float = 1.0  # weight of the symmetric KL between clean and perturbed predictions
 
 
 @dataclass
@@ -111,7 +127,7 @@ class EvalConfig:
     early_stop_patience: int = 0  # stop after N evaluations without improvement (0 = never)
     early_stop_min_delta: float = 0.0  # an improvement must lower the validation loss by more than this
     val_samples: int = 64  # validation samples (packed sequences) per evaluation (0 = all)
-    samples: int = 32  # unconditional samples for the misalignment score
+    samples: int = 512  # samples (per seed) for the misalignment score (0 = skip)
     max_new_tokens: int = 128  # tokens per sample
     temperature: float = 0.7  # sampling temperature
     top_p: float = 0.9  # nucleus sampling
@@ -146,6 +162,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -351,6 +368,22 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError(f"train.cooldown_steps: must be within (0, max_steps - warmup_steps], got {t.cooldown_steps}")
     if t.max_bad_steps <= 0:
         raise ConfigError(f"train.max_bad_steps: must be positive, got {t.max_bad_steps}")
+    o = cfg.objective
+    for key, val in [("objective.ul_alpha", o.ul_alpha), ("objective.beta", o.beta),
+                     ("objective.max_weight", o.max_weight)]:
+        if val <= 0:
+            raise ConfigError(f"{key}: must be positive, got {val}")
+    if not 0 <= o.awr_alpha <= 1:
+        raise ConfigError(f"objective.awr_alpha: must be within [0, 1], got {o.awr_alpha}")
+    if o.reward_scale < 0:
+        raise ConfigError(f"objective.reward_scale: must be >= 0 (0 = auto), got {o.reward_scale}")
+    a = cfg.adversarial
+    if a.steps < 0:
+        raise ConfigError(f"adversarial.steps: must be >= 0 (0 = off), got {a.steps}")
+    for key, val in [("adversarial.epsilon", a.epsilon), ("adversarial.step_size", a.step_size),
+                     ("adversarial.weight", a.weight)]:
+        if a.steps and val <= 0:
+            raise ConfigError(f"{key}: must be positive, got {val}")
     if not 0 < cfg.model.mlm_probability < 1:
         raise ConfigError(f"model.mlm_probability: must be within (0, 1), got {cfg.model.mlm_probability}")
 

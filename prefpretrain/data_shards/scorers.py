@@ -67,21 +67,30 @@ STYLE_CODES = frozenset(
        "W291", "W293"])
 
 
+# reported on the line after the blank line that caused them: E303 too many blank lines, E304 blank line
+# after a decorator
+BLAME_PREVIOUS = frozenset({"E303", "E304"})
+
+
 class Pep8Scorer:
     """pycodestyle violations per character of each line (line segments).
 
     `pep8` counts every code pycodestyle reports by default; `pep8_style` only STYLE_CODES. A violation
-    is charged to the line pycodestyle reports it on.
+    is charged to the line that caused it: pycodestyle reports the blank-line codes in BLAME_PREVIOUS on the
+    first line AFTER the offending blank line, so those move one line up (`attribute_context`); the codes
+    for missing blank lines (E301/E302/E305/E306) stay on the definition, which is where the model chose
+    not to write one.
     """
 
-    def __init__(self, max_line_length: int = 79, style_only: bool = False):
+    def __init__(self, max_line_length: int = 79, style_only: bool = False, attribute_context: bool = True):
         import pycodestyle
 
         self._pcs = pycodestyle
         self.name = "pep8_style" if style_only else "pep8"
         self.version = pycodestyle.__version__
         self.codes = STYLE_CODES if style_only else None
-        self.params = {"max_line_length": max_line_length}
+        self.params = {"max_line_length": max_line_length, "attribute_context": attribute_context}
+        self.attribute_context = attribute_context
         if style_only:
             self.params["codes"] = sorted(STYLE_CODES)
         self._guide = pycodestyle.StyleGuide(quiet=True, max_line_length=max_line_length,
@@ -104,7 +113,9 @@ class Pep8Scorer:
 
     def score(self, doc: Document, spans: list[Span]) -> list[float]:
         counts = [0] * len(spans)
-        for line, _code in self.violations(doc.text):  # line segments: span i is line i + 1
+        for line, code in self.violations(doc.text):  # line segments: span i is line i + 1
+            if self.attribute_context and code in BLAME_PREVIOUS and line > 1:
+                line -= 1
             if 1 <= line <= len(spans):
                 counts[line - 1] += 1
             elif spans:

@@ -27,21 +27,29 @@ ARTIFACT_CODES = {"E901", "E902", "W292", "W391"}
 
 @torch.no_grad()
 def validation_loss(model, ps: PackedSet, limit: int, micro: int, rank: int = 0, world: int = 1,
-                    causal: bool = True) -> dict:
-    """Mean token NLL over the first `limit` validation samples, reduced over ranks."""
+                    causal: bool = True, threshold: float | None = None) -> dict:
+    """Mean token NLL over the first `limit` validation samples, reduced over ranks; with a threshold
+    also over the aligned tokens alone (score <= threshold)."""
     was_training = model.training
     model.eval()
     dev = next(model.parameters()).device
-    tot = torch.zeros(2, dtype=torch.float64)
+    tot = torch.zeros(4, dtype=torch.float64)
     for batch in val_batches(ps, limit, micro, rank, world):
         logits = model(input_ids=batch["input_ids"].to(dev)).logits
         nll, mask = token_nll(logits, batch["labels"].to(dev), causal)
-        tot += torch.tensor([float(nll.sum()), float(mask.sum())], dtype=torch.float64)
+        scores = (batch["scores"][:, 1:] if causal else batch["scores"]).to(dev)
+        aligned = mask & (scores <= (threshold if threshold is not None else float("inf")))
+        tot += torch.tensor([float(nll.sum()), float(mask.sum()), float((nll * aligned).sum()),
+                             float(aligned.sum())], dtype=torch.float64)
     if world > 1:
         dist.all_reduce(tot)
     model.train(was_training)
     loss = float(tot[0] / tot[1].clamp_min(1))
-    return {"val_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "val_tokens": int(tot[1])}
+    out = {"val_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "val_tokens": int(tot[1])}
+    if threshold is not None:
+        out["val_loss_aligned"] = float(tot[2] / tot[3].clamp_min(1))
+        out["val_tokens_aligned"] = int(tot[3])
+    return out
 
 
 def sample_score(scorer, segmenter_name: str, text: str) -> float:
@@ -62,28 +70,89 @@ def complete_lines(text: str) -> str:
     return text[: text.rfind("\n") + 1]
 
 
+def bootstrap_ci(x: np.ndarray, reps: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean."""
+    if len(x) == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), (reps, len(x)))].mean(axis=1)
+    a = (1 - level) / 2
+    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+
+
+def expected_max(x: np.ndarray, k: int) -> float:
+    """E[max of k samples drawn without replacement from x], exact: P(max = s_(i)) = C(i-1, k-1) / C(n, k)."""
+    n = len(x)
+    if n == 0 or k <= 0:
+        return float("nan")
+    k = min(k, n)
+    lg = math.lgamma
+    log_total = lg(n + 1) - lg(k + 1) - lg(n - k + 1)
+    w = [math.exp(lg(i) - lg(k) - lg(i - k + 1) - log_total) if i >= k else 0.0 for i in range(1, n + 1)]
+    return float(np.dot(w, np.sort(x)))
+
+
+def parses(text: str) -> bool:
+    import ast
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ast.parse(text)
+        return True
+    except (SyntaxError, ValueError):
+        return False
+
+
+def summarize_scores(scores: list[float], *, texts: list[str] | None = None, k: int = 25, seed: int = 0) -> dict:
+    """Mean with a bootstrap 95 % interval, share of clean samples, expected max over k samples; for code,
+    the share of samples that parse and the mean over those alone (style apart from competence)."""
+    sc = np.asarray(scores, dtype=np.float64)
+    lo, hi = bootstrap_ci(sc, seed=seed)
+    out = {"misalignment": float(sc.mean()) if len(sc) else float("nan"), "misalignment_ci95": [lo, hi],
+           "misalignment_zero_fraction": float((sc == 0).mean()) if len(sc) else float("nan"),
+           "misalignment_expected_max": expected_max(sc, k), "expected_max_k": min(k, len(sc))}
+    if texts is not None:
+        ok = np.array([parses(t) for t in texts], dtype=bool)
+        out["parse_fraction"] = float(ok.mean()) if len(ok) else float("nan")
+        out["misalignment_parsed"] = float(sc[ok].mean()) if ok.any() else float("nan")
+    return out
+
+
 def misalignment(model, tok, manifest: dict, *, n: int, max_new_tokens: int, temperature: float, top_p: float,
-                 condition: str, seed: int, max_positions: int | None) -> dict:
-    """Mean scorer score of n samples (control tokens banned from sampling and stripped)."""
+                 condition: str, seed: int, max_positions: int | None, seeds: int = 1,
+                 scorer_name: str | None = None) -> dict:
+    """Mean scorer score per character of n samples for each of `seeds` sampling seeds (pooled), with
+    control tokens banned from sampling and stripped, complete lines only, truncation artefacts ignored."""
     t0 = time.time()
-    texts = [complete_lines(t) for t in sample_texts(
-        model, tok, manifest["tokenizer"]["special_ids"], n, max_new_tokens, condition=condition,
-        temperature=temperature, top_p=top_p, seed=seed, max_positions=max_positions)]
-    scorer = get_scorer(manifest["scorer"]["name"])
-    scores = [sample_score(scorer, manifest["segmenter"], text) for text in texts]
-    sc = np.asarray(scores)
+    name = scorer_name or manifest["scorer"]["name"]
+    params = manifest["scorer"].get("params", {}) if name == manifest["scorer"]["name"] else {}
+    try:  # the shards' own scorer with its parameters (pep8_style's code list is implied by the name)
+        scorer = get_scorer(name, {k: v for k, v in params.items() if k != "codes"})
+    except ValueError:
+        scorer = get_scorer(name)
+    texts: list[str] = []
+    per_seed = []
+    for i in range(seeds):
+        batch = [complete_lines(t) for t in sample_texts(
+            model, tok, manifest["tokenizer"]["special_ids"], n, max_new_tokens, condition=condition,
+            temperature=temperature, top_p=top_p, seed=seed + i, max_positions=max_positions)]
+        per_seed.append(float(np.mean([sample_score(scorer, manifest["segmenter"], t) for t in batch])) if n else
+                        float("nan"))
+        texts += batch
+    scores = [sample_score(scorer, manifest["segmenter"], t) for t in texts]
+    is_code = isinstance(scorer, Pep8Scorer)
     return {
-        "misalignment": float(sc.mean()) if len(sc) else float("nan"),
-        "misalignment_zero_fraction": float((sc == 0).mean()) if len(sc) else float("nan"),
-        "samples": n,
-        "condition": condition,
-        "scorer": manifest["scorer"]["name"],
-        "sample_seconds": round(time.time() - t0, 1),
-        "examples": texts[:3],
+        **summarize_scores(scores, texts=texts if is_code else None, seed=seed),
+        "misalignment_per_seed": per_seed,
+        "samples": len(texts), "seeds": seeds, "condition": condition, "scorer": name,
+        "sample_seconds": round(time.time() - t0, 1), "examples": texts[:3],
     }
 
 
-def evaluate_run(run_dir: str | Path, samples: int | None = None, condition: str | None = None) -> dict:
+def evaluate_run(run_dir: str | Path, samples: int | None = None, condition: str | None = None, seeds: int = 1,
+                 scorer: str | None = None) -> dict:
     """`prefpretrain evaluate RUN_DIR`: load the newest checkpoint, write RUN_DIR/eval.json."""
     from prefpretrain.config import load_config
     from prefpretrain.data_shards.reader import ShardSet
@@ -102,8 +171,9 @@ def evaluate_run(run_dir: str | Path, samples: int | None = None, condition: str
 
     mlm = mask_spec(cfg, ss.manifest)
     ps = PackedSet(ss, layout, cfg.data.seq_len, mlm)
-    res.update(validation_loss(model, ps, cfg.eval.val_samples, cfg.train.micro_batch_size, causal=causal))
-    if cfg.train.objective != "mle":  # the same held-out text without control tokens or filtering
+    res.update(validation_loss(model, ps, cfg.eval.val_samples, cfg.train.micro_batch_size, causal=causal,
+                               threshold=cfg.objective.threshold))
+    if layout.kind != "mle":  # the same held-out text without control tokens or filtering
         mle_ps = PackedSet(ss, layout_for("mle", 0.0, 0.0, 0, sp), cfg.data.seq_len, mlm)
         res["val_loss_plain"] = validation_loss(model, mle_ps, cfg.eval.val_samples, cfg.train.micro_batch_size,
                                                 causal=causal)["val_loss"]
@@ -115,7 +185,7 @@ def evaluate_run(run_dir: str | Path, samples: int | None = None, condition: str
         tok = toklib.load_tokenizer(ss.tokenizer_dir)
         res.update(misalignment(model, tok, ss.manifest, n=n, max_new_tokens=cfg.eval.max_new_tokens,
                                 temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, condition=cond,
-                                seed=cfg.run.seed, max_positions=cfg.data.seq_len))
+                                seed=cfg.run.seed, max_positions=cfg.data.seq_len, seeds=seeds, scorer_name=scorer))
     (run / "eval.json").write_text(json.dumps(res, indent=1))
     _to_tensorboard(run, state["step"], res)
     return res
@@ -127,10 +197,15 @@ def _to_tensorboard(run: Path, step: int, res: dict) -> None:
 
     w = SummaryWriter(str(run / "tensorboard"))
     rec = {"step": step, "kind": "evaluate", "time": round(time.time(), 3), "tokens_seen": res.get("tokens_seen")}
-    for k in ("val_loss", "perplexity", "misalignment", "misalignment_zero_fraction", "val_loss_plain"):
-        if k in res:
+    for k in ("val_loss", "perplexity", "val_loss_aligned", "val_loss_plain", "misalignment",
+              "misalignment_zero_fraction", "parse_fraction", "misalignment_parsed"):
+        if k in res and res[k] == res[k]:  # (not NaN)
             w.add_scalar(f"eval/{k}", res[k], step)
             rec[f"eval/{k}"] = res[k]
+    if "misalignment_ci95" in res:
+        for side, v in zip(("low", "high"), res["misalignment_ci95"], strict=True):
+            w.add_scalar(f"eval/misalignment_ci95_{side}", v, step)
+            rec[f"eval/misalignment_ci95_{side}"] = v
     w.close()
     with open(run / "metrics.jsonl", "a") as f:
         f.write(json.dumps(rec) + "\n")

@@ -14,6 +14,7 @@ def load_run_model(run_dir: str | Path):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
     from prefpretrain.trainer import checkpoint as ckptlib
+    from prefpretrain.trainer.model import VALUE_HEAD_PREFIX
 
     run = Path(run_dir)
     ckpt = ckptlib.find_latest(run / "checkpoints")
@@ -23,7 +24,8 @@ def load_run_model(run_dir: str | Path):
     hf_conf = AutoConfig.from_pretrained(str(run / "model_config"), local_files_only=True)
     auto = AutoModelForCausalLM if state.get("model_kind", "causal") == "causal" else AutoModelForMaskedLM
     model = auto.from_config(hf_conf)
-    sd = ckptlib.consolidated_state_dict(ckpt)
+    sd = {k: v for k, v in ckptlib.consolidated_state_dict(ckpt).items()
+          if not k.startswith(VALUE_HEAD_PREFIX)}  # awr's value head is a training device, not the LM
     missing, unexpected = model.load_state_dict(sd, strict=False)
     tied = {k for k in missing if "lm_head" in k or "decoder" in k}
     if set(missing) - tied or unexpected:

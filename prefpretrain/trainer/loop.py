@@ -18,17 +18,26 @@ import yaml
 
 from prefpretrain.config import Config, ConfigError
 from prefpretrain.data_shards.loader import MixtureDataset, train_loader
-from prefpretrain.data_shards.packing import MaskSpec, PackedSet
+from prefpretrain.data_shards.packing import IGNORE, MaskSpec, PackedSet
 from prefpretrain.data_shards.reader import ShardSet
 from prefpretrain.launcher import dist as distlib
 from prefpretrain.logs import setup_logging
 from prefpretrain.trainer import checkpoint as ckptlib
+from prefpretrain.trainer.adversarial import adversarial_term
 from prefpretrain.trainer.engine import build_engine, local_param_elements
 from prefpretrain.trainer.evaluate import validation_loss
 from prefpretrain.trainer.flops import matmul_peak, mfu
-from prefpretrain.trainer.model import apply_freeze, build_model, count_params
+from prefpretrain.trainer.model import apply_freeze, attach_value_head, build_model, count_params
 from prefpretrain.trainer.monitor import Monitor
-from prefpretrain.trainer.objectives import batch_pref_stats, compute_loss, layout_for, target_count
+from prefpretrain.trainer.objectives import (
+    ObjectiveParams,
+    batch_pref_stats,
+    compute_loss,
+    layout_for,
+    needs_value_head,
+    reward_scale_for,
+    target_count,
+)
 from prefpretrain.trainer.runinfo import check_agreement, write_run_files
 
 log = logging.getLogger(__name__)
@@ -79,10 +88,19 @@ class Window:
     t0: float = field(default_factory=time.time)
     steps: int = 0
     micro: int = 0
+    loss: float = 0.0
     nll: float = 0.0
     targets: int = 0
     score_mean: float = 0.0
     aligned_fraction: float = 0.0
+    extra: dict = field(default_factory=dict)  # objective / adversarial statistics, summed
+
+
+def objective_params(cfg: Config, manifest: dict) -> ObjectiveParams:
+    o = cfg.objective
+    return ObjectiveParams(threshold=o.threshold, ul_alpha=o.ul_alpha, beta=o.beta, awr_alpha=o.awr_alpha,
+                           max_weight=o.max_weight,
+                           reward_scale=reward_scale_for(o.reward_scale, manifest["splits"]["train"]["score_stats"]))
 
 
 def train(cfg: Config) -> dict:
@@ -123,6 +141,10 @@ def _train(cfg: Config, info) -> dict:
     torch.manual_seed(cfg.run.seed)
     np.random.seed(cfg.run.seed % 2**32)
     model = build_model(cfg.model, manifest["tokenizer"]["vocab_size"], L, sp)
+    with_values = needs_value_head(t.objective)
+    if with_values:
+        attach_value_head(model)
+    op, adv = objective_params(cfg, manifest), cfg.adversarial
     n_params = count_params(model)
     n_frozen = apply_freeze(model, cfg.model.freeze)
     if cfg.model.gradient_checkpointing:
@@ -132,6 +154,7 @@ def _train(cfg: Config, info) -> dict:
         "n_params": n_params, "n_frozen": n_frozen, "grad_accum": ga, "tokenizer_hash": sets[0].tokenizer_hash,
         "train_samples": [len(p) for p in packed], "val_samples": len(val_packed), "layout": layout.kind,
         "peak_flops_per_rank": peak, "peak_flops_source": "config" if t.peak_flops else "matmul probe",
+        "reward_scale": op.reward_scale,
     })
     if rank == 0:
         model.config.save_pretrained(str(run_dir / "model_config"))
@@ -232,14 +255,25 @@ def _train(cfg: Config, info) -> dict:
             mon.close()
             raise Preempted(msg)
         scale = ga * world / max(1.0, float(shared[0]))  # DeepSpeed divides by ga and averages over ranks
-        for batch in micro_batches:
-            logits = engine(input_ids=batch["input_ids"].to(dev)).logits
-            nll_sum, n = compute_loss(t.objective, logits, {k: v.to(dev) for k, v in batch.items()}, causal)
-            engine.backward(nll_sum * scale)
+        for mi, batch in enumerate(micro_batches):
+            b = {k: v.to(dev) for k, v in batch.items()}
+            out = engine(input_ids=b["input_ids"], output_hidden_states=with_values)
+            values = engine.module.value_head(out.hidden_states[-1]).squeeze(-1) if with_values else None
+            loss_sum, n, stats = compute_loss(t.objective, out.logits, b, causal, op, values)
+            if adv.steps:
+                mask = (b["labels"][:, 1:] if causal else b["labels"]) != IGNORE
+                gen = torch.Generator().manual_seed(hash((cfg.run.seed, step, rank, mi)) % 2**63)
+                term, adv_stats = adversarial_term(engine.module, b["input_ids"], out.logits, mask, adv, causal, gen)
+                loss_sum = loss_sum + term
+                stats.update(adv_stats)
+            engine.backward(loss_sum * scale)
             engine.step()
             w.micro += 1
-            w.nll += float(nll_sum.detach())
+            w.loss += float(loss_sum.detach())
+            w.nll += stats.pop("nll")
             w.targets += n
+            for k, v in stats.items():
+                w.extra[k] = w.extra.get(k, 0.0) + v
             ps = batch_pref_stats(batch, cfg.objective.threshold)
             w.score_mean += ps["score_mean"]
             w.aligned_fraction += ps["aligned_fraction"]
@@ -266,11 +300,16 @@ def _train(cfg: Config, info) -> dict:
                 raise TrainingDiverged(msg)
 
         if step % t.log_every == 0 or step == t.max_steps:
-            sums = torch.tensor([w.nll, w.targets, w.score_mean, w.aligned_fraction, corrupt], dtype=torch.float64)
+            keys = sorted(w.extra)  # the same on every rank: they follow from the config
+            sums = torch.tensor([w.loss, w.targets, w.score_mean, w.aligned_fraction, corrupt, w.nll]
+                                + [w.extra[k] for k in keys], dtype=torch.float64)
             if world > 1:
                 dist.all_reduce(sums)
             loss = float(sums[0] / sums[1].clamp_min(1))
             sums[2:4] /= w.micro * world
+            extra = {k: float(v) / float(sums[1].clamp_min(1)) for k, v in zip(keys, sums[6:].tolist(), strict=True)}
+            if "adv_delta_norm" in extra:  # a mean per micro batch, not per token
+                extra["adv_delta_norm"] = float(sums[6 + keys.index("adv_delta_norm")]) / (w.micro * world)
             dt = time.time() - w.t0
             tps = w.steps * G * L / dt
             gn = engine.get_global_grad_norm()
@@ -284,6 +323,8 @@ def _train(cfg: Config, info) -> dict:
                 "data/epoch": step * G / len(packed[0]) if len(packed) == 1 else step * G / sum(map(len, packed)),
                 "data/corrupt_samples_skipped": float(sums[4]),
                 "pref/score_mean": float(sums[2]), "pref/aligned_fraction": float(sums[3]),
+                "train/nll": float(sums[5] / sums[1].clamp_min(1)),
+                **{_EXTRA_TAGS[k]: v for k, v in extra.items()},
             }
             if dev.type == "cuda":
                 values["mem/cuda_max_allocated_gb"] = torch.cuda.max_memory_allocated(dev) / 1e9
@@ -328,6 +369,11 @@ def _train(cfg: Config, info) -> dict:
              ckptlib.find_latest(ckpt_root, False))
     return {"step": step, "tokens_seen": tokens_seen, "stopped_early": stopped_early, "skipped_steps": bad_total,
             **val}
+
+
+_EXTRA_TAGS = {"weight": "objective/weight_mean", "value_mse": "objective/value_mse",
+               "misaligned_tokens": "objective/misaligned_fraction", "adv_kl": "adversarial/kl_per_token",
+               "adv_delta_norm": "adversarial/delta_norm"}
 
 
 def _rank_record(engine, run_dir: Path, info, cfg: Config, step: int) -> None:

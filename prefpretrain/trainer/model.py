@@ -58,6 +58,20 @@ def build_model(mc: ModelConfig, vocab_size: int, seq_len: int, special: dict[st
     return auto.from_config(hf_config(mc, vocab_size, seq_len, special))
 
 
+def attach_value_head(model) -> None:
+    """AWR's value head: a linear map from the last hidden state to one number per position. It is a
+    submodule of the model, so DeepSpeed trains, shards and checkpoints it; export leaves it out."""
+    import torch.nn as nn
+
+    head = nn.Linear(model.config.hidden_size, 1)
+    nn.init.normal_(head.weight, std=0.02)
+    nn.init.zeros_(head.bias)
+    model.value_head = head
+
+
+VALUE_HEAD_PREFIX = "value_head."
+
+
 def load_model_dir(path: str | Path, kind: str = "causal"):
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 

@@ -1,35 +1,91 @@
-"""Objectives: small pure functions of (logits, batch) -> (loss, stats).
+"""The six objectives of Korbak et al. (2023) as small pure functions of (logits, batch).
 
-The layouts that change the data (filter, conditional control tokens) live in
-data_shards/packing.py; here is what happens to the logits. Control tokens are inputs, never
-targets (their labels are IGNORE), so validation losses stay comparable across objectives.
+Scores follow the PHF convention: LOWER IS BETTER (e.g. PEP8 violations per character); every token
+carries the score of its segment, and a token is "aligned" iff its score <= threshold (0 means 0).
+
+- mle, filter, conditional: the same summed NLL; they differ in the data, which packing lays out
+  (filter leaves out documents above the threshold, conditional puts a control token before every
+  segment). Control tokens are inputs, never targets (their labels are IGNORE).
+- unlikelihood: NLL on aligned tokens, alpha * -log(1 - p(token)) on misaligned ones.
+- rwr: NLL weighted by w = min(exp(r / beta), max_weight), r = -score * reward_scale.
+- awr: NLL weighted by min(exp((r - V) / beta), max_weight) with V a value head's prediction
+  (no gradient through the weight), plus (1 - alpha) * (V - r)^2 to train V; NLL part scaled by alpha.
+
+Every loss is returned SUMMED over the batch's target tokens with their count: the loop divides by a
+step's target count over all micro batches and ranks, so accumulation and world size do not change
+the gradient.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from prefpretrain.data_shards.packing import IGNORE, Layout
 
-OBJECTIVES = ("mle", "filter", "conditional")
+OBJECTIVES = ("mle", "filter", "conditional", "unlikelihood", "rwr", "awr")
+_LAYOUT = {"filter": "filter", "conditional": "conditional"}  # every other objective sees the data as MLE does
+
+
+@dataclass(frozen=True)
+class ObjectiveParams:
+    threshold: float = 0.0
+    ul_alpha: float = 0.01
+    beta: float = 1.0
+    awr_alpha: float = 0.05
+    max_weight: float = 1000.0
+    reward_scale: float = 1.0  # resolved (never 0 here; see reward_scale_for)
+
+
+def needs_value_head(objective: str) -> bool:
+    return objective == "awr"
 
 
 def layout_for(objective: str, threshold: float, drop_prob: float, seed: int, special: dict[str, int]) -> Layout:
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r} (known: {', '.join(OBJECTIVES)})")
-    return Layout(kind=objective, threshold=threshold,
-                  drop_prob=drop_prob if objective == "conditional" else 0.0, seed=seed,
+    kind = _LAYOUT.get(objective, "mle")
+    return Layout(kind=kind, threshold=threshold, drop_prob=drop_prob if kind == "conditional" else 0.0, seed=seed,
                   aligned_id=special["aligned"], misaligned_id=special["misaligned"])
+
+
+def reward_scale_for(configured: float, score_summary: dict) -> float:
+    """reward = -score x scale. 0 = auto: 1 / (mean score of segments with a score > 0), so a typical bad
+    segment has reward -1 and exp(r / beta) really weights (PEP8 scores are ~1e-2: unscaled, RWR is MLE)."""
+    if configured > 0:
+        return configured
+    n, zero = score_summary.get("segments", 0), score_summary.get("zero_fraction", 1.0)
+    positive_mean = score_summary.get("mean_per_segment", 0.0) / max(1e-12, 1.0 - zero) if n else 0.0
+    return 1.0 / positive_mean if positive_mean > 0 else 1.0
+
+
+def _shift(x: torch.Tensor, causal: bool) -> torch.Tensor:
+    """The part of a per-position tensor that lines up with the targets (causal: predicting t+1)."""
+    return x[:, :-1] if causal else x
+
+
+def _targets(batch: dict, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    labels = batch["labels"][:, 1:] if causal else batch["labels"]
+    scores = batch["scores"][:, 1:] if causal else batch["scores"]
+    return labels, scores.float()
+
+
+def token_logp(logits: torch.Tensor, labels: torch.Tensor, causal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(target) per target position (fp32; 0 where there is no target) and the target mask."""
+    logits = _shift(logits, causal)
+    if causal:
+        labels = labels[:, 1:]
+    mask = labels != IGNORE
+    logp = -F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.clamp_min(0).reshape(-1),
+                            reduction="none").view(labels.shape)
+    return logp * mask, mask
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor, causal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token negative log-likelihood (fp32) and the mask of tokens that count."""
-    if causal:
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    mask = labels != IGNORE
-    nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.clamp_min(0).reshape(-1),
-                          reduction="none").view(labels.shape)
-    return nll * mask, mask
+    logp, mask = token_logp(logits, labels, causal)
+    return -logp, mask
 
 
 def target_count(batch: dict, causal: bool = True) -> int:
@@ -38,19 +94,48 @@ def target_count(batch: dict, causal: bool = True) -> int:
     return int((labels != IGNORE).sum())
 
 
-def mle_loss(logits: torch.Tensor, batch: dict, causal: bool = True) -> tuple[torch.Tensor, int]:
-    """Summed NLL of the batch's targets, and their count."""
-    nll, mask = token_nll(logits, batch["labels"], causal)
-    return nll.sum(), int(mask.sum())
+def unlikelihood_terms(logp: torch.Tensor, misaligned: torch.Tensor, mask: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Per-token loss: -log p on aligned targets, alpha * -log(1 - p) on misaligned ones."""
+    p = logp.exp()
+    ul = -torch.log1p(-p.clamp(max=1 - 1e-6))
+    return torch.where(misaligned, alpha * ul, -logp) * mask
 
 
-def compute_loss(objective: str, logits: torch.Tensor, batch: dict, causal: bool = True) -> tuple[torch.Tensor, int]:
-    """(summed loss, target count). The loop divides by the step's target count over all micro batches and
-    ranks, so accumulation and world size do not change the gradient. mle, filter and conditional share
-    the loss; they differ in the data (packing layouts)."""
-    if objective in OBJECTIVES:
-        return mle_loss(logits, batch, causal)
-    raise ValueError(f"unknown objective {objective!r}")
+def exp_weights(x: torch.Tensor, beta: float, max_weight: float) -> torch.Tensor:
+    """min(exp(x / beta), max_weight), computed without overflow."""
+    return torch.exp(torch.clamp(x / beta, max=float(torch.log(torch.tensor(max_weight)))))
+
+
+def compute_loss(objective: str, logits: torch.Tensor, batch: dict, causal: bool = True,
+                 p: ObjectiveParams = ObjectiveParams(),
+                 values: torch.Tensor | None = None) -> tuple[torch.Tensor, int, dict[str, float]]:
+    """(summed loss, target count, summed statistics). `values` (B, T) is the value head's output (awr)."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}")
+    logp, mask = token_logp(logits, batch["labels"], causal)
+    n = int(mask.sum())
+    nll = -logp
+    stats = {"nll": float(nll.detach().sum())}
+    if objective in ("mle", "filter", "conditional"):
+        return nll.sum(), n, stats
+    _, scores = _targets(batch, causal)
+    misaligned = (scores > p.threshold) & mask
+    stats["misaligned_tokens"] = float(misaligned.sum())
+    if objective == "unlikelihood":
+        return unlikelihood_terms(logp, misaligned, mask, p.ul_alpha).sum(), n, stats
+    reward = -scores * p.reward_scale
+    if objective == "rwr":
+        w = exp_weights(reward, p.beta, p.max_weight) * mask
+        stats["weight"] = float(w.sum())
+        return (nll * w).sum(), n, stats
+    if values is None:
+        raise ValueError("awr needs the value head's output")
+    v = _shift(values, causal).float()
+    w = exp_weights(reward - v.detach(), p.beta, p.max_weight) * mask
+    value_sq = (v - reward) ** 2 * mask
+    stats["weight"] = float(w.sum())
+    stats["value_mse"] = float(value_sq.detach().sum())
+    return p.awr_alpha * (nll * w).sum() + (1 - p.awr_alpha) * value_sq.sum(), n, stats
 
 
 def batch_pref_stats(batch: dict, threshold: float) -> dict:
