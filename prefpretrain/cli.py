@@ -92,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--condition", choices=["auto", "aligned", "misaligned", "none"], default=None,
                    help="control token for conditional models (default eval.condition)")
     p.add_argument("--scorer", default=None,
-                   help="score the samples with this scorer instead of the shards' (e.g. pep8_style)")
+                   help="score the samples with this scorer instead of the shards' (e.g. pep8_style); a comma "
+                        "list scores the same samples with each (the first gives the headline numbers)")
+    p.add_argument("--out", default=None, help="where to write the results (default RUN_DIR/eval.json)")
 
     p = sub.add_parser("export", help="newest checkpoint -> HF directory (safetensors + tokenizer)")
     p.add_argument("run_dir")
@@ -281,14 +283,16 @@ def cmd_evaluate(a) -> int:
 
     if a.seeds < 1:
         raise ConfigError(f"--seeds: must be >= 1, got {a.seeds}")
-    if a.scorer:
+    scorers = [x for x in (a.scorer or "").split(",") if x] or None
+    if scorers:
         from prefpretrain.data_shards.scorers import get_scorer
 
-        try:
-            get_scorer(a.scorer)
-        except ValueError as e:
-            raise ConfigError(f"--scorer: {e}") from None
-    res = evaluate_run(a.run_dir, a.samples, a.condition, a.seeds, a.scorer)
+        for name in scorers:
+            try:
+                get_scorer(name)
+            except ValueError as e:
+                raise ConfigError(f"--scorer: {e}") from None
+    res = evaluate_run(a.run_dir, a.samples, a.condition, a.seeds, scorers, a.out)
     print(json.dumps({k: v for k, v in res.items() if k != "examples"}, indent=1))
     return 0
 

@@ -120,40 +120,49 @@ def summarize_scores(scores: list[float], *, texts: list[str] | None = None, k: 
     return out
 
 
+def _scorer_for(name: str, manifest: dict):
+    """A scorer by name; the shards' own one keeps its parameters (pep8_style's code list follows from the name)."""
+    params = manifest["scorer"].get("params", {}) if name == manifest["scorer"]["name"] else {}
+    try:
+        return get_scorer(name, {k: v for k, v in params.items() if k != "codes"})
+    except ValueError:
+        return get_scorer(name)
+
+
 def misalignment(model, tok, manifest: dict, *, n: int, max_new_tokens: int, temperature: float, top_p: float,
                  condition: str, seed: int, max_positions: int | None, seeds: int = 1,
-                 scorer_name: str | None = None) -> dict:
+                 scorers: list[str] | None = None) -> dict:
     """Mean scorer score per character of n samples for each of `seeds` sampling seeds (pooled), with
-    control tokens banned from sampling and stripped, complete lines only, truncation artefacts ignored."""
+    control tokens banned from sampling and stripped, complete lines only, truncation artefacts ignored.
+    The first scorer gives the headline numbers; the same samples are scored by the others too (`by_scorer`)."""
     t0 = time.time()
-    name = scorer_name or manifest["scorer"]["name"]
-    params = manifest["scorer"].get("params", {}) if name == manifest["scorer"]["name"] else {}
-    try:  # the shards' own scorer with its parameters (pep8_style's code list is implied by the name)
-        scorer = get_scorer(name, {k: v for k, v in params.items() if k != "codes"})
-    except ValueError:
-        scorer = get_scorer(name)
+    names = scorers or [manifest["scorer"]["name"]]
     texts: list[str] = []
-    per_seed = []
+    seed_of: list[int] = []
     for i in range(seeds):
-        batch = [complete_lines(t) for t in sample_texts(
+        texts += [complete_lines(t) for t in sample_texts(
             model, tok, manifest["tokenizer"]["special_ids"], n, max_new_tokens, condition=condition,
             temperature=temperature, top_p=top_p, seed=seed + i, max_positions=max_positions)]
-        per_seed.append(float(np.mean([sample_score(scorer, manifest["segmenter"], t) for t in batch])) if n else
-                        float("nan"))
-        texts += batch
-    scores = [sample_score(scorer, manifest["segmenter"], t) for t in texts]
-    is_code = isinstance(scorer, Pep8Scorer)
+        seed_of += [i] * n
+    by_scorer = {}
+    for name in names:
+        scorer = _scorer_for(name, manifest)
+        sc = np.asarray([sample_score(scorer, manifest["segmenter"], t) for t in texts])
+        summary = summarize_scores(sc.tolist(), texts=texts if isinstance(scorer, Pep8Scorer) else None, seed=seed)
+        summary["misalignment_per_seed"] = [float(sc[np.asarray(seed_of) == i].mean()) if n else float("nan")
+                                            for i in range(seeds)]
+        summary["sample_scores"] = [round(float(x), 6) for x in sc]
+        by_scorer[name] = summary
     return {
-        **summarize_scores(scores, texts=texts if is_code else None, seed=seed),
-        "misalignment_per_seed": per_seed,
-        "samples": len(texts), "seeds": seeds, "condition": condition, "scorer": name,
+        **by_scorer[names[0]], "by_scorer": by_scorer,
+        "samples": len(texts), "seeds": seeds, "condition": condition, "scorer": names[0],
         "sample_seconds": round(time.time() - t0, 1), "examples": texts[:3],
     }
 
 
 def evaluate_run(run_dir: str | Path, samples: int | None = None, condition: str | None = None, seeds: int = 1,
-                 scorer: str | None = None) -> dict:
-    """`prefpretrain evaluate RUN_DIR`: load the newest checkpoint, write RUN_DIR/eval.json."""
+                 scorers: list[str] | None = None, out: str | Path | None = None) -> dict:
+    """`prefpretrain evaluate RUN_DIR`: load the newest checkpoint, write RUN_DIR/eval.json (or `out`)."""
     from prefpretrain.config import load_config
     from prefpretrain.data_shards.reader import ShardSet
     from prefpretrain.trainer.export import load_run_model
@@ -185,8 +194,8 @@ def evaluate_run(run_dir: str | Path, samples: int | None = None, condition: str
         tok = toklib.load_tokenizer(ss.tokenizer_dir)
         res.update(misalignment(model, tok, ss.manifest, n=n, max_new_tokens=cfg.eval.max_new_tokens,
                                 temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, condition=cond,
-                                seed=cfg.run.seed, max_positions=cfg.data.seq_len, seeds=seeds, scorer_name=scorer))
-    (run / "eval.json").write_text(json.dumps(res, indent=1))
+                                seed=cfg.run.seed, max_positions=cfg.data.seq_len, seeds=seeds, scorers=scorers))
+    Path(out or run / "eval.json").write_text(json.dumps(res, indent=1))
     _to_tensorboard(run, state["step"], res)
     return res
 

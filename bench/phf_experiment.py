@@ -1,0 +1,175 @@
+"""Run a PHF experiment set (configs/experiments/SET_*.yaml) over seeds and print the comparison table.
+
+    .venv/bin/python bench/phf_experiment.py --set pep8_style [--objectives mle conditional ...]
+        [--seeds 1 2] [--steps 600] [--samples 512] [--out runs/exp]
+
+Per (objective, seed): `prefpretrain run CONFIG run.seed=S` (shards built once per set, equal token budgets),
+then `prefpretrain evaluate` with N samples scored by the set's scorer and by the style-only scorer on the same
+samples (conditional models sample with <|aligned|> re-inserted after every newline; they are also sampled
+with <|misaligned|> to check that the control token works). Samples of all seeds are pooled; intervals are
+percentile bootstraps of the mean. Validation loss is on the plain held-out text (no control tokens, no
+filtering), so it is comparable across objectives. Writes SET_results.json and SET_misalignment.png under --out,
+prints a table and ends with ONE line of JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+OBJECTIVES = ["mle", "filter", "conditional", "unlikelihood", "rwr", "awr"]
+STYLE = "pep8_style"
+
+
+def sh(args: list[str]) -> None:
+    r = subprocess.run([sys.executable, "-m", "prefpretrain", *args], cwd=ROOT, capture_output=True, text=True)
+    if r.returncode:
+        sys.exit(f"failed ({r.returncode}): prefpretrain {' '.join(args)}\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
+
+
+def run_one(cfg: Path, run: Path, seed: int, steps: int | None, samples: int, scorers: list[str]) -> dict:
+    over = [f"run.seed={seed}", f"run.output_dir={run}", "eval.samples=0"]
+    if steps:
+        over += [f"train.max_steps={steps}", f"checkpoint.every_steps={steps}", f"eval.every_steps={steps}"]
+    t0 = time.time()
+    if not (run / "summary.json").is_file():
+        sh(["run", str(cfg), *over])
+    wall = time.time() - t0 if wall_of(run) is None else wall_of(run)
+    out = {"seed": seed, "wall_s": wall}
+    conditions = ["auto", "misaligned"] if "conditional" in cfg.name else ["auto"]
+    for cond in conditions:
+        f = run / f"eval_{cond}.json"
+        if not f.is_file():
+            sh(["evaluate", str(run), "--samples", str(samples), "--condition", cond, "--scorer", ",".join(scorers),
+                "--out", str(f)])
+        out[cond] = json.loads(f.read_text())
+    return out
+
+
+def wall_of(run: Path) -> float | None:
+    f = run / "summary.json"
+    return json.loads(f.read_text())["seconds"]["train"] if f.is_file() else None
+
+
+def pooled(results: list[dict], cond: str, scorer: str) -> np.ndarray:
+    return np.concatenate([r[cond]["by_scorer"][scorer]["sample_scores"] for r in results if cond in r])
+
+
+def ratio_ci(a: np.ndarray, b: np.ndarray, reps: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """mean(a) / mean(b) with a bootstrap 95 % interval (a and b resampled independently)."""
+    rng = np.random.default_rng(seed)
+    ra = a[rng.integers(0, len(a), (reps, len(a)))].mean(1)
+    rb = b[rng.integers(0, len(b), (reps, len(b)))].mean(1)
+    r = ra / np.maximum(rb, 1e-12)
+    return float(a.mean() / max(b.mean(), 1e-12)), float(np.quantile(r, 0.025)), float(np.quantile(r, 0.975))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--set", default="pep8_style", help="experiment set: configs/experiments/SET_<objective>.yaml")
+    ap.add_argument("--objectives", nargs="+", default=OBJECTIVES)
+    ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2])
+    ap.add_argument("--steps", type=int, default=None, help="override train.max_steps (same for every objective)")
+    ap.add_argument("--samples", type=int, default=512, help="samples per run and condition")
+    ap.add_argument("--out", default="runs/exp")
+    a = ap.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from prefpretrain.trainer.evaluate import bootstrap_ci
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    scorers = None
+    rows, raw = [], {}
+    for obj in a.objectives:
+        cfg = ROOT / "configs" / "experiments" / f"{a.set}_{obj}.yaml"
+        if not cfg.is_file():
+            sys.exit(f"no config {cfg}")
+        if scorers is None:
+            import yaml
+
+            main_scorer = yaml.safe_load(cfg.read_text())["shard"]["scorer"]
+            scorers = [main_scorer] + ([STYLE] if main_scorer != STYLE and main_scorer.startswith("pep8") else [])
+        res = [run_one(cfg, out / f"{a.set}_{obj}_s{s}", s, a.steps, a.samples, scorers) for s in a.seeds]
+        raw[obj] = res
+        row = {"objective": obj, "seeds": a.seeds}
+        for sc in scorers:
+            x = pooled(res, "auto", sc)
+            lo, hi = bootstrap_ci(x)
+            row[sc] = {"mean": float(x.mean()), "ci95": [lo, hi], "zero_fraction": float((x == 0).mean()),
+                       "n": len(x)}
+        ev = [r["auto"] for r in res]
+        row["parse_fraction"] = float(np.mean([e["by_scorer"][scorers[-1]].get("parse_fraction", np.nan) for e in ev]))
+        row[f"{scorers[-1]}_parsed"] = float(np.nanmean([e["by_scorer"][scorers[-1]].get("misalignment_parsed", np.nan)
+                                                         for e in ev]))
+        row["val_loss"] = float(np.mean([e.get("val_loss_plain", e["val_loss"]) for e in ev]))
+        row["tokens"] = int(np.mean([e["tokens_seen"] for e in ev]))
+        row["wall_s"] = float(np.mean([r["wall_s"] for r in res]))
+        if obj == "conditional":
+            for sc in scorers:
+                m = pooled(res, "misaligned", sc)
+                row[f"misaligned_{sc}"] = {"mean": float(m.mean()), "ci95": list(bootstrap_ci(m))}
+                row[f"control_ratio_{sc}"] = ratio_ci(m, pooled(res, "auto", sc))
+        rows.append(row)
+    if "mle" in raw:
+        for row in rows:
+            for sc in scorers:
+                row[f"vs_mle_{sc}"] = ratio_ci(pooled(raw["mle"], "auto", sc), pooled(raw[row["objective"]], "auto", sc))
+    (out / f"{a.set}_results.json").write_text(json.dumps({"rows": rows, "args": vars(a)}, indent=1))
+    print_table(rows, scorers)
+    png = plot(rows, scorers, out / f"{a.set}_misalignment.png")
+    print(json.dumps({"set": a.set, "steps": a.steps, "seeds": a.seeds, "samples": a.samples, "png": str(png),
+                      "rows": [{k: v for k, v in r.items() if k != "seeds"} for r in rows]}))
+
+
+def print_table(rows: list[dict], scorers: list[str]) -> None:
+    head = "| objective | " + " | ".join(f"{s} viol/char [95 % CI]" for s in scorers) + \
+        " | MLE / this | parse | style (parsed) | val loss | tokens | wall s |"
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for r in rows:
+        cells = [f"{r[s]['mean']:.5f} [{r[s]['ci95'][0]:.5f}, {r[s]['ci95'][1]:.5f}]" for s in scorers]
+        vs = r.get(f"vs_mle_{scorers[0]}")
+        print(f"| {r['objective']} | " + " | ".join(cells) +
+              f" | {f'{vs[0]:.2f} [{vs[1]:.2f}, {vs[2]:.2f}]' if vs else '-'} | {r['parse_fraction']:.2f} | "
+              f"{r[f'{scorers[-1]}_parsed']:.5f} | {r['val_loss']:.3f} | {r['tokens']:,} | {r['wall_s']:.0f} |")
+    for r in rows:
+        if "misaligned_" + scorers[-1] in r:
+            for s in scorers:
+                c = r[f"control_ratio_{s}"]
+                print(f"conditional, {s}: <|misaligned|> samples have {c[0]:.2f}x [{c[1]:.2f}, {c[2]:.2f}] the "
+                      f"violations of <|aligned|> ones ({r['misaligned_' + s]['mean']:.5f} vs {r[s]['mean']:.5f})")
+
+
+def plot(rows: list[dict], scorers: list[str], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(scorers) + 1, figsize=(5 * (len(scorers) + 1), 4))
+    names = [r["objective"] for r in rows]
+    for ax, s in zip(axes, scorers, strict=False):
+        m = [r[s]["mean"] for r in rows]
+        err = [[r[s]["mean"] - r[s]["ci95"][0] for r in rows], [r[s]["ci95"][1] - r[s]["mean"] for r in rows]]
+        ax.bar(names, m, yerr=err, capsize=4, color="tab:blue")
+        ax.set_title(f"{s} violations / char (95 % CI)")
+        ax.tick_params(axis="x", rotation=30)
+    axes[-1].bar(names, [r["val_loss"] for r in rows], color="tab:gray")
+    axes[-1].set_title("validation loss (plain text)")
+    axes[-1].tick_params(axis="x", rotation=30)
+    lo = min(r["val_loss"] for r in rows)
+    axes[-1].set_ylim(lo * 0.95, max(r["val_loss"] for r in rows) * 1.02)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    main()
