@@ -61,6 +61,12 @@ def pooled(results: list[dict], cond: str, scorer: str) -> np.ndarray:
     return np.concatenate([r[cond]["by_scorer"][scorer]["sample_scores"] for r in results if cond in r])
 
 
+def bootstrap_ci_of(x: np.ndarray) -> dict:
+    from prefpretrain.trainer.evaluate import bootstrap_ci
+
+    return {"mean": float(np.mean(x)), "ci95": list(bootstrap_ci(np.asarray(x, dtype=np.float64)))}
+
+
 def ratio_ci(a: np.ndarray, b: np.ndarray, reps: int = 2000, seed: int = 0) -> tuple[float, float, float]:
     """mean(a) / mean(b) with a bootstrap 95 % interval (a and b resampled independently)."""
     rng = np.random.default_rng(seed)
@@ -119,7 +125,8 @@ def main() -> None:
     if "mle" in raw:
         for row in rows:
             for sc in scorers:
-                row[f"vs_mle_{sc}"] = ratio_ci(pooled(raw["mle"], "auto", sc), pooled(raw[row["objective"]], "auto", sc))
+                base, this = pooled(raw["mle"], "auto", sc), pooled(raw[row["objective"]], "auto", sc)
+                row[f"vs_mle_{sc}"] = ratio_ci(base, this)
     (out / f"{a.set}_results.json").write_text(json.dumps({"rows": rows, "args": vars(a)}, indent=1))
     print_table(rows, scorers)
     png = plot(rows, scorers, out / f"{a.set}_misalignment.png")
