@@ -255,14 +255,15 @@ def _train(cfg: Config, info) -> dict:
             mon.close()
             raise Preempted(msg)
         scale = ga * world / max(1.0, float(shared[0]))  # DeepSpeed divides by ga and averages over ranks
-        for mi, batch in enumerate(micro_batches):
+        for batch in micro_batches:
             b = {k: v.to(dev) for k, v in batch.items()}
             out = engine(input_ids=b["input_ids"], output_hidden_states=with_values)
             values = engine.module.value_head(out.hidden_states[-1]).squeeze(-1) if with_values else None
             loss_sum, n, stats = compute_loss(t.objective, out.logits, b, causal, op, values)
             if adv.steps:
                 mask = (b["labels"][:, 1:] if causal else b["labels"]) != IGNORE
-                gen = torch.Generator().manual_seed(hash((cfg.run.seed, step, rank, mi)) % 2**63)
+                # seeded by the samples, not the rank: the same data gets the same start at any world size
+                gen = torch.Generator().manual_seed(hash((cfg.run.seed, int(batch["position"][0]))) % 2**63)
                 term, adv_stats = adversarial_term(engine.module, b["input_ids"], out.logits, mask, adv, causal, gen)
                 loss_sum = loss_sum + term
                 stats.update(adv_stats)
