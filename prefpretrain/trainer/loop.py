@@ -118,11 +118,17 @@ def _train(cfg: Config, info) -> dict:
             raise ConfigError(f"data.shards: {s.path} yields no {L}-token sample for objective {t.objective!r}")
     ds = MixtureDataset(packed, [s.weight for s in cfg.data.shards], cfg.run.seed)
     val_packed = PackedSet(val_set, layout, L, mlm)
+    cont = None  # a continual update: replay memory, the earlier model, EWC / distillation, forgetting
+    if cfg.continual.from_:
+        from prefpretrain.continual.update import ContinualUpdate
+
+        cont = ContinualUpdate.start(cfg, run_dir, rank, world, dev, layout, mlm, manifest["tokenizer"]["vocab_size"])
+        ds = cont.wrap(ds)
 
     # ---- model and engine
     torch.manual_seed(cfg.run.seed)
     np.random.seed(cfg.run.seed % 2**32)
-    model = build_model(cfg.model, manifest["tokenizer"]["vocab_size"], L, sp)
+    model = cont.model if cont else build_model(cfg.model, manifest["tokenizer"]["vocab_size"], L, sp)
     n_params = count_params(model)
     n_frozen = apply_freeze(model, cfg.model.freeze)
     if cfg.model.gradient_checkpointing:
@@ -160,6 +166,8 @@ def _train(cfg: Config, info) -> dict:
         if st["config_hash"] != cfg.hash():
             log.warning("resuming %s written with another config (hash %s, now %s)", ckpt, st["config_hash"],
                         cfg.hash())
+        if cont:
+            cont.check_resume(st, ckpt)
         load_from = ckpt
         if st["world_size"] != world and st.get("zero_stage", 0) >= 1:
             load_from = ckptlib.universal(ckpt, rank)
@@ -192,6 +200,8 @@ def _train(cfg: Config, info) -> dict:
         state = {"tokenizer_hash": sets[0].tokenizer_hash, "data_position": at * G, "tokens_seen": tokens_seen,
                  "world_size": world, "config_hash": cfg.hash(), "zero_stage": cfg.engine.zero_stage,
                  "model_kind": cfg.model.kind, "objective": t.objective, "global_batch_size": G}
+        if cont:
+            state["continual"] = cont.state(at)
         t0 = time.time()
         parts: dict = {}
         d = ckptlib.save(engine, ckpt_root, at, state, cfg.checkpoint.keep_last, rank, parts)
@@ -235,7 +245,8 @@ def _train(cfg: Config, info) -> dict:
         for batch in micro_batches:
             logits = engine(input_ids=batch["input_ids"].to(dev)).logits
             nll_sum, n = compute_loss(t.objective, logits, {k: v.to(dev) for k, v in batch.items()}, causal)
-            engine.backward(nll_sum * scale)
+            extra = cont.extra_loss(engine.module, batch, logits, scale) if cont else None
+            engine.backward(nll_sum * scale if extra is None else nll_sum * scale + extra)
             engine.step()
             w.micro += 1
             w.nll += float(nll_sum.detach())
@@ -285,6 +296,8 @@ def _train(cfg: Config, info) -> dict:
                 "data/corrupt_samples_skipped": float(sums[4]),
                 "pref/score_mean": float(sums[2]), "pref/aligned_fraction": float(sums[3]),
             }
+            if cont:
+                values.update(cont.window_values())
             if dev.type == "cuda":
                 values["mem/cuda_max_allocated_gb"] = torch.cuda.max_memory_allocated(dev) / 1e9
             mon.scalars(step, values)
@@ -316,6 +329,8 @@ def _train(cfg: Config, info) -> dict:
         val = evaluate(step)
     if last_ckpt_step != step:
         save(step)
+    if cont:
+        cont.finish(engine.module, step, mon)
     mon.hparams({"objective": t.objective, "arch": cfg.model.arch, "params_m": round(n_params / 1e6, 2),
                  "lr": t.lr, "global_batch": G, "seq_len": L, "precision": t.precision,
                  "zero_stage": cfg.engine.zero_stage, "world_size": world, "seed": cfg.run.seed},
