@@ -226,7 +226,9 @@ def test_resume_mid_update_at_another_world_size_is_exact(new_shards, old_run, t
     r = launch_tiny(new_shards, a, 1, **kw)
     assert "loading its universal form" in r.stderr and "at step 4 (data position 16)" in r.stderr
     assert [m["loss"] for m in read_metrics(a)] == pytest.approx([m["loss"] for m in train], abs=1e-5)
-    assert json.loads((a / "forgetting.json").read_text())["old"] == pytest.approx(fg["old"])
+    (name, old), = fg["old"].items()
+    resumed = json.loads((a / "forgetting.json").read_text())["old"][name]
+    assert resumed["after"] == pytest.approx(old["after"], abs=1e-5)
     # the memory after the update is the same, whatever happened in between
     for f in ("manifest.json", "reservoir.json"):
         assert (a / "memory" / f).read_text().replace(str(a), "X") == (ref / "memory" / f).read_text().replace(
@@ -265,6 +267,10 @@ def test_run_command_updates_and_reports_forgetting(new_shards, old_run, tmp_pat
     assert {f"eval/forgetting/{name}", f"eval/forgetting/{name}/before", "eval/continual/new_val_loss"} <= tags
     assert ea.Scalars(f"eval/forgetting/{name}")[-1].value == pytest.approx(v["after"] - v["before"], abs=1e-5)
     assert len(ShardSet(run / "memory", "train")) == 16 and len(ShardSet(run / "replay", "train")) == 16
+    r = run_cli("report", str(run), "--out", str(tmp_path / "report"))
+    assert r.returncode == 0 and (tmp_path / "report" / "forgetting.png").is_file()
+    assert f"| upd | 25% | {name} (old) | {v['before']:.4f} | {v['after']:.4f} |" in (
+        tmp_path / "report" / "report.md").read_text()
 
     # a second update from the first: the memory continues (no old raw corpus needed), both sets are 'old'
     run2 = tmp_path / "upd2"
