@@ -6,9 +6,9 @@ part 2 three times from the same checkpoint with 0 %, 5 % and 25 % of every batc
 (a reservoir over part 1's windows), LR re-warmed and re-decayed. Forgetting = validation loss on part 1
 after the update minus before it; the cost = validation loss on part 2 against the update without replay.
 
-    .venv/bin/python bench/continual_replay.py [--out runs/continual_bench] [--base-steps 600] [--update-steps 300]
+    .venv/bin/python bench/continual_replay.py [--out runs/continual_bench] [--base-steps 1200] [--update-steps 400]
 
-Prints a table and ends with ONE line of JSON. About 6-8 minutes on 2 CPU cores.
+Prints a table and ends with ONE line of JSON. About 9-10 minutes on 2 CPU cores.
 """
 from __future__ import annotations
 
@@ -44,8 +44,8 @@ def sh(*args: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/continual_bench")
-    ap.add_argument("--base-steps", type=int, default=600)
-    ap.add_argument("--update-steps", type=int, default=300)
+    ap.add_argument("--base-steps", type=int, default=1200)
+    ap.add_argument("--update-steps", type=int, default=400)
     ap.add_argument("--fractions", default="0,0.05,0.25")
     ap.add_argument("--nproc", type=int, default=2)
     a = ap.parse_args()
