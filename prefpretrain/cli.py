@@ -273,8 +273,11 @@ def _print_summary(s: dict, ev: dict) -> None:
         f"   (prefpretrain tensorboard {s['run_dir']})"), f"  metrics      {s['metrics']}",
         f"  eval         {s['eval']}", f"  HF export    {s['export']}",
         (f"  try it       prefpretrain generate {s['export']} --condition "
-        f"{'aligned' if s.get('condition') == 'aligned' else 'none'} --n 2"), "=" * 72,
+        f"{'aligned' if s.get('condition') == 'aligned' else 'none'} --n 2"),
     ]
+    from prefpretrain.continual.forgetting import summary_lines
+
+    lines += summary_lines(Path(s["run_dir"])) + ["=" * 72]  # a continual update: forgetting before -> after
     print("\n".join(lines))
 
 

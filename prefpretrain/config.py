@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, ClassVar, Literal, get_args, get_origin
 
 import yaml
 
@@ -156,6 +156,25 @@ class LaunchConfig:
 
 
 @dataclass
+class ContinualConfig:
+    """A continual update of an earlier run on new data (data.shards), with memory replay (README "Continual updates").
+
+    The learning rate is re-warmed and re-decayed with train.warmup_steps / train.schedule (fresh per run);
+    the architecture and weights come from `from` (model.* size keys are ignored then).
+    """
+
+    ALIASES: ClassVar[dict[str, str]] = {"from": "from_"}  # YAML / override key `from` is a Python keyword
+
+    from_: str | None = None  # (YAML key `from`) earlier run dir or checkpoint dir: weights, memory and old val sets
+    replay_fraction: float = 0.0  # share of every global batch replayed from memory: round(f x global_batch_size)
+    memory_size: int = 4096  # bound on the replay memory, in windows of at most data.seq_len raw tokens
+    memory_strategy: Literal["reservoir"] = "reservoir"  # uniform reservoir over every window of every set seen
+    ewc_lambda: float = 0.0  # EWC: lambda/2 x sum F (theta - theta_old)^2, diagonal Fisher F from the memory (0 = off)
+    ewc_samples: int = 64  # memory samples the diagonal Fisher is averaged over
+    distill_weight: float = 0.0  # KL(previous model || model) on replayed samples' targets, per target token (0 = off)
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -168,6 +187,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    continual: ContinualConfig = field(default_factory=ContinualConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -274,6 +294,8 @@ def _from_dict(cls: type, data: Any, prefix: str) -> Any:
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    aliases = getattr(cls, "ALIASES", {})
+    data = {aliases.get(k, k): v for k, v in data.items()}
     for k in data:
         if k not in names:
             where = f"{prefix}.{k}" if prefix else k
@@ -292,6 +314,7 @@ def apply_override(raw: dict, item: str) -> None:
     cls: Any = Config
     for i, p in enumerate(parts):
         dotted = ".".join(parts[: i + 1])
+        p = getattr(cls, "ALIASES", {}).get(p, p)
         if not (dataclasses.is_dataclass(cls) and p in {f.name for f in dataclasses.fields(cls)}):
             raise ConfigError(f"{dotted}: unknown key")
         if i == len(parts) - 1:
@@ -386,6 +409,30 @@ def _check_values(cfg: Config) -> None:
             raise ConfigError(f"{key}: must be positive, got {val}")
     if not 0 < cfg.model.mlm_probability < 1:
         raise ConfigError(f"model.mlm_probability: must be within (0, 1), got {cfg.model.mlm_probability}")
+    _check_continual(cfg)
+
+
+def _check_continual(cfg: Config) -> None:
+    c = cfg.continual
+    if not 0 <= c.replay_fraction < 1:
+        raise ConfigError(f"continual.replay_fraction: must be within [0, 1), got {c.replay_fraction}")
+    for key, val in [("continual.memory_size", c.memory_size), ("continual.ewc_samples", c.ewc_samples)]:
+        if val <= 0:
+            raise ConfigError(f"{key}: must be positive, got {val}")
+    for key, val in [("continual.ewc_lambda", c.ewc_lambda), ("continual.distill_weight", c.distill_weight)]:
+        if val < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {val}")
+    if c.from_ is None:
+        if c.replay_fraction or c.ewc_lambda or c.distill_weight:
+            raise ConfigError("continual.from: replay, EWC and distillation need the earlier run to update")
+        return
+    if cfg.model.from_pretrained:
+        raise ConfigError("continual.from: the weights come from the earlier run; leave model.from_pretrained unset")
+    if (c.ewc_lambda or c.distill_weight) and cfg.engine.zero_stage == 3:
+        raise ConfigError("continual.ewc_lambda: EWC and distillation need whole parameters on every rank "
+                          "(engine.zero_stage <= 2)")
+    if c.distill_weight and cfg.model.kind != "causal":
+        raise ConfigError("continual.distill_weight: distillation is implemented for causal LMs only")
 
 
 def check_device(cfg: Config) -> None:
@@ -421,6 +468,10 @@ def check_paths(cfg: Config) -> None:
     fp = cfg.model.from_pretrained
     if fp and not (Path(fp) / "config.json").is_file():
         raise ConfigError(f"model.from_pretrained: no HF model directory at {fp!r}")
+    if cfg.continual.from_:
+        from prefpretrain.continual.previous import check_previous
+
+        check_previous(cfg)  # the earlier run exists, has a checkpoint, and used the same tokenizer
 
 
 def config_help() -> str:

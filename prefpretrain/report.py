@@ -100,7 +100,8 @@ def plot_objectives(runs: list[dict], out: Path) -> Path | None:
 
 
 def plot_forgetting(runs: list[dict], out: Path) -> Path | None:
-    """From RUN/forgetting.json: {"old": {NAME: {"before": loss, "after": loss}, ...}, ...}."""
+    """From RUN/forgetting.json: {"old": {NAME: {"before": loss, "after": loss, ...}, ...}, "new": {...}, ...}
+    (written by a continual update, prefpretrain/continual/forgetting.py)."""
     have = [r for r in runs if r["forgetting"]]
     if not have:
         return None
@@ -113,6 +114,21 @@ def plot_forgetting(runs: list[dict], out: Path) -> Path | None:
     ax.set_title("Forgetting")
     ax.tick_params(axis="x", labelsize=7)
     return _save(plt, fig, out / "forgetting.png")
+
+
+def _forgetting_table(runs: list[dict]) -> list[str]:
+    """Continual updates (forgetting.json): each earlier validation set before -> after, and the new one."""
+    have = [r for r in runs if r["forgetting"]]
+    if not have:
+        return []
+    lines = ["", "| run | replay | validation set | before | after | change |", "|---|---|---|---|---|---|"]
+    for r in have:
+        fg = r["forgetting"]
+        for part in ("old", "new"):
+            for name, v in fg.get(part, {}).items():
+                lines.append(f"| {r['name']} | {_fmt(fg.get('replay_fraction'), '.0%')} | {name} ({part}) "
+                             f"| {v['before']:.4f} | {v['after']:.4f} | {v['after'] - v['before']:+.4f} |")
+    return lines
 
 
 def _fmt(v, spec: str) -> str:
@@ -137,6 +153,7 @@ def build_report(run_dirs: list[str], out_dir: str) -> Path:
             f"| {_fmt(steps and steps * r['tokens_per_step'], ',d')} | {_fmt(ev.get('val_loss'), '.4f')} "
             f"| {_fmt(ev.get('perplexity'), '.2f')} | {_fmt(ev.get('misalignment'), '.5f')} "
             f"| {_fmt(ev.get('misalignment_zero_fraction'), '.0%')} | {_fmt(r['seconds'], '.0f')} |")
+    lines += _forgetting_table(runs)
     lines += [""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     md = out / "report.md"
     md.write_text("\n".join(lines))

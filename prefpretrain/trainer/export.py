@@ -9,15 +9,15 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
-def load_run_model(run_dir: str | Path):
-    """(model in fp32 on CPU, checkpoint dir, checkpoint state) from a run's newest checkpoint."""
+def load_run_model(run_dir: str | Path, ckpt: Path | None = None):
+    """(model in fp32 on CPU, checkpoint dir, checkpoint state) from a run's newest checkpoint (or `ckpt`)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
     from prefpretrain.trainer import checkpoint as ckptlib
     from prefpretrain.trainer.model import VALUE_HEAD_PREFIX
 
     run = Path(run_dir)
-    ckpt = ckptlib.find_latest(run / "checkpoints")
+    ckpt = ckpt or ckptlib.find_latest(run / "checkpoints")
     if ckpt is None:
         raise FileNotFoundError(f"{run}: no complete checkpoint under checkpoints/")
     state = ckptlib.read_state(ckpt)

@@ -136,13 +136,19 @@ def _train(cfg: Config, info) -> dict:
             raise ConfigError(f"data.shards: {s.path} yields no {L}-token sample for objective {t.objective!r}")
     ds = MixtureDataset(packed, [s.weight for s in cfg.data.shards], cfg.run.seed)
     val_packed = PackedSet(val_set, layout, L, mlm)
+    cont = None  # a continual update: replay memory, the earlier model, EWC / distillation, forgetting
+    if cfg.continual.from_:
+        from prefpretrain.continual.update import ContinualUpdate
+
+        cont = ContinualUpdate.start(cfg, run_dir, rank, world, dev, layout, mlm, manifest["tokenizer"]["vocab_size"])
+        ds = cont.wrap(ds)
 
     # ---- model and engine
     torch.manual_seed(cfg.run.seed)
     np.random.seed(cfg.run.seed % 2**32)
-    model = build_model(cfg.model, manifest["tokenizer"]["vocab_size"], L, sp)
+    model = cont.model if cont else build_model(cfg.model, manifest["tokenizer"]["vocab_size"], L, sp)
     with_values = needs_value_head(t.objective)
-    if with_values:
+    if with_values and not hasattr(model, "value_head"):
         attach_value_head(model)
     op, adv = objective_params(cfg, manifest), cfg.adversarial
     n_params = count_params(model)
@@ -183,6 +189,8 @@ def _train(cfg: Config, info) -> dict:
         if st["config_hash"] != cfg.hash():
             log.warning("resuming %s written with another config (hash %s, now %s)", ckpt, st["config_hash"],
                         cfg.hash())
+        if cont:
+            cont.check_resume(st, ckpt)
         load_from = ckpt
         if st["world_size"] != world and st.get("zero_stage", 0) >= 1:
             load_from = ckptlib.universal(ckpt, rank)
@@ -215,6 +223,8 @@ def _train(cfg: Config, info) -> dict:
         state = {"tokenizer_hash": sets[0].tokenizer_hash, "data_position": at * G, "tokens_seen": tokens_seen,
                  "world_size": world, "config_hash": cfg.hash(), "zero_stage": cfg.engine.zero_stage,
                  "model_kind": cfg.model.kind, "objective": t.objective, "global_batch_size": G}
+        if cont:
+            state["continual"] = cont.state(at)
         t0 = time.time()
         parts: dict = {}
         d = ckptlib.save(engine, ckpt_root, at, state, cfg.checkpoint.keep_last, rank, parts)
@@ -267,7 +277,8 @@ def _train(cfg: Config, info) -> dict:
                 term, adv_stats = adversarial_term(engine.module, b["input_ids"], out.logits, mask, adv, causal, gen)
                 loss_sum = loss_sum + term
                 stats.update(adv_stats)
-            engine.backward(loss_sum * scale)
+            extra = cont.extra_loss(engine.module, batch, out.logits, scale) if cont else None  # EWC, distillation
+            engine.backward(loss_sum * scale if extra is None else loss_sum * scale + extra)
             engine.step()
             w.micro += 1
             w.loss += float(loss_sum.detach())
@@ -327,6 +338,8 @@ def _train(cfg: Config, info) -> dict:
                 "train/nll": float(sums[5] / sums[1].clamp_min(1)),
                 **{_EXTRA_TAGS[k]: v for k, v in extra.items()},
             }
+            if cont:
+                values.update(cont.window_values())
             if dev.type == "cuda":
                 values["mem/cuda_max_allocated_gb"] = torch.cuda.max_memory_allocated(dev) / 1e9
             mon.scalars(step, values)
@@ -358,6 +371,8 @@ def _train(cfg: Config, info) -> dict:
         val = evaluate(step)
     if last_ckpt_step != step:
         save(step)
+    if cont:
+        cont.finish(engine.module, step, mon)
     mon.hparams({"objective": t.objective, "arch": cfg.model.arch, "params_m": round(n_params / 1e6, 2),
                  "lr": t.lr, "global_batch": G, "seq_len": L, "precision": t.precision,
                  "zero_stage": cfg.engine.zero_stage, "world_size": world, "seed": cfg.run.seed},

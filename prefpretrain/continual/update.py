@@ -1,0 +1,254 @@
+"""What the training loop calls during a continual update (`continual.from` set).
+
+start():  the replay memory for this update (RUN/replay, built once by rank 0: the earlier run's memory, or
+          a reservoir over its shard sets), the model (architecture and weights of the earlier run), the
+          EWC anchor + Fisher and the distillation teacher (RUN/continual/start.pt, written once, so a resume
+          neither recomputes them nor needs the earlier checkpoint's weights), and the validation losses
+          *before* the update (RUN/continual/before.json).
+wrap():   the dataset that puts round(replay_fraction x G) memory samples in every global batch.
+extra_loss(): EWC and distillation terms for one micro batch.
+state() / check_resume(): what a checkpoint records about the update, checked at a resume.
+finish(): the forgetting report and the memory after this update (RUN/memory = reservoir over RUN/replay
+          and every window of data.shards), for the next update.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from prefpretrain.config import Config, ConfigError
+from prefpretrain.continual import forgetting
+from prefpretrain.continual.memory import build_memory
+from prefpretrain.continual.previous import Previous, resolve
+from prefpretrain.continual.regularizers import diagonal_fisher, distill_kl, ewc_penalty
+from prefpretrain.continual.replay import ReplayMixDataset, replay_per_batch
+from prefpretrain.data_shards.loader import MixtureDataset
+from prefpretrain.data_shards.packing import Layout, MaskSpec, PackedSet
+from prefpretrain.data_shards.reader import ShardSet
+
+log = logging.getLogger(__name__)
+
+MEMORY_SEED_SALT = 0x5EED  # the memory's own sample order differs from the new data's
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def _sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+
+
+class ContinualUpdate:
+    def __init__(self, cfg: Config, run_dir: Path, prev: Previous, rank: int, world: int, dev, layout: Layout,
+                 mlm: MaskSpec | None):
+        self.cfg, self.c, self.run_dir, self.prev = cfg, cfg.continual, run_dir, prev
+        self.rank, self.world, self.dev, self.layout, self.mlm = rank, world, dev, layout, mlm
+        self.causal = cfg.model.kind == "causal"
+        self.G = cfg.train.global_batch_size
+        self.R = replay_per_batch(self.c.replay_fraction, self.G)
+        self.replay_dir, self.memory_dir, self.dir = run_dir / "replay", run_dir / "memory", run_dir / "continual"
+        self.model = self.teacher = None
+        self.anchor: dict = {}
+        self.fisher: dict = {}
+        self._w = torch.zeros(6, dtype=torch.float64)  # replayed, samples, ewc sum, ewc n, kl sum, kl tokens
+
+    # ------------------------------------------------------------------ set-up
+    @classmethod
+    def start(cls, cfg: Config, run_dir: Path, rank: int, world: int, dev, layout: Layout, mlm: MaskSpec | None,
+              vocab_size: int) -> ContinualUpdate:
+        pick = [resolve(cfg.continual.from_) if rank == 0 else None]  # rank 0 verifies the checkpoint's checksums
+        if world > 1:
+            dist.broadcast_object_list(pick, src=0)
+        self = cls(cfg, run_dir, pick[0], rank, world, dev, layout, mlm)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if rank == 0 and not (self.replay_dir / "manifest.json").is_file():
+            start, stream = self.prev.memory_source()
+            log.info("continual: replay memory from %s + %s (reservoir of %d windows)", start, stream,
+                     self.c.memory_size)
+            build_memory(self.replay_dir, start, stream, self.c.memory_size, cfg.data.seq_len, cfg.run.seed,
+                         cfg.data.verify_checksums)
+        _barrier(world)
+        self.memory_packed = PackedSet(ShardSet(self.replay_dir, "train", verify=cfg.data.verify_checksums), layout,
+                                       cfg.data.seq_len, mlm)
+        if self.R and len(self.memory_packed) == 0:
+            raise ConfigError(f"continual.memory_size: the memory {self.replay_dir} yields no {cfg.data.seq_len}-token "
+                              f"sample to replay")
+        self._load_start(vocab_size)
+        self._measure_before()
+        log.info("continual update of %s: %d of %d samples per batch replayed from %d memory samples; EWC lambda "
+                 "%g, distillation weight %g", self.prev.ckpt, self.R, self.G, len(self.memory_packed),
+                 self.c.ewc_lambda, self.c.distill_weight)
+        return self
+
+    def _load_start(self, vocab_size: int) -> None:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
+
+        start = self.dir / "start.pt"
+        if self.rank == 0 and not start.is_file():
+            from prefpretrain.trainer.export import load_run_model
+
+            model, _, _ = load_run_model(self.prev.run_dir, self.prev.ckpt)
+            blob: dict = {"anchor": {k: v.detach().float().clone() for k, v in model.state_dict().items()}}
+            if self.c.ewc_lambda:
+                n = min(self.c.ewc_samples, len(self.memory_packed))
+                order = MixtureDataset([self.memory_packed], [1.0], self.cfg.run.seed ^ MEMORY_SEED_SALT).order
+                samples = [self.memory_packed.get(i, e) for _, i, e in (order(j) for j in range(n))]
+                blob["fisher"] = diagonal_fisher(model, samples, self.causal)
+                log.info("continual: diagonal Fisher over %d memory samples (mean %.3g)", n,
+                         float(sum(f.sum() for f in blob["fisher"].values()) /
+                               sum(f.numel() for f in blob["fisher"].values())))
+            tmp = start.with_name("start.pt.tmp")
+            torch.save(blob, tmp)
+            tmp.replace(start)
+        _barrier(self.world)
+        blob = torch.load(start, map_location="cpu", weights_only=True)
+        hf = AutoConfig.from_pretrained(str(self.prev.run_dir / "model_config"), local_files_only=True)
+        auto = AutoModelForCausalLM if self.causal else AutoModelForMaskedLM
+        model = auto.from_config(hf)
+        if model.get_input_embeddings().num_embeddings < vocab_size:
+            raise ConfigError("continual.from: the earlier model's vocabulary is smaller than the tokenizer's")
+        missing, unexpected = model.load_state_dict(blob["anchor"], strict=False)
+        if unexpected or any("lm_head" not in k and "decoder" not in k for k in missing):
+            raise RuntimeError(f"{start}: weights do not match the earlier model ({missing}, {unexpected})")
+        model.tie_weights()
+        self.model = model
+        if self.c.ewc_lambda:
+            self.anchor = {n: blob["anchor"][n] for n, _ in model.named_parameters() if n in blob["anchor"]}
+            self.fisher = blob["fisher"]
+        if self.c.distill_weight:
+            self.teacher = copy.deepcopy(model).to(self.dev).eval()
+            for p in self.teacher.parameters():
+                p.requires_grad_(False)
+
+    def _val_sets(self) -> tuple[dict, dict]:
+        old = self.prev.val_sets()
+        new_path = self.cfg.data.shards[0].path
+        old = {k: v for k, v in old.items() if Path(v).resolve() != Path(new_path).resolve()}
+        mk = lambda named: forgetting.open_val_sets(named, self.layout, self.cfg.data.seq_len, self.mlm,  # noqa: E731
+                                                   self.cfg.data.verify_checksums)
+        return mk(old), mk({Path(new_path).name: new_path})
+
+    def _measure(self, model) -> dict:
+        old, new = self._val_sets()
+        e, t = self.cfg.eval, self.cfg.train
+        out = {part: forgetting.losses(model, sets, e.val_samples, t.micro_batch_size, self.rank, self.world,
+                                       self.causal) for part, sets in (("old", old), ("new", new))}
+        out["misalignment"] = self._misalignment(model) if self.rank == 0 else None
+        return out
+
+    def _misalignment(self, model) -> float | None:
+        e = self.cfg.eval
+        if e.samples <= 0 or not self.causal:
+            return None
+        from prefpretrain.data_shards import tokenizer as toklib
+        from prefpretrain.trainer.evaluate import misalignment
+
+        ss = ShardSet(self.cfg.data.shards[0].path, "val", verify=False)
+        cond = e.condition if e.condition != "auto" else ("aligned" if self.cfg.train.objective == "conditional"
+                                                         else "none")
+        was = model.training
+        res = misalignment(model, toklib.load_tokenizer(ss.tokenizer_dir), ss.manifest, n=e.samples,
+                           max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p, condition=cond,
+                           seed=self.cfg.run.seed, max_positions=self.cfg.data.seq_len)
+        model.train(was)
+        return res["misalignment"]
+
+    def _measure_before(self) -> None:
+        p = self.dir / "before.json"
+        if not p.is_file():
+            self.model.to(self.dev)
+            rec = self._measure(self.model)
+            if self.rank == 0:
+                p.write_text(json.dumps(rec, indent=1))
+            _barrier(self.world)
+        self.before = json.loads(p.read_text())
+
+    # ------------------------------------------------------------------ training
+    def wrap(self, ds: MixtureDataset) -> ReplayMixDataset:
+        mem = MixtureDataset([self.memory_packed], [1.0], self.cfg.run.seed ^ MEMORY_SEED_SALT) if self.R else None
+        return ReplayMixDataset(ds, mem, self.G, self.R)
+
+    def extra_loss(self, module, batch: dict, logits: torch.Tensor, scale: float) -> torch.Tensor | None:
+        """EWC penalty (once per micro batch: DeepSpeed's 1/accumulation and rank mean make it once per step)
+        plus distill_weight x summed KL on replayed targets x the step's per-target-token scale."""
+        rep = batch["replay"]
+        self._w[0] += int(rep.sum())
+        self._w[1] += len(rep)
+        total = None
+        if self.c.ewc_lambda:
+            total = ewc_penalty(module, self.anchor, self.fisher, self.c.ewc_lambda)
+            self._w[2] += float(total.detach())
+            self._w[3] += 1
+        if self.c.distill_weight and bool(rep.any()):
+            ids = batch["input_ids"][rep].to(self.dev)
+            with torch.no_grad():
+                t_logits = self.teacher(input_ids=ids).logits
+            rows = rep.to(self.dev)
+            kl, n = distill_kl(logits[rows], t_logits, batch["labels"][rep].to(self.dev),
+                               torch.ones(int(rep.sum()), dtype=torch.bool, device=self.dev), self.causal)
+            self._w[4] += float(kl.detach())
+            self._w[5] += n
+            term = self.c.distill_weight * kl * scale
+            total = term if total is None else total + term
+        return total
+
+    def window_values(self) -> dict[str, float]:
+        """Since the last call, over all ranks (every rank calls it at the same step)."""
+        w = self._w.clone()
+        if self.world > 1:
+            dist.all_reduce(w)
+        self._w.zero_()
+        out = {"data/replay_fraction": float(w[0] / max(1.0, float(w[1])))}
+        if self.c.ewc_lambda:
+            out["train/ewc_penalty"] = float(w[2] / max(1.0, float(w[3])))
+        if self.c.distill_weight:
+            out["train/distill_kl"] = float(w[4] / max(1.0, float(w[5])))
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+    def state(self, step: int) -> dict:
+        res = json.loads((self.replay_dir / "reservoir.json").read_text())
+        return {"from": str(self.prev.ckpt), "replay_memory": _sha(self.replay_dir / "manifest.json"),
+                "start": _sha(self.dir / "start.pt"), "replay_per_batch": self.R,
+                "replay_position": step * self.R, "new_position": step * (self.G - self.R),
+                "reservoir": {"capacity": res["capacity"], "seen": res["seen"], "windows": res["windows"]}}
+
+    def check_resume(self, st: dict, ckpt: Path) -> None:
+        c = st.get("continual")
+        if c is None:
+            raise ConfigError(f"run.resume: {ckpt} is not a checkpoint of a continual update, but continual.from is "
+                              f"set; use another run.output_dir")
+        if c["replay_memory"] != _sha(self.replay_dir / "manifest.json") or c["start"] != _sha(self.dir / "start.pt"):
+            raise ConfigError(f"run.resume: {ckpt} was trained with another replay memory or start weights than "
+                              f"{self.replay_dir} / {self.dir / 'start.pt'} hold now")
+        if c["replay_per_batch"] != self.R:
+            raise ConfigError(f"continual.replay_fraction: {ckpt} replayed {c['replay_per_batch']} samples per batch, "
+                              f"now {self.R} (it defines the data order; keep it when resuming)")
+
+    # ------------------------------------------------------------------ the end
+    def finish(self, module, step: int, mon) -> dict:
+        after = self._measure(module)
+        rec = None
+        if self.rank == 0:
+            rec = forgetting.report(self.before, after, {
+                "from": str(self.prev.ckpt), "replay_fraction": self.c.replay_fraction, "replay_per_batch": self.R,
+                "memory_size": self.c.memory_size, "ewc_lambda": self.c.ewc_lambda,
+                "distill_weight": self.c.distill_weight, "step": step})
+            (self.run_dir / "forgetting.json").write_text(json.dumps(rec, indent=1))
+            mon.scalars(step, forgetting.scalars(rec), kind="forgetting")
+            for line in forgetting.summary_lines(self.run_dir):
+                log.info("%s", line.strip())
+            if not (self.memory_dir / "manifest.json").is_file():
+                cfg = self.cfg
+                build_memory(self.memory_dir, self.replay_dir, [s.path for s in cfg.data.shards], self.c.memory_size,
+                             cfg.data.seq_len, cfg.run.seed, cfg.data.verify_checksums)
+        _barrier(self.world)
+        return rec or {}
