@@ -52,9 +52,14 @@ def launch_local(config: str, overrides: list[str], nproc_per_node: int, max_res
     argv = torchrun_argv(config, overrides, nproc_per_node, max_restarts, **node)
     log.info("launch: %s", " ".join(argv))
     t0 = time.time()
-    proc = subprocess.Popen(argv, env=child_env(nproc_per_node))
+    # torchrun starts with SIGUSR1 ignored (inherited through exec): SLURM signals every process of a job
+    # step, and torchrun would die of an unhandled SIGUSR1 and orphan the ranks (which install their own handler)
+    usr1 = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        proc = subprocess.Popen(argv, env=child_env(nproc_per_node))
+    finally:
+        signal.signal(signal.SIGUSR1, usr1)
     # pre-emption (SIGTERM, or SLURM's SIGUSR1) goes to torchrun as SIGTERM, which it passes to the ranks
-    # (torchrun itself would die of an unhandled SIGUSR1 and orphan them)
     old = {s: signal.signal(s, lambda _s, _f: proc.send_signal(signal.SIGTERM))
            for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
