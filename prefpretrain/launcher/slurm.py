@@ -9,6 +9,7 @@ started with USR1 ignored so that it does not die of it); the script sees srun e
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shlex
 import shutil
@@ -129,7 +130,9 @@ def sbatch_script(job: SlurmJob) -> str:
         "# SIGUSR1 sent to this shell only (--signal=B:USR1, scancel --batch) goes on to every process of the step",
         'trap \'echo "prefpretrain: SIGUSR1, passing it on"; scancel --signal=USR1 "$SLURM_JOB_ID"\' USR1',
         "",
-        "# one task per node; each node's log: $run_dir/slurm/job-JOBID-nodeN.out",
+        "# one task per node; each node's log: $run_dir/slurm/job-JOBID-nodeN.out. The task on every node runs",
+        "#   " + _torchrun_line(job),
+        "# (SLURM_NODEID: 0..nodes-1) and turns SIGUSR1/SIGTERM into SIGTERM for it.",
         " ".join(q(a) for a in srun) + ' --output="$run_dir/slurm/job-%j-node%n.out" --open-mode=append \\',
         "    " + " ".join(q(a) for a in launch) + ' \\',
         '    --rdzv-endpoint "$head_addr:$port"' + "".join(" " + q(o) for o in job.overrides) + " &",
@@ -147,6 +150,16 @@ def sbatch_script(job: SlurmJob) -> str:
         'exit "$rc"',
     ]
     return "\n".join(head + body) + "\n"
+
+
+def _torchrun_line(job: SlurmJob) -> str:
+    """The torchrun command each node's `prefpretrain launch` starts (for reading; the task builds it)."""
+    from prefpretrain.launcher.local import torchrun_argv
+
+    argv = torchrun_argv(job.config, job.overrides, job.nproc_per_node, job.max_restarts, job.nodes, 0,
+                         "$head_addr:$port", job.run_dir.name)
+    argv[argv.index("--node-rank") + 1] = "$SLURM_NODEID"
+    return " ".join(argv)
 
 
 def _job_name(run_dir: Path) -> str:
@@ -170,10 +183,11 @@ def _slurm(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
 
 def reachable() -> bool:
     """Is there a SLURM controller to ask (client commands installed and answering)?"""
-    if not shutil.which("scontrol"):
-        return False
+    conf = os.environ.get("SLURM_CONF")
+    if not shutil.which("scontrol") or conf == "" or (conf is not None and not Path(conf).is_file()):
+        return False  # (scontrol retries a missing SLURM_CONF for a minute)
     try:
-        return _slurm("scontrol", "ping", timeout=30).returncode == 0
+        return _slurm("scontrol", "ping", timeout=20).returncode == 0
     except (OSError, subprocess.SubprocessError):
         return False
 
