@@ -195,6 +195,10 @@ SLURM_ONLY = ("nodes", "gpus_per_node", "cpus_per_task", "partition", "time", "a
 def cmd_launch(a) -> int:
     if a.slurm:
         return cmd_launch_slurm(a)
+    import signal
+
+    # in a SLURM job step SIGUSR1 (pre-emption) may come at any time: hold it until launch_local forwards it
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
     given = [f"--{k.replace('_', '-')}" for k in SLURM_ONLY if getattr(a, k) not in (None, False)]
     if given:
         raise ConfigError(f"{given[0]}: only with --slurm")

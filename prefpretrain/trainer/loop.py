@@ -90,6 +90,9 @@ def train(cfg: Config) -> dict:
 
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, _on_signal)
+    # `prefpretrain launch` starts torchrun (and so the ranks) with SIGUSR1 blocked: one that is pending from
+    # start-up is delivered now
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGUSR1})
     info = distlib.setup(cfg.engine.backend, cfg.engine.device)
     setup_logging(info.rank)
     try:
