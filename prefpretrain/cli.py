@@ -262,12 +262,16 @@ def cmd_launch_slurm(a) -> int:
     if not a.submit:
         print(f"wrote {script}\nsubmit it with: sbatch {shlex.quote(str(script))}")
         return 0
-    slurm.test_only(script)
+    slurm.sbatch_test_only(script)
     job_id = slurm.submit(script)
     print(f"submitted job {job_id}: {script}; logs {job.run_dir}/slurm/job-{job_id}*.out", flush=True)
     if not a.wait:
         return 0
-    rc = slurm.wait(job_id)
+    try:
+        rc = slurm.wait(job_id)
+    except KeyboardInterrupt:
+        print(f"stopped following job {job_id}; it keeps running (scancel {job_id} stops it)", file=sys.stderr)
+        return 130
     print(f"job {job_id} finished with exit status {rc}")
     return rc
 

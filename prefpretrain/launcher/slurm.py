@@ -265,7 +265,7 @@ def _last_line(r: subprocess.CompletedProcess) -> str:
     return lines[-1] if lines else f"exit code {r.returncode}"
 
 
-def test_only(script: Path) -> None:
+def sbatch_test_only(script: Path) -> None:
     """`sbatch --test-only`: SLURM's own verdict on the request, without submitting it."""
     r = _slurm("sbatch", "--test-only", str(script))
     if r.returncode != 0:
