@@ -206,3 +206,14 @@ def test_conflicting_slurm_flags_are_refused(capsys, monkeypatch):
     for flags, message in cases.items():
         rc, _, err = _main(capsys, "launch", "configs/demo.yaml", *flags)
         assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, (flags, err[-2000:])
+
+
+def test_gres_and_exit_status_parsing():
+    from prefpretrain.launcher.slurm import _gpus, job_exit_status
+
+    assert [_gpus(g) for g in ("(null)", "gpu:4", "gpu:a100:4(S:0-1)", "gpu:a100:2,gpu:v100:2", "gpu", "mps:100")] \
+        == [0, 4, 4, 4, 1, 0]
+    assert job_exit_status({"JobState": "COMPLETED", "ExitCode": "0:0"}) == 0
+    assert job_exit_status({"JobState": "FAILED", "ExitCode": "2:0"}) == 2
+    assert job_exit_status({"JobState": "CANCELLED", "ExitCode": "0:15"}) == 143
+    assert job_exit_status({"JobState": "NODE_FAIL", "ExitCode": "0:0"}) == 1
