@@ -67,18 +67,34 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=CONFIG_EPILOG + config_help())
     _add_config_args(p)
 
-    p = sub.add_parser("launch", help="start N local ranks with torchrun", formatter_class=fmt,
-                       epilog=CONFIG_EPILOG + config_help())
+    p = sub.add_parser("launch", help="start ranks with torchrun: this machine, several by hand, or a SLURM job",
+                       formatter_class=fmt, epilog=CONFIG_EPILOG + config_help())
     _add_config_args(p)
     p.add_argument("--nproc-per-node", type=int, default=None,
-                   help="ranks on this machine (default launch.nproc_per_node)")
+                   help="ranks per machine (default launch.nproc_per_node; with --slurm and GPUs: --gpus-per-node)")
     p.add_argument("--max-restarts", type=int, default=0, help="torchrun elastic restarts")
-    p.add_argument("--nnodes", type=int, default=1, help="machines in the job (run this command on each)")
-    p.add_argument("--node-rank", type=int, default=0, help="this machine's index, 0..nnodes-1")
+    p.add_argument("--nnodes", type=int, default=None, help="machines in the job (run this command on each)")
+    p.add_argument("--node-rank", type=int, default=None,
+                   help="this machine's index, 0..nnodes-1 (default 0, or SLURM_NODEID inside a SLURM job step)")
     p.add_argument("--rdzv-endpoint", default=None,
                    help="HOST:PORT every node can reach (the first node's address); needed with --nnodes > 1")
     p.add_argument("--dry-run", action="store_true",
-                   help="print the command line of every node and start nothing")
+                   help="print the command line of every node (with --slurm: the sbatch script) and start nothing")
+    g = p.add_argument_group("SLURM (--slurm): write RUN/slurm/job.sbatch, and submit it with --submit")
+    g.add_argument("--slurm", action="store_true", help="make a SLURM batch job: one srun task (a torchrun) per node")
+    g.add_argument("--nodes", type=int, default=None, help="nodes of the job (default 1)")
+    g.add_argument("--gpus-per-node", type=int, default=None,
+                   help="GPUs per node, one rank each (0: --nproc-per-node CPU ranks per node; default 0)")
+    g.add_argument("--cpus-per-task", type=int, default=None,
+                   help="CPUs per node's task (default: one per rank without GPUs, SLURM's default with them)")
+    g.add_argument("--partition", default=None, help="SLURM partition (default: the cluster's default one)")
+    g.add_argument("--time", default=None, help="time limit, e.g. 04:00:00 (default: the partition's)")
+    g.add_argument("--account", default=None, help="SLURM account to charge")
+    g.add_argument("--signal-grace", type=int, default=None,
+                   help="seconds before the time limit at which SLURM sends SIGUSR1 (checkpoint, requeue; default 180)")
+    g.add_argument("--submit", action="store_true", help="submit the script with sbatch and print the job id")
+    g.add_argument("--wait", action="store_true",
+                   help="with --submit: follow the job (through requeues) to its end and exit with its status")
 
     p = sub.add_parser("run", help="the whole pipeline: shard (if needed) -> launch -> evaluate -> export",
                        formatter_class=fmt, epilog=CONFIG_EPILOG + config_help())
@@ -178,9 +194,25 @@ def cmd_train(a) -> int:
     return 0
 
 
+SLURM_ONLY = ("nodes", "gpus_per_node", "cpus_per_task", "partition", "time", "account", "signal_grace", "submit",
+              "wait")
+
+
 def cmd_launch(a) -> int:
+    if a.slurm:
+        return cmd_launch_slurm(a)
+    import signal
+
+    # in a SLURM job step SIGUSR1 (pre-emption) may come at any time: hold it until launch_local forwards it
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    given = [f"--{k.replace('_', '-')}" for k in SLURM_ONLY if getattr(a, k) not in (None, False)]
+    if given:
+        raise ConfigError(f"{given[0]}: only with --slurm")
     cfg = load_config(a.config, a.overrides)
     n = a.nproc_per_node or cfg.launch.nproc_per_node
+    a.nnodes = 1 if a.nnodes is None else a.nnodes
+    if a.node_rank is None:  # inside a SLURM job step every node runs the same command line
+        a.node_rank = int(os.environ.get("SLURM_NODEID", "0")) if a.nnodes > 1 else 0
     if a.nnodes < 1 or not 0 <= a.node_rank < a.nnodes:
         raise ConfigError(f"--node-rank: {a.node_rank} is not within 0..{a.nnodes - 1} (--nnodes {a.nnodes})")
     if a.nnodes > 1 and not a.rdzv_endpoint:
@@ -197,6 +229,57 @@ def cmd_launch(a) -> int:
         return 0
     check_paths(cfg)
     return launch_local(a.config, a.overrides, n, a.max_restarts, cfg.run.output_dir, node_rank=a.node_rank, **node)
+
+
+def cmd_launch_slurm(a) -> int:
+    from prefpretrain.launcher import slurm
+
+    for flag, v in (("--node-rank", a.node_rank), ("--rdzv-endpoint", a.rdzv_endpoint), ("--nnodes", a.nnodes)):
+        if v is not None:
+            raise ConfigError(f"{flag}: not with --slurm (SLURM places the nodes; use --nodes)")
+    if a.wait and not a.submit:
+        raise ConfigError("--wait: only with --submit")
+    if a.dry_run and a.submit:
+        raise ConfigError("--submit: not with --dry-run (which submits nothing)")
+    cfg = load_config(a.config, a.overrides)
+    gpus = a.gpus_per_node or 0
+    n = a.nproc_per_node or (gpus if gpus else cfg.launch.nproc_per_node)
+    cpus = a.cpus_per_task if a.cpus_per_task is not None else (None if gpus else n)
+    job = slurm.SlurmJob(config=str(Path(a.config).resolve()), overrides=list(a.overrides),
+                         run_dir=Path(cfg.run.output_dir).resolve(), workdir=Path.cwd(), nodes=a.nodes or 1,
+                         nproc_per_node=n, gpus_per_node=gpus, cpus_per_task=cpus, partition=a.partition,
+                         time=a.time, account=a.account, signal_grace=a.signal_grace or 180,
+                         max_restarts=a.max_restarts)
+    slurm.check_request(job)
+    cfg.grad_accum_for(n * job.nodes)
+    if not gpus:  # CPU ranks; GPU nodes are judged by SLURM, not by this (login) machine
+        check_device(cfg)
+    if not a.dry_run:
+        check_paths(cfg)
+    if slurm.reachable():
+        slurm.check_cluster(job)
+    elif a.submit:
+        raise ConfigError("--submit: no SLURM controller answers here (`scontrol ping` fails or is not installed)")
+    if a.dry_run:
+        print(f"# would be written to {job.script_path}", file=sys.stderr)
+        print(slurm.sbatch_script(job), end="")
+        return 0
+    script = slurm.write_script(job)
+    if not a.submit:
+        print(f"wrote {script}\nsubmit it with: sbatch {shlex.quote(str(script))}")
+        return 0
+    slurm.sbatch_test_only(script)
+    job_id = slurm.submit(script)
+    print(f"submitted job {job_id}: {script}; logs {job.run_dir}/slurm/job-{job_id}*.out", flush=True)
+    if not a.wait:
+        return 0
+    try:
+        rc = slurm.wait(job_id)
+    except KeyboardInterrupt:
+        print(f"stopped following job {job_id}; it keeps running (scancel {job_id} stops it)", file=sys.stderr)
+        return 130
+    print(f"job {job_id} finished with exit status {rc}")
+    return rc
 
 
 def ensure_shards(cfg: Config) -> None:

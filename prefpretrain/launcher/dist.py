@@ -32,13 +32,27 @@ def env_world() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
+def slurm_facts() -> dict | None:
+    """Where this process runs in a SLURM job (None outside one): recorded per rank and per start."""
+    e = os.environ
+    if "SLURM_JOB_ID" not in e:
+        return None
+    return {"job_id": e["SLURM_JOB_ID"], "node_name": e.get("SLURMD_NODENAME"),
+            "node_id": int(e["SLURM_NODEID"]) if "SLURM_NODEID" in e else None,
+            "procid": int(e["SLURM_PROCID"]) if "SLURM_PROCID" in e else None,
+            "restart_count": int(e.get("SLURM_RESTART_COUNT", "0"))}
+
+
 def slurm_master() -> tuple[str, int]:
     """Under plain `srun` (one task per GPU): the first node of the job hosts the store."""
     import subprocess
 
     nodes = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]], check=True,
                            capture_output=True, text=True).stdout.split()
-    return nodes[0], 15000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000
+    # the node's NodeAddr (how SLURM itself reaches it; the node name when the two are the same)
+    node = subprocess.run(["scontrol", "show", "node", "-o", nodes[0]], capture_output=True, text=True).stdout
+    addr = next((kv.split("=", 1)[1] for kv in node.split() if kv.startswith("NodeAddr=")), nodes[0])
+    return addr, 15000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000
 
 
 def free_port() -> int:

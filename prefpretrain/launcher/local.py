@@ -11,6 +11,8 @@ from prefpretrain.launcher.dist import free_port
 
 log = logging.getLogger(__name__)
 
+EXIT_PREEMPTED = 4  # == trainer.loop.EXIT_PREEMPTED (not imported: that module pulls in DeepSpeed)
+
 
 def torchrun_argv(config: str, overrides: list[str], nproc_per_node: int, max_restarts: int = 0,
                   nnodes: int = 1, node_rank: int = 0, rdzv_endpoint: str | None = None,
@@ -52,11 +54,21 @@ def launch_local(config: str, overrides: list[str], nproc_per_node: int, max_res
     argv = torchrun_argv(config, overrides, nproc_per_node, max_restarts, **node)
     log.info("launch: %s", " ".join(argv))
     t0 = time.time()
+    # torchrun starts with SIGUSR1 blocked (the mask is inherited through fork and exec): SLURM signals every
+    # process of a job step, and torchrun would die of an unhandled SIGUSR1 and orphan the ranks. The ranks
+    # inherit the mask and unblock it once their handler is in place, so a SIGUSR1 that came during start-up
+    # is still acted on; so does this process (`cmd_launch` blocks it first thing) once its handler is set.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
     proc = subprocess.Popen(argv, env=child_env(nproc_per_node))
     # pre-emption (SIGTERM, or SLURM's SIGUSR1) goes to torchrun as SIGTERM, which it passes to the ranks
-    # (torchrun itself would die of an unhandled SIGUSR1 and orphan them)
-    old = {s: signal.signal(s, lambda _s, _f: proc.send_signal(signal.SIGTERM))
-           for s in (signal.SIGTERM, signal.SIGUSR1)}
+    stop: list[int] = []
+
+    def forward(signum, _frame) -> None:
+        stop.append(signum)
+        proc.send_signal(signal.SIGTERM)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
     try:
         rc = proc.wait()
     finally:
@@ -67,4 +79,8 @@ def launch_local(config: str, overrides: list[str], nproc_per_node: int, max_res
         if failure is not None:
             log.error("run stopped (%s): %s", failure["reason"], failure["message"])
             return int(failure["exit_code"])
-    return rc
+    if rc != 0 and stop:  # stopped before the ranks were up (or could save): the newest checkpoint stays the
+        log.warning("stopped by %s before the ranks could save a checkpoint (torchrun exit %d); a restart resumes "
+                    "from the newest one there is", signal.Signals(stop[0]).name, rc)
+        return EXIT_PREEMPTED
+    return 128 - rc if rc < 0 else rc  # killed by a signal: the shell's convention

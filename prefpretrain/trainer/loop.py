@@ -108,6 +108,9 @@ def train(cfg: Config) -> dict:
 
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, _on_signal)
+    # `prefpretrain launch` starts torchrun (and so the ranks) with SIGUSR1 blocked: one that is pending from
+    # start-up is delivered now
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGUSR1})
     info = distlib.setup(cfg.engine.backend, cfg.engine.device)
     setup_logging(info.rank)
     try:
@@ -160,7 +163,7 @@ def _train(cfg: Config, info) -> dict:
         "n_params": n_params, "n_frozen": n_frozen, "grad_accum": ga, "tokenizer_hash": sets[0].tokenizer_hash,
         "train_samples": [len(p) for p in packed], "val_samples": len(val_packed), "layout": layout.kind,
         "peak_flops_per_rank": peak, "peak_flops_source": "config" if t.peak_flops else "matmul probe",
-        "reward_scale": op.reward_scale,
+        "reward_scale": op.reward_scale, "slurm": distlib.slurm_facts(),
     })
     if rank == 0:
         model.config.save_pretrained(str(run_dir / "model_config"))
@@ -405,7 +408,8 @@ def _rank_record(engine, run_dir: Path, info, cfg: Config, step: int) -> None:
     rec = {"rank": info.rank, "world_size": info.world_size, "local_rank": info.local_rank,
            "host": socket.gethostname(), "backend": info.backend, "device": str(info.device), "step": step,
            "zero_stage": cfg.engine.zero_stage, "local_param_elements": local_param_elements(engine),
-           "param_checksum": h.hexdigest()[:32] if cfg.engine.zero_stage < 3 else None}
+           "param_checksum": h.hexdigest()[:32] if cfg.engine.zero_stage < 3 else None,
+           "slurm": distlib.slurm_facts()}
     d = run_dir / "ranks"
     d.mkdir(parents=True, exist_ok=True)
     (d / f"rank{info.rank}.json").write_text(json.dumps(rec, indent=1))
