@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HOST:PORT every node can reach (the first node's address); needed with --nnodes > 1")
     p.add_argument("--dry-run", action="store_true",
                    help="print the command line of every node (with --slurm: the sbatch script) and start nothing")
+    p.add_argument("--launcher", choices=["torchrun", "accelerate"], default="torchrun",
+                   help="process launcher: torchrun (default), or `accelerate launch` with a generated config "
+                        "(GPU only: on CPU Accelerate starts one process per machine)")
     g = p.add_argument_group("SLURM (--slurm): write RUN/slurm/job.sbatch, and submit it with --submit")
     g.add_argument("--slurm", action="store_true", help="make a SLURM batch job: one srun task (a torchrun) per node")
     g.add_argument("--nodes", type=int, default=None, help="nodes of the job (default 1)")
@@ -222,6 +225,8 @@ def cmd_launch(a) -> int:
     from prefpretrain.launcher.local import launch_local, torchrun_argv
 
     node = {"nnodes": a.nnodes, "rdzv_endpoint": a.rdzv_endpoint, "rdzv_id": Path(cfg.run.output_dir).name}
+    if a.launcher == "accelerate":
+        return _launch_accelerate(a, cfg, n)
     if a.dry_run:
         for r in range(a.nnodes):
             print(f"# node {r}:", shlex.join(torchrun_argv(a.config, a.overrides, n, a.max_restarts, node_rank=r,
@@ -229,6 +234,35 @@ def cmd_launch(a) -> int:
         return 0
     check_paths(cfg)
     return launch_local(a.config, a.overrides, n, a.max_restarts, cfg.run.output_dir, node_rank=a.node_rank, **node)
+
+
+def _launch_accelerate(a, cfg: Config, n: int) -> int:
+    """`launch --launcher accelerate`: a generated Accelerate config per node, then `accelerate launch`."""
+    import torch
+
+    from prefpretrain.launcher.accelerate import accelerate_argv, accelerate_config, config_text
+    from prefpretrain.launcher.dist import free_port
+    from prefpretrain.launcher.local import launch_local
+
+    endpoint = a.rdzv_endpoint or f"127.0.0.1:{free_port()}"
+    conf_dir = Path(cfg.run.output_dir) / "accelerate"
+    if a.dry_run:
+        for r in range(a.nnodes):
+            f = conf_dir / f"node{r}.yaml"
+            print(f"# node {r}: {f}\n" + "".join(f"#   {x}\n" for x in config_text(accelerate_config(
+                n, a.nnodes, r, endpoint)).splitlines()), end="")
+            print(f"# node {r}:", shlex.join(accelerate_argv(str(f), a.config, a.overrides, a.max_restarts)))
+        return 0
+    cuda = torch.cuda.is_available() if cfg.engine.device == "auto" else cfg.engine.device == "cuda"
+    if not cuda:
+        raise ConfigError("--launcher: accelerate needs GPUs (on CPU `accelerate launch` starts one process per "
+                          "machine and the ranks train apart); use the default torchrun launcher")
+    check_paths(cfg)
+    conf_dir.mkdir(parents=True, exist_ok=True)
+    f = conf_dir / f"node{a.node_rank}.yaml"
+    f.write_text(config_text(accelerate_config(n, a.nnodes, a.node_rank, endpoint)))
+    return launch_local(a.config, a.overrides, n, a.max_restarts, cfg.run.output_dir,
+                        argv=accelerate_argv(str(f), a.config, a.overrides, a.max_restarts))
 
 
 def cmd_launch_slurm(a) -> int:

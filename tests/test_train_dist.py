@@ -106,3 +106,29 @@ def test_launch_dry_run_prints_every_node_and_refuses_bad_requests():
     r = run_cli("launch", "configs/demo.yaml", "--nnodes", "3", "--nproc-per-node", "2", "--rdzv-endpoint", "n:1",
                 "--dry-run")
     assert r.returncode == 2 and "is not divisible by micro_batch_size x world size = 8 x 6" in r.stderr
+
+
+def test_accelerate_launcher_config_is_valid_for_accelerate_and_refused_on_cpu(tmp_path):
+    """`--launcher accelerate`: the generated config loads with Accelerate's own loader, its argv parses with
+    Accelerate's own launch parser, and on CPU (where `accelerate launch` starts one process) it is refused."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import launch_command_parser
+
+    from prefpretrain.launcher.accelerate import accelerate_argv, accelerate_config, config_text
+
+    f = tmp_path / "node1.yaml"
+    f.write_text(config_text(accelerate_config(4, 2, 1, "10.0.0.1:29400")))
+    c = load_config_from_file(str(f))
+    assert (c.distributed_type.value, c.num_machines, c.machine_rank, c.num_processes) == ("MULTI_GPU", 2, 1, 8)
+    assert (c.main_process_ip, c.main_process_port, c.rdzv_backend) == ("10.0.0.1", 29400, "c10d")
+    argv = accelerate_argv(str(f), "configs/tiny.yaml", ["train.max_steps=3"], max_restarts=3)
+    args = launch_command_parser().parse_args(argv[3:])
+    assert args.module and args.training_script == "prefpretrain" and args.max_restarts == 3
+    assert args.training_script_args == ["train", "configs/tiny.yaml", "train.max_steps=3"]
+    r = run_cli("launch", "configs/tiny.yaml", "--launcher", "accelerate", "--nnodes", "2", "--node-rank", "0",
+                "--rdzv-endpoint", "10.0.0.1:29400", "--nproc-per-node", "1", f"run.output_dir={tmp_path}/run",
+                "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("accelerate.commands.launch --config_file") == 2 and "machine_rank: 1" in r.stdout
+    r = run_cli("launch", "configs/tiny.yaml", "--launcher", "accelerate", f"run.output_dir={tmp_path}/run")
+    assert r.returncode == 2 and "accelerate needs GPUs" in r.stderr and not (tmp_path / "run").exists()

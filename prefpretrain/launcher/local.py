@@ -43,15 +43,15 @@ def child_env(nproc_per_node: int = 1) -> dict[str, str]:
 
 
 def launch_local(config: str, overrides: list[str], nproc_per_node: int, max_restarts: int = 0,
-                 run_dir: str | None = None, **node) -> int:
-    """Run torchrun for this node (`node`: nnodes, node_rank, rdzv_endpoint, rdzv_id); a failed run's own exit
-    code (RUN/failure.json) is returned instead of torchrun's 1."""
+                 run_dir: str | None = None, argv: list[str] | None = None, **node) -> int:
+    """Run torchrun for this node (`node`: nnodes, node_rank, rdzv_endpoint, rdzv_id), or the given launcher
+    `argv`; a failed run's own exit code (RUN/failure.json) is returned instead of the launcher's 1."""
     import time
     from pathlib import Path
 
     from prefpretrain.trainer.checkpoint import read_failure
 
-    argv = torchrun_argv(config, overrides, nproc_per_node, max_restarts, **node)
+    argv = argv or torchrun_argv(config, overrides, nproc_per_node, max_restarts, **node)
     log.info("launch: %s", " ".join(argv))
     t0 = time.time()
     # torchrun starts with SIGUSR1 blocked (the mask is inherited through fork and exec): SLURM signals every
