@@ -3,20 +3,20 @@
 Part 1 = the CPython standard library's top-level modules A-M. Part 2 depends on --shift (both sharded with
 part 1's tokenizer):
 
-  weak   part 2 = stdlib modules N-Z (more Python code; shard `inputs` globs)
-  strong part 2 = English prose: the Python documentation's reST sources (data/raw/python-docs: tutorial,
-         reference, howto, faq, using; fetched by bench/get_python_docs.sh if missing)
+  strong (default)  part 2 = English prose: the Python documentation's reST sources (data/raw/python-docs:
+                    tutorial, reference, howto, faq, using; fetched by bench/get_python_docs.sh if missing)
+  weak              part 2 = stdlib modules N-Z (more Python code; shard `inputs` globs)
 
 A small GPT-2 is trained on part 1, then updated on part 2 three times from the same checkpoint with 0 %, 5 %
 and 25 % of every batch replayed from the memory (a reservoir over part 1's windows), LR re-warmed and
 re-decayed. Forgetting = validation loss on part 1 after the update minus before it; the cost = validation
 loss on part 2 against the update without replay.
 
-    .venv/bin/python bench/continual_replay.py --shift weak   [--base-steps 1200] [--update-steps 400]
-    .venv/bin/python bench/continual_replay.py --shift strong [--base-steps 800] [--update-steps 300]
+    .venv/bin/python bench/continual_replay.py [--shift strong] [--base-steps 800] [--update-steps 300]
+    .venv/bin/python bench/continual_replay.py --shift weak [--base-steps 1200] [--update-steps 400]
 
-(default --out: runs/continual_bench for weak, runs/continual_bench_strong for strong). Prints a table and
-ends with ONE line of JSON. Weak: about 9-10 minutes on 2 CPU cores.
+(default --out: runs/continual_bench_strong / runs/continual_bench). Prints a table and ends with ONE line of
+JSON. Strong: about 6-7 minutes on 2 CPU cores (nice 15, beside another job); weak: about 9-10 minutes.
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def sh(*args: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shift", choices=["weak", "strong"], default="weak",
+    ap.add_argument("--shift", choices=["weak", "strong"], default="strong",
                     help="part 2: weak = stdlib modules N-Z, strong = the Python docs' reST prose")
     ap.add_argument("--out", default=None, help="default runs/continual_bench[_strong]")
     ap.add_argument("--base-steps", type=int, default=None, help="default 1200 (weak) / 800 (strong)")
