@@ -239,16 +239,29 @@ def test_expected_max_and_bootstrap():
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("objective", ["unlikelihood", "rwr", "awr"])
-def test_each_new_objective_trains_on_two_ranks(tiny_shards, tmp_path, objective):
+@pytest.mark.parametrize("objective", ["filter", "unlikelihood", "rwr", "awr"])
+def test_each_objective_trains_on_two_ranks(tiny_shards, tmp_path, objective):
+    """(mle and conditional train in test_train_dist.py / test_engine.py.)"""
     run = tmp_path / objective
+    threshold = 0.001 if objective == "filter" else 0.0
     launch_tiny(tiny_shards, run, **{"train.objective": objective, "train.max_steps": 12, "train.log_every": 1,
                                      "train.lr": "1.0e-2", "eval.samples": 0, "checkpoint.every_steps": 0,
-                                     "eval.every_steps": 0})
+                                     "eval.every_steps": 0, "objective.threshold": threshold})
     m = read_metrics(run)
     nll = [r["nll"] for r in m]
     assert len(nll) == 12 and all(math.isfinite(x) for x in nll)
     assert sum(nll[-3:]) / 3 < sum(nll[:3]) / 3 - 0.3  # it learns the language model
+    if objective == "filter":  # trained on the documents with a mean score <= 0.001 only (of up to 0.008 here)
+        import json
+
+        from prefpretrain.data_shards.reader import ShardSet
+
+        ss = ShardSet(tiny_shards, "train", verify=False)
+        keep = ss.column("mean_score") <= threshold
+        assert 0 < keep.sum() < len(keep)
+        info = json.loads((run / "run_info.json").read_text())
+        assert info["train_samples"] == [int(ss.column("n_tokens")[keep].sum()) // 64]
+        return
     assert any(r["misaligned_fraction"] > 0 for r in m) and all(r["misaligned_fraction"] < 0.5 for r in m)
     if objective in ("rwr", "awr"):
         assert all(0 < r["weight_mean"] < 1000 for r in m)
