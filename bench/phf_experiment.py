@@ -17,7 +17,6 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -37,11 +36,10 @@ def run_one(cfg: Path, run: Path, seed: int, steps: int | None, samples: int, sc
     over = [f"run.seed={seed}", f"run.output_dir={run}", "eval.samples=0"]
     if steps:
         over += [f"train.max_steps={steps}", f"checkpoint.every_steps={steps}", f"eval.every_steps={steps}"]
-    t0 = time.time()
     if not (run / "summary.json").is_file():
         sh(["run", str(cfg), *over])
-    wall = time.time() - t0 if wall_of(run) is None else wall_of(run)
-    out = {"seed": seed, "wall_s": wall}
+    # the training time `prefpretrain run` recorded (also for a run an earlier invocation finished)
+    out = {"seed": seed, "wall_s": json.loads((run / "summary.json").read_text())["seconds"]["train"]}
     conditions = ["auto", "misaligned"] if "conditional" in cfg.name else ["auto"]
     for cond in conditions:
         f = run / f"eval_{cond}.json"
@@ -50,11 +48,6 @@ def run_one(cfg: Path, run: Path, seed: int, steps: int | None, samples: int, sc
                 "--out", str(f)])
         out[cond] = json.loads(f.read_text())
     return out
-
-
-def wall_of(run: Path) -> float | None:
-    f = run / "summary.json"
-    return json.loads(f.read_text())["seconds"]["train"] if f.is_file() else None
 
 
 def pooled(results: list[dict], cond: str, scorer: str) -> np.ndarray:
