@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -65,3 +66,13 @@ def tiny_overrides(shards: Path, run_dir: Path, **kw) -> list[str]:
     items = {"data.shards": f"[{shards}]", "run.output_dir": str(run_dir)}
     items.update(kw)
     return [f"{k}={v}" for k, v in items.items()]
+
+
+def crash_after(src: Path, dst: Path, step: int) -> None:
+    """A copy of run directory `src` as a crash right after step `step`'s checkpoint would have left it."""
+    shutil.copytree(src, dst)
+    for d in (dst / "checkpoints").glob("step_*"):
+        if int(d.name.split("_")[1]) > step:
+            shutil.rmtree(d)
+    (dst / "checkpoints" / "latest").write_text(f"step_{step:08d}")
+    (dst / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in read_metrics(src) if m["step"] <= step))

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,21 +13,11 @@ from pathlib import Path
 import pytest
 
 from prefpretrain.trainer.checkpoint import find_latest
-from tests.conftest import ROOT, cli_env, launch_tiny, read_metrics, run_cli, tiny_overrides
+from tests.conftest import ROOT, cli_env, crash_after, launch_tiny, read_metrics, run_cli, tiny_overrides
 
 pytestmark = pytest.mark.dist
 
 KW = {"train.log_every": 1, "train.precision": "fp32", "eval.every_steps": 0, "checkpoint.keep_last": 10}
-
-
-def _truncate(src: Path, dst: Path, step: int) -> None:
-    """The run directory as a crash right after step `step`'s checkpoint would have left it."""
-    shutil.copytree(src, dst)
-    for d in (dst / "checkpoints").glob("step_*"):
-        if int(d.name.split("_")[1]) > step:
-            shutil.rmtree(d)
-    (dst / "checkpoints" / "latest").write_text(f"step_{step:08d}")
-    (dst / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in read_metrics(src) if m["step"] <= step))
 
 
 def test_resume_at_another_world_size_continues_exactly(tiny_shards, tmp_path):
@@ -36,11 +25,11 @@ def test_resume_at_another_world_size_continues_exactly(tiny_shards, tmp_path):
     ref = tmp_path / "ref"
     launch_tiny(tiny_shards, ref, 2, **kw)
     a = tmp_path / "a"  # 2 ranks -> stop after 3 -> 1 rank
-    _truncate(ref, a, 3)
+    crash_after(ref, a, 3)
     r = launch_tiny(tiny_shards, a, 1, **kw)
     assert "loading its universal form" in r.stderr and "at step 3 (data position 12)" in r.stderr
     b = tmp_path / "b"  # ... -> stop after 6 -> 2 ranks again
-    _truncate(a, b, 6)
+    crash_after(a, b, 6)
     r = launch_tiny(tiny_shards, b, 2, **kw)
     assert "at step 6 (data position 24)" in r.stderr
     want = [m["loss"] for m in read_metrics(ref)]

@@ -16,7 +16,7 @@ from prefpretrain.continual.replay import ReplayMixDataset, replay_per_batch
 from prefpretrain.data_shards.loader import MixtureDataset, RankBatchSampler
 from prefpretrain.data_shards.packing import Layout, PackedSet
 from prefpretrain.data_shards.reader import ShardSet
-from tests.conftest import launch_tiny, read_metrics, run_cli, tiny_overrides
+from tests.conftest import crash_after, launch_tiny, read_metrics, run_cli, tiny_overrides
 
 NEW_FILES = ["heapq.py", "queue.py", "sched.py", "string.py", "token.py", "weakref.py", "glob.py", "struct.py"]
 
@@ -193,12 +193,7 @@ def old_run(tmp_path_factory, tiny_shards) -> Path:
 
 def _crash_after(src: Path, dst: Path, step: int) -> None:
     """The update's run directory as a crash right after step `step`'s checkpoint would have left it."""
-    shutil.copytree(src, dst)
-    for d in (dst / "checkpoints").glob("step_*"):
-        if int(d.name.split("_")[1]) > step:
-            shutil.rmtree(d)
-    (dst / "checkpoints" / "latest").write_text(f"step_{step:08d}")
-    (dst / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in read_metrics(src) if m["step"] <= step))
+    crash_after(src, dst, step)
     shutil.rmtree(dst / "memory")  # written at the end of the update
     (dst / "forgetting.json").unlink()
 
