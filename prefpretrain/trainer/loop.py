@@ -8,7 +8,6 @@ import json
 import logging
 import resource
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +17,11 @@ import yaml
 
 from prefpretrain.config import Config, ConfigError
 from prefpretrain.data_shards.loader import MixtureDataset, train_loader
-from prefpretrain.data_shards.packing import IGNORE, MaskSpec, PackedSet
+from prefpretrain.data_shards.packing import MaskSpec, PackedSet
 from prefpretrain.data_shards.reader import ShardSet
 from prefpretrain.launcher import dist as distlib
 from prefpretrain.logs import setup_logging
 from prefpretrain.trainer import checkpoint as ckptlib
-from prefpretrain.trainer.adversarial import adversarial_term
 from prefpretrain.trainer.engine import build_engine, local_param_elements
 from prefpretrain.trainer.evaluate import validation_loss
 from prefpretrain.trainer.flops import matmul_peak, mfu
@@ -31,14 +29,13 @@ from prefpretrain.trainer.model import apply_freeze, attach_value_head, build_mo
 from prefpretrain.trainer.monitor import Monitor
 from prefpretrain.trainer.objectives import (
     ObjectiveParams,
-    batch_pref_stats,
-    compute_loss,
     layout_for,
     needs_value_head,
     reward_scale_for,
     target_count,
 )
 from prefpretrain.trainer.runinfo import check_agreement, write_run_files
+from prefpretrain.trainer.step import StepSpec, Window, micro_step, window_scalars
 
 log = logging.getLogger(__name__)
 
@@ -79,21 +76,6 @@ def mask_spec(cfg: Config, manifest: dict) -> MaskSpec | None:
     sp = manifest["tokenizer"]["special_ids"]
     return MaskSpec(mask_id=sp["mask"], vocab_size=manifest["tokenizer"]["vocab_size"],
                     special_ids=tuple(sorted(set(sp.values()))), prob=cfg.model.mlm_probability, seed=cfg.run.seed)
-
-
-@dataclass
-class Window:
-    """What the loop accumulates between two log lines."""
-
-    t0: float = field(default_factory=time.time)
-    steps: int = 0
-    micro: int = 0
-    loss: float = 0.0
-    nll: float = 0.0
-    targets: int = 0
-    score_mean: float = 0.0
-    aligned_fraction: float = 0.0
-    extra: dict = field(default_factory=dict)  # objective / adversarial statistics, summed
 
 
 def objective_params(cfg: Config, manifest: dict) -> ObjectiveParams:
@@ -153,7 +135,8 @@ def _train(cfg: Config, info) -> dict:
     with_values = needs_value_head(t.objective)
     if with_values and not hasattr(model, "value_head"):
         attach_value_head(model)
-    op, adv = objective_params(cfg, manifest), cfg.adversarial
+    op = objective_params(cfg, manifest)
+    spec = StepSpec(t.objective, causal, op, cfg.adversarial, with_values, cfg.run.seed)
     n_params = count_params(model)
     n_frozen = apply_freeze(model, cfg.model.freeze)
     if cfg.model.gradient_checkpointing:
@@ -171,34 +154,8 @@ def _train(cfg: Config, info) -> dict:
     # ---- resume (at any world size: the data position is world-size independent, and ZeRO states
     # written by another number of ranks are converted to a DeepSpeed universal checkpoint)
     ckpt_root = run_dir / "checkpoints"
-    step, tokens_seen, ckpt, load_from = 0, 0, None, None
-    if cfg.run.resume == "auto":  # rank 0 picks (and verifies checksums), everyone follows
-        pick = [ckptlib.find_latest(ckpt_root) if rank == 0 else None]
-        if world > 1:
-            dist.broadcast_object_list(pick, src=0)
-        ckpt = pick[0]
-    elif cfg.run.resume != "never":
-        ckpt = Path(cfg.run.resume)
-        if not (ckpt / "state.json").is_file():
-            raise ConfigError(f"run.resume: {ckpt} is not a complete checkpoint (no state.json)")
-    if ckpt is not None:
-        st = ckptlib.read_state(ckpt)
-        if st.get("tokenizer_hash") not in (None, sets[0].tokenizer_hash):
-            raise ConfigError(f"run.resume: {ckpt} was trained with tokenizer {st['tokenizer_hash']}, the shards "
-                              f"use {sets[0].tokenizer_hash}")
-        if st["global_batch_size"] != G:
-            raise ConfigError(f"train.global_batch_size: {G}, but {ckpt} was trained with {st['global_batch_size']} "
-                              f"(it defines the data order; keep it when resuming)")
-        if st["config_hash"] != cfg.hash():
-            log.warning("resuming %s written with another config (hash %s, now %s)", ckpt, st["config_hash"],
-                        cfg.hash())
-        if cont:
-            cont.check_resume(st, ckpt)
-        load_from = ckpt
-        if st["world_size"] != world and st.get("zero_stage", 0) >= 1:
-            load_from = ckptlib.universal(ckpt, rank)
-            log.info("checkpoint %s was written by %d ranks; loading its universal form %s on %d", ckpt,
-                     st["world_size"], load_from, world)
+    step, tokens_seen = 0, 0
+    ckpt, st, load_from = resume_point(cfg, ckpt_root, rank, world, sets[0].tokenizer_hash, cont)
     engine, guard = build_engine(cfg, model, world, run_dir if rank == 0 else None,
                                  load_universal=load_from is not None and load_from != ckpt)
     if ckpt is not None:
@@ -245,7 +202,7 @@ def _train(cfg: Config, info) -> dict:
         (run_dir / "sample_ids").mkdir(parents=True, exist_ok=True)
         ids_log = open(run_dir / "sample_ids" / f"rank{rank}.jsonl", "a")  # noqa: SIM115 - closed at the end
     w = Window()
-    corrupt, bad_run, bad_total, best, evals_since_best, stopped_early = 0, 0, 0, float("inf"), 0, False
+    corrupt, bad_run, bad_total, best, evals_since_best, stopped_early = 0.0, 0, 0, float("inf"), 0, False
     val: dict = {}
     engine.train()
     while step < t.max_steps:
@@ -269,30 +226,7 @@ def _train(cfg: Config, info) -> dict:
             raise Preempted(msg)
         scale = ga * world / max(1.0, float(shared[0]))  # DeepSpeed divides by ga and averages over ranks
         for batch in micro_batches:
-            b = {k: v.to(dev) for k, v in batch.items()}
-            out = engine(input_ids=b["input_ids"], output_hidden_states=with_values)
-            values = engine.module.value_head(out.hidden_states[-1]).squeeze(-1) if with_values else None
-            loss_sum, n, stats = compute_loss(t.objective, out.logits, b, causal, op, values)
-            if adv.steps:
-                mask = (b["labels"][:, 1:] if causal else b["labels"]) != IGNORE
-                # seeded by the samples, not the rank: the same data gets the same start at any world size
-                gen = torch.Generator().manual_seed(hash((cfg.run.seed, int(batch["position"][0]))) % 2**63)
-                term, adv_stats = adversarial_term(engine.module, b["input_ids"], out.logits, mask, adv, causal, gen)
-                loss_sum = loss_sum + term
-                stats.update(adv_stats)
-            extra = cont.extra_loss(engine.module, batch, out.logits, scale) if cont else None  # EWC, distillation
-            engine.backward(loss_sum * scale if extra is None else loss_sum * scale + extra)
-            engine.step()
-            w.micro += 1
-            w.loss += float(loss_sum.detach())
-            w.nll += stats.pop("nll")
-            w.targets += n
-            for k, v in stats.items():
-                w.extra[k] = w.extra.get(k, 0.0) + v
-            ps = batch_pref_stats(batch, cfg.objective.threshold)
-            w.score_mean += ps["score_mean"]
-            w.aligned_fraction += ps["aligned_fraction"]
-            corrupt += int(batch["corrupt"].sum())
+            micro_step(engine, batch, dev, spec, scale, w, cont)
         step += 1
         w.steps += 1
         tokens_seen += G * L
@@ -315,32 +249,19 @@ def _train(cfg: Config, info) -> dict:
                 raise TrainingDiverged(msg)
 
         if step % t.log_every == 0 or step == t.max_steps:
-            keys = sorted(w.extra)  # the same on every rank: they follow from the config
-            sums = torch.tensor([w.loss, w.targets, w.score_mean, w.aligned_fraction, corrupt, w.nll]
-                                + [w.extra[k] for k in keys], dtype=torch.float64)
-            if world > 1:
-                dist.all_reduce(sums)
-            loss = float(sums[0] / sums[1].clamp_min(1))
-            sums[2:4] /= w.micro * world
-            extra = {k: float(v) / float(sums[1].clamp_min(1)) for k, v in zip(keys, sums[6:].tolist(), strict=True)}
-            if "adv_delta_norm" in extra:  # a mean per micro batch, not per token
-                extra["adv_delta_norm"] = float(sums[6 + keys.index("adv_delta_norm")]) / (w.micro * world)
+            values = window_scalars(w, world)
+            corrupt += values.pop("data/corrupt_samples")
             dt = time.time() - w.t0
             tps = w.steps * G * L / dt
             gn = engine.get_global_grad_norm()
-            values = {
-                "train/loss": loss, "train/lr": engine.get_lr()[0],
-                "train/grad_norm": float(gn) if gn is not None else float("nan"),
+            values.update({
+                "train/lr": engine.get_lr()[0], "train/grad_norm": float(gn) if gn is not None else float("nan"),
                 "train/skipped_steps": float(bad_total), "perf/tokens_per_s": tps, "perf/step_time_s": dt / w.steps,
                 "perf/mfu": mfu(n_params, tps, peak, world),
                 "mem/rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
                 "data/samples_seen": step * G, "data/tokens_seen": tokens_seen,
-                "data/epoch": step * G / len(packed[0]) if len(packed) == 1 else step * G / sum(map(len, packed)),
-                "data/corrupt_samples_skipped": float(sums[4]),
-                "pref/score_mean": float(sums[2]), "pref/aligned_fraction": float(sums[3]),
-                "train/nll": float(sums[5] / sums[1].clamp_min(1)),
-                **{_EXTRA_TAGS[k]: v for k, v in extra.items()},
-            }
+                "data/epoch": step * G / sum(map(len, packed)), "data/corrupt_samples_skipped": corrupt,
+            })
             if cont:
                 values.update(cont.window_values())
             if dev.type == "cuda":
@@ -390,9 +311,39 @@ def _train(cfg: Config, info) -> dict:
             **val}
 
 
-_EXTRA_TAGS = {"weight": "objective/weight_mean", "value_mse": "objective/value_mse",
-               "misaligned_tokens": "objective/misaligned_fraction", "adv_kl": "adversarial/kl_per_token",
-               "adv_delta_norm": "adversarial/delta_norm"}
+def resume_point(cfg: Config, ckpt_root: Path, rank: int, world: int, tokenizer_hash: str, cont=None):
+    """(checkpoint, its state, the directory to load) for run.resume, or (None, None, None) for a fresh start.
+    Everything that would make the resume wrong is refused here, before the engine is built."""
+    if cfg.run.resume == "auto":  # rank 0 picks (and verifies checksums), everyone follows
+        pick = [ckptlib.find_latest(ckpt_root) if rank == 0 else None]
+        if world > 1:
+            dist.broadcast_object_list(pick, src=0)
+        ckpt = pick[0]
+    elif cfg.run.resume != "never":
+        ckpt = Path(cfg.run.resume)
+        if not (ckpt / "state.json").is_file():
+            raise ConfigError(f"run.resume: {ckpt} is not a complete checkpoint (no state.json)")
+    else:
+        ckpt = None
+    if ckpt is None:
+        return None, None, None
+    st, G = ckptlib.read_state(ckpt), cfg.train.global_batch_size
+    if st.get("tokenizer_hash") not in (None, tokenizer_hash):
+        raise ConfigError(f"run.resume: {ckpt} was trained with tokenizer {st['tokenizer_hash']}, the shards "
+                          f"use {tokenizer_hash}")
+    if st["global_batch_size"] != G:
+        raise ConfigError(f"train.global_batch_size: {G}, but {ckpt} was trained with {st['global_batch_size']} "
+                          f"(it defines the data order; keep it when resuming)")
+    if st["config_hash"] != cfg.hash():
+        log.warning("resuming %s written with another config (hash %s, now %s)", ckpt, st["config_hash"], cfg.hash())
+    if cont:
+        cont.check_resume(st, ckpt)
+    load_from = ckpt
+    if st["world_size"] != world and st.get("zero_stage", 0) >= 1:
+        load_from = ckptlib.universal(ckpt, rank)
+        log.info("checkpoint %s was written by %d ranks; loading its universal form %s on %d", ckpt,
+                 st["world_size"], load_from, world)
+    return ckpt, st, load_from
 
 
 def _rank_record(engine, run_dir: Path, info, cfg: Config, step: int) -> None:
