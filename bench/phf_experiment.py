@@ -32,8 +32,9 @@ def sh(args: list[str]) -> None:
         sys.exit(f"failed ({r.returncode}): prefpretrain {' '.join(args)}\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
 
 
-def run_one(cfg: Path, run: Path, seed: int, steps: int | None, samples: int, scorers: list[str]) -> dict:
-    over = [f"run.seed={seed}", f"run.output_dir={run}", "eval.samples=0"]
+def run_one(cfg: Path, run: Path, seed: int, steps: int | None, samples: int, scorers: list[str],
+            extra: list[str] = ()) -> dict:
+    over = [f"run.seed={seed}", f"run.output_dir={run}", "eval.samples=0", *extra]
     if steps:
         over += [f"train.max_steps={steps}", f"checkpoint.every_steps={steps}", f"eval.every_steps={steps}"]
     if not (run / "summary.json").is_file():
