@@ -201,10 +201,14 @@ def test_control_tokens_are_never_sampled_and_follow_every_newline(tiny_shards):
     tok = load_tokenizer(ss.tokenizer_dir)
     V = ss.manifest["tokenizer"]["vocab_size"]
     model = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=16, n_layer=1, n_head=2, n_positions=128))
-    with torch.no_grad():
-        model.lm_head.weight.zero_()  # uniform next-token distribution: every token, controls included, is likely
     nl = newline_token_ids(tok)
     assert nl
+    with torch.no_grad():  # every token, controls included, is likely; newlines (logit 4) ~10 % of draws
+        model.lm_head.weight.zero_()  # (tied to the input embeddings)
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.zero_()
+        model.transformer.ln_f.bias[0] = 1.0  # the final hidden state is e_0 at every position
+        model.lm_head.weight[sorted(nl), 0] = 4.0
     seqs = sample(model, 32, 100, bos_id=sp["eos"], eos_id=sp["eos"], banned=[sp["pad"], sp["mask"],
                   sp["aligned"], sp["misaligned"]], control_id=sp["aligned"], newline_ids=nl, temperature=1.0,
                   top_p=1.0, seed=0, max_positions=128)
@@ -217,7 +221,29 @@ def test_control_tokens_are_never_sampled_and_follow_every_newline(tiny_shards):
             if t in nl and i + 1 < len(s):
                 newlines += 1
                 assert s[i + 1] == sp["aligned"]
-    assert newlines > 5
+    assert newlines > 50
+
+
+def test_top_p_nucleus_matches_a_full_sort_and_draws_follow_it():
+    from prefpretrain.trainer.sampling import draw, top_p_probs
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(8, 500, generator=g) * 3
+    logits[:, :5] = float("-inf")  # banned tokens
+    for top_p in (0.5, 0.9, 0.99):
+        got = top_p_probs(logits, top_p)
+        # reference: sort the whole row, keep tokens while the mass before them is <= top_p
+        p = torch.softmax(logits, -1)
+        srt, idx = torch.sort(p, descending=True, dim=-1)
+        keep = (srt.cumsum(-1) - srt) <= top_p
+        ref = torch.zeros_like(p).scatter(-1, idx, srt * keep)
+        assert torch.allclose(got, ref)
+        assert (got[:, :5] == 0).all() and ((got > 0).sum(-1) < 500).all()
+    # three tokens with probabilities 0.5 / 0.3 / 0.2, top-p 0.7: the nucleus is the first two, drawn 5 : 3
+    row = torch.tensor([[0.5, 0.3, 0.2]]).log().expand(20000, 3)
+    x = draw(top_p_probs(row, 0.7), torch.Generator().manual_seed(1))
+    freq = torch.bincount(x, minlength=3).float() / len(x)
+    assert freq[2] == 0 and abs(float(freq[0]) - 0.625) < 0.015
 
 
 # ---------------------------------------------------------------- evaluation statistics

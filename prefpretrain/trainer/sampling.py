@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -17,21 +18,32 @@ def newline_token_ids(tok) -> set[int]:
     return out
 
 
-def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+def top_p_probs(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Each row's next-token probabilities restricted to its nucleus — the most likely tokens while the mass
+    before a token is <= top_p — and zero elsewhere (not renormalised). The cut is found on a sorted copy of
+    the probabilities (numpy's SIMD sort: ~20x faster than torch.sort here, which was half the sampling time)
+    and applied as a threshold, so tokens tied with the last one kept are kept too."""
+    probs = torch.softmax(logits.float(), dim=-1)
     if top_p >= 1.0:
-        return logits
-    sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
-    probs = torch.softmax(sorted_logits, dim=-1)
-    cum = probs.cumsum(dim=-1)
-    remove = cum - probs > top_p  # keep the smallest prefix whose mass reaches top_p
-    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+        return probs
+    srt = np.sort(probs.numpy(), axis=-1)[:, ::-1]
+    mass_before = np.cumsum(srt, axis=-1) - srt
+    n_keep = np.maximum((mass_before <= top_p).sum(-1), 1)
+    tau = torch.from_numpy(np.ascontiguousarray(srt[np.arange(len(srt)), n_keep - 1]))
+    return torch.where(probs >= tau[:, None], probs, 0.0)
+
+
+def draw(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One token per row from unnormalised probabilities (inverse CDF: one uniform per row)."""
+    c = probs.cumsum(dim=-1)
+    u = torch.rand(len(c), 1, generator=gen, dtype=c.dtype) * c[:, -1:]
+    return torch.searchsorted(c, u, right=True).squeeze(1).clamp_max(c.shape[-1] - 1)
 
 
 @torch.no_grad()
 def sample(model, n: int, max_new_tokens: int, *, bos_id: int, eos_id: int, banned: list[int],
            control_id: int | None = None, newline_ids: set[int] = frozenset(), temperature: float = 0.7,
-           top_p: float = 0.9, seed: int = 0, batch_size: int = 16, max_positions: int | None = None,
+           top_p: float = 0.9, seed: int = 0, batch_size: int = 64, max_positions: int | None = None,
            prompt_ids: list[int] = ()) -> list[list[int]]:
     """n samples of token ids (generated part only, control tokens included where forced)."""
     model.eval()
@@ -63,8 +75,7 @@ def sample(model, n: int, max_new_tokens: int, *, bos_id: int, eos_id: int, bann
             cache = res.cache
             logits = res.logits[:, -1, :].float().cpu()
             logits[:, ban] = float("-inf")
-            logits = _top_p_filter(logits / max(temperature, 1e-5), top_p)
-            nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen).squeeze(1)
+            nxt = draw(top_p_probs(logits / max(temperature, 1e-5), top_p), gen)
             if control_id is not None:
                 nxt = torch.where(force, torch.full_like(nxt, control_id), nxt)
             for i in range(b):
