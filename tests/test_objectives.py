@@ -186,6 +186,15 @@ def test_style_scorer_ignores_contextual_codes():
     assert full[1] > style[1] > 0  # E302 counted by pep8 only; E201/E202 by both
 
 
+def test_pep8_scorer_survives_pycodestyle_crash():
+    # a model sample (shrunk) on which pycodestyle's continued_indentation raises IndexError
+    text = ('    def __getitem__(self, _init__(self):\n        """class__\n'
+            '        """    """Return a process should be used by an __init__(self):\n')
+    v = Pep8Scorer().violations(text)
+    assert (1, "E113") in v and any(c == "E901" for _, c in v)
+    assert _line_scores(text)[0] > 0
+
+
 # ---------------------------------------------------------------- sampling protocol
 
 

@@ -5,6 +5,7 @@ score per segment span. `name`, `version` and `params` go into the shard manifes
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib
 import math
@@ -108,7 +109,15 @@ class Pep8Scorer:
                     found.append((line_number, code))
                 return code
 
-        pcs.Checker(lines=text.splitlines(True), options=guide.options, report=_Collect(guide.options)).check_all()
+        try:
+            pcs.Checker(lines=text.splitlines(True), options=guide.options, report=_Collect(guide.options)).check_all()
+        except IndexError:
+            # pycodestyle's continued_indentation (E12x) indexes past its row table on some malformed token
+            # streams (model samples hit it); score the text again without that one check
+            found.clear()
+            opts = copy.copy(guide.options)
+            opts.logical_checks = [c for c in opts.logical_checks if c[0] != "continued_indentation"]
+            pcs.Checker(lines=text.splitlines(True), options=opts, report=_Collect(opts)).check_all()
         return found
 
     def score(self, doc: Document, spans: list[Span]) -> list[float]:
