@@ -61,8 +61,11 @@ def bootstrap_ci_of(x: np.ndarray) -> dict:
     return {"mean": float(np.mean(x)), "ci95": list(bootstrap_ci(np.asarray(x, dtype=np.float64)))}
 
 
-def ratio_ci(a: np.ndarray, b: np.ndarray, reps: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """mean(a) / mean(b) with a bootstrap 95 % interval (a and b resampled independently)."""
+def ratio_ci(a: np.ndarray, b: np.ndarray, reps: int = 2000, seed: int = 0) -> tuple[float, float, float] | None:
+    """mean(a) / mean(b) with a bootstrap 95 % interval (a and b resampled independently); None when b has no
+    violation at all (the ratio is unbounded: say so rather than divide by zero)."""
+    if not b.any():
+        return None
     rng = np.random.default_rng(seed)
     ra = a[rng.integers(0, len(a), (reps, len(a)))].mean(1)
     rb = b[rng.integers(0, len(b), (reps, len(b)))].mean(1)
@@ -104,9 +107,10 @@ def main() -> None:
             row[sc] = {"mean": float(x.mean()), "ci95": [lo, hi], "zero_fraction": float((x == 0).mean()),
                        "n": len(x)}
         ev = [r["auto"] for r in res]
-        row["parse_fraction"] = float(np.mean([e["by_scorer"][scorers[-1]].get("parse_fraction", np.nan) for e in ev]))
-        row[f"{scorers[-1]}_parsed"] = float(np.nanmean([e["by_scorer"][scorers[-1]].get("misalignment_parsed", np.nan)
-                                                         for e in ev]))
+        if "parse_fraction" in ev[0]["by_scorer"][scorers[-1]]:  # code: how many samples parse, style of those
+            row["parse_fraction"] = float(np.mean([e["by_scorer"][scorers[-1]]["parse_fraction"] for e in ev]))
+            parsed = [e["by_scorer"][scorers[-1]]["misalignment_parsed"] for e in ev]
+            row[f"{scorers[-1]}_parsed"] = float(np.nanmean(parsed)) if not np.isnan(parsed).all() else None
         row["val_loss"] = float(np.mean([e.get("val_loss_plain", e["val_loss"]) for e in ev]))
         row["tokens"] = int(np.mean([e["tokens_seen"] for e in ev]))
         row["wall_s"] = float(np.mean([r["wall_s"] for r in res]))
@@ -128,23 +132,30 @@ def main() -> None:
                       "rows": [{k: v for k, v in r.items() if k != "seeds"} for r in rows]}))
 
 
+def fmt_ratio(c: tuple[float, float, float] | None, n: int) -> str:
+    return f"{c[0]:.2f} [{c[1]:.2f}, {c[2]:.2f}]" if c else f"unbounded (none in {n:,} samples)"
+
+
 def print_table(rows: list[dict], scorers: list[str]) -> None:
-    head = "| objective | " + " | ".join(f"{s} viol/char [95 % CI]" for s in scorers) + \
-        " | MLE / this | parse | style (parsed) | val loss | tokens | wall s |"
+    code = "parse_fraction" in rows[0]
+    head = "| objective | " + " | ".join(f"{s} per char [95 % CI]" for s in scorers) + " | MLE / this |" + \
+        (" parse | style (parsed) |" if code else "") + " val loss | tokens | wall s |"
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for r in rows:
-        cells = [f"{r[s]['mean']:.5f} [{r[s]['ci95'][0]:.5f}, {r[s]['ci95'][1]:.5f}]" for s in scorers]
-        vs = r.get(f"vs_mle_{scorers[0]}")
+        cells = [f"{r[s]['mean']:.3g} [{r[s]['ci95'][0]:.3g}, {r[s]['ci95'][1]:.3g}]" for s in scorers]
+        vs = f"vs_mle_{scorers[0]}"
+        parsed = r.get(f"{scorers[-1]}_parsed")
         print(f"| {r['objective']} | " + " | ".join(cells) +
-              f" | {f'{vs[0]:.2f} [{vs[1]:.2f}, {vs[2]:.2f}]' if vs else '-'} | {r['parse_fraction']:.2f} | "
-              f"{r[f'{scorers[-1]}_parsed']:.5f} | {r['val_loss']:.3f} | {r['tokens']:,} | {r['wall_s']:.0f} |")
+              f" | {fmt_ratio(r[vs], r[scorers[0]]['n']) if vs in r else '-'} |" +
+              (f" {r['parse_fraction']:.2f} | {'-' if parsed is None else f'{parsed:.5f}'} |" if code else "") +
+              f" {r['val_loss']:.3f} | {r['tokens']:,} | {r['wall_s']:.0f} |")
     for r in rows:
         if "misaligned_" + scorers[-1] in r:
             for s in scorers:
                 c = r[f"control_ratio_{s}"]
-                print(f"conditional, {s}: <|misaligned|> samples have {c[0]:.2f}x [{c[1]:.2f}, {c[2]:.2f}] the "
-                      f"violations of <|aligned|> ones ({r['misaligned_' + s]['mean']:.5f} vs {r[s]['mean']:.5f})")
+                print(f"conditional, {s}: <|misaligned|> samples have {fmt_ratio(c, r[s]['n'])}x the "
+                      f"violations of <|aligned|> ones ({r['misaligned_' + s]['mean']:.3g} vs {r[s]['mean']:.3g})")
 
 
 def plot(rows: list[dict], scorers: list[str], path: Path) -> Path:

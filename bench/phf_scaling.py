@@ -86,8 +86,8 @@ def main() -> None:
     print(json.dumps({"set": SET, "seeds": a.seeds, "samples": a.samples, "png": str(png), "rows": rows}))
 
 
-def fmt(r: tuple[float, float, float]) -> str:
-    return f"{r[0]:.2f} [{r[1]:.2f}, {r[2]:.2f}]"
+def fmt(r: tuple[float, float, float] | None) -> str:
+    return f"{r[0]:.2f} [{r[1]:.2f}, {r[2]:.2f}]" if r else "unbounded (conditional: none)"
 
 
 def print_table(rows: list[dict]) -> None:
@@ -114,7 +114,7 @@ def plot(rows: list[dict], path: Path) -> Path:
         x = [r["params"] / 1e6 for r in sel]
         lab = f"{sel[0]['tokens'] / 1e6:.2f} M tokens"
         for ax, sc in zip(axes[:2], (SET, STYLE), strict=True):
-            y = [r[sc]["mle_over_conditional"] for r in sel]
+            y = [r[sc]["mle_over_conditional"] or (np.nan,) * 3 for r in sel]
             ax.errorbar(x, [v[0] for v in y], yerr=[[v[0] - v[1] for v in y], [v[2] - v[0] for v in y]],
                         marker="o", capsize=4, label=lab)
         axes[2].plot(x, [r["val_loss_mle"] for r in sel], marker="o", label=f"MLE, {lab}")
