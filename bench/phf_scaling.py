@@ -1,6 +1,6 @@
 """Scaling curve of the PHF pep8 set: MLE vs conditional training over model sizes and token budgets.
 
-    .venv/bin/python bench/phf_scaling.py [--sizes 2x128 4x256 6x384] [--steps 300 600] [--seeds 1]
+    .venv/bin/python bench/phf_scaling.py [--sizes 2x128 4x256 6x384[@1]] [--steps 300 600] [--seeds 1 2]
         [--samples 512] [--out runs/exp]
 
 Every point is a pair of runs of configs/experiments/pep8_{mle,conditional}.yaml that differ from the set only
@@ -67,7 +67,8 @@ def point(size: str, steps: int, seeds: list[int], samples: int, out: Path) -> d
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", nargs="+", default=["2x128", "4x256", "6x384"], help="LAYERSxHIDDEN")
+    ap.add_argument("--sizes", nargs="+", default=["2x128", "4x256", "6x384"],
+                    help="LAYERSxHIDDEN, or LAYERSxHIDDEN@S1,S2 to use other seeds than --seeds for that size")
     ap.add_argument("--steps", nargs="+", type=int, default=[300, 600], help="token budgets, in 4,096-token steps")
     ap.add_argument("--seeds", nargs="+", type=int, default=[1])
     ap.add_argument("--samples", type=int, default=512)
@@ -76,9 +77,11 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for size in a.sizes:
+    for spec in a.sizes:
+        size, _, only = spec.partition("@")
+        seeds = [int(x) for x in only.split(",")] if only else a.seeds
         for steps in a.steps:
-            rows.append(point(size, steps, a.seeds, a.samples, out))
+            rows.append(point(size, steps, seeds, a.samples, out))
             print(f"done {size} {steps} steps", file=sys.stderr, flush=True)
     (out / f"{SET}_scaling.json").write_text(json.dumps({"rows": rows, "args": vars(a)}, indent=1))
     print_table(rows)
@@ -91,11 +94,11 @@ def fmt(r: tuple[float, float, float] | None) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    print("| model | params | tokens | val loss MLE / cond | parse MLE / cond | pep8 MLE / cond | "
+    print("| model | params | tokens | seeds | val loss MLE / cond | parse MLE / cond | pep8 MLE / cond | "
           "style MLE / cond | control (style, misaligned / aligned) | wall s MLE / cond |")
-    print("|" + "---|" * 9)
+    print("|" + "---|" * 10)
     for r in rows:
-        print(f"| {r['size']} | {r['params'] / 1e6:.2f} M | {r['tokens'] / 1e6:.2f} M | "
+        print(f"| {r['size']} | {r['params'] / 1e6:.2f} M | {r['tokens'] / 1e6:.2f} M | {len(r['seeds'])} | "
               f"{r['val_loss_mle']:.3f} / {r['val_loss_conditional']:.3f} | "
               f"{r['parse_mle']:.2f} / {r['parse_conditional']:.2f} | {fmt(r[SET]['mle_over_conditional'])} | "
               f"{fmt(r[STYLE]['mle_over_conditional'])} | {fmt(r[STYLE]['control_ratio'])} | "
