@@ -126,8 +126,11 @@ def plot(rows: list[dict], path: Path) -> Path:
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.set_title(f"MLE / conditional, {sc} violations per char")
     axes[2].set_title("validation loss (plain text)")
+    ticks = sorted({r["params"] / 1e6 for r in rows})
     for ax in axes:
         ax.set_xscale("log")
+        ax.set_xticks(ticks, [f"{t:.1f}" for t in ticks])
+        ax.minorticks_off()
         ax.set_xlabel("parameters (M)")
         ax.legend(fontsize=8)
     fig.tight_layout()
