@@ -1,6 +1,7 @@
 """Scaling curve of the PHF pep8 set: MLE vs conditional training over model sizes and token budgets.
 
     .venv/bin/python bench/phf_scaling.py [--sizes 2x128 4x256 6x384[@1]] [--steps 300 600] [--seeds 1 2]
+        [--seeds-at 6x384/600=1]
         [--samples 512] [--out runs/exp]
 
 Every point is a pair of runs of configs/experiments/pep8_{mle,conditional}.yaml that differ from the set only
@@ -71,17 +72,20 @@ def main() -> None:
                     help="LAYERSxHIDDEN, or LAYERSxHIDDEN@S1,S2 to use other seeds than --seeds for that size")
     ap.add_argument("--steps", nargs="+", type=int, default=[300, 600], help="token budgets, in 4,096-token steps")
     ap.add_argument("--seeds", nargs="+", type=int, default=[1])
+    ap.add_argument("--seeds-at", nargs="*", default=[], metavar="SIZE/STEPS=S1,S2",
+                    help="other seeds for one point, e.g. 6x384/600=1")
     ap.add_argument("--samples", type=int, default=512)
     ap.add_argument("--out", default="runs/exp")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    at = {k: [int(x) for x in v.split(",")] for k, v in (e.split("=") for e in a.seeds_at)}
     rows = []
     for spec in a.sizes:
         size, _, only = spec.partition("@")
         seeds = [int(x) for x in only.split(",")] if only else a.seeds
         for steps in a.steps:
-            rows.append(point(size, steps, seeds, a.samples, out))
+            rows.append(point(size, steps, at.get(f"{size}/{steps}", seeds), a.samples, out))
             print(f"done {size} {steps} steps", file=sys.stderr, flush=True)
     (out / f"{SET}_scaling.json").write_text(json.dumps({"rows": rows, "args": vars(a)}, indent=1))
     print_table(rows)
