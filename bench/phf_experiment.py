@@ -158,13 +158,27 @@ def print_table(rows: list[dict], scorers: list[str]) -> None:
                       f"violations of <|aligned|> ones ({r['misaligned_' + s]['mean']:.3g} vs {r[s]['mean']:.3g})")
 
 
-def plot(rows: list[dict], scorers: list[str], path: Path) -> Path:
+def subplots(ncols: int, width: float):
+    """(figure, axes) of one row of `ncols` plots, drawn off-screen."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(scorers) + 1, figsize=(5 * (len(scorers) + 1), 4))
+    return plt.subplots(1, ncols, figsize=(width, 4))
+
+
+def save_figure(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot(rows: list[dict], scorers: list[str], path: Path) -> Path:
+    fig, axes = subplots(len(scorers) + 1, 5 * (len(scorers) + 1))
     names = [r["objective"] for r in rows]
     for ax, s in zip(axes, scorers, strict=False):
         m = [r[s]["mean"] for r in rows]
@@ -177,10 +191,7 @@ def plot(rows: list[dict], scorers: list[str], path: Path) -> Path:
     axes[-1].tick_params(axis="x", rotation=30)
     lo = min(r["val_loss"] for r in rows)
     axes[-1].set_ylim(lo * 0.95, max(r["val_loss"] for r in rows) * 1.02)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 if __name__ == "__main__":

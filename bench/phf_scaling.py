@@ -25,7 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
-from phf_experiment import STYLE, pooled, ratio_ci, run_one  # noqa: E402
+from phf_experiment import STYLE, pooled, ratio_ci, run_one, save_figure, subplots  # noqa: E402
 
 SET = "pep8"
 TOKENS_PER_STEP = 16 * 256
@@ -110,12 +110,7 @@ def print_table(rows: list[dict]) -> None:
 
 
 def plot(rows: list[dict], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = subplots(3, 15)
     for steps in sorted({r["steps"] for r in rows}):
         sel = [r for r in rows if r["steps"] == steps]
         x = [r["params"] / 1e6 for r in sel]
@@ -137,10 +132,7 @@ def plot(rows: list[dict], path: Path) -> Path:
         ax.minorticks_off()
         ax.set_xlabel("parameters (M)")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 if __name__ == "__main__":
