@@ -47,7 +47,7 @@ def test_bf16_trains_and_fp16_is_refused_on_cpu(tiny_shards, tmp_path):
     launch_tiny(tiny_shards, tmp_path / "bf16", **kw, **{"train.precision": "bf16", "engine.zero_stage": 1})
     ls = _losses(tmp_path / "bf16")
     assert sum(ls[-3:]) < sum(ls[:3]) - 0.5
-    # DeepSpeed's CPU accelerator has no fp16: say so before any process starts (GPU check: bench/gpu_checks.py)
+    # DeepSpeed's CPU accelerator has no fp16: say so before any process starts (GPU check: bench/gpu_mfu.py)
     r = run_cli("launch", "configs/tiny.yaml", *tiny_overrides(tiny_shards, tmp_path / "fp16"), "train.precision=fp16")
     assert r.returncode == 2 and "train.precision: fp16 is not supported by DeepSpeed on CPU" in r.stderr
 
@@ -98,11 +98,13 @@ def test_early_stopping_stops_when_validation_stops_improving(tiny_shards, tmp_p
 
 
 @pytest.mark.dist
-def test_divergence_stops_with_exit_3_and_the_last_good_checkpoint(tiny_shards, tmp_path):
+@pytest.mark.parametrize("stage", [0, 2, 3])  # 0: GuardedAdamW skips the step; 2, 3: DeepSpeed's ZeRO optimizer
+def test_divergence_stops_with_exit_3_and_the_last_good_checkpoint(tiny_shards, tmp_path, stage):
     run = tmp_path / "nan"
     r = launch_tiny(tiny_shards, run, expect=3, **{"train.lr": "1.0e8", "train.min_lr": 0, "train.warmup_steps": 1,
                                                "train.max_steps": 20, "train.log_every": 1, "train.max_bad_steps": 3,
-                                               "checkpoint.every_steps": 1, "train.precision": "fp32"})
+                                               "checkpoint.every_steps": 1, "train.precision": "fp32",
+                                               "engine.zero_stage": stage})
     assert "3 consecutive steps had a non-finite loss or gradient" in r.stderr
     latest = (run / "checkpoints" / "latest").read_text()
     assert latest == "step_00000001"  # no checkpoint was written while steps were skipped
@@ -160,3 +162,22 @@ def test_offload_gives_the_same_losses(tiny_shards, tmp_path):
     assert _losses(tmp_path / "all") == pytest.approx(ref, abs=1e-4)
     zero = json.loads((tmp_path / "all" / "deepspeed_config.json").read_text())["zero_optimization"]
     assert zero["offload_param"] == {"device": "cpu"} and zero["offload_optimizer"] == {"device": "cpu"}
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_guard_skips_a_non_finite_step_and_counts_it(bad):
+    from prefpretrain.trainer.engine import GuardedAdamW
+
+    w = torch.nn.Parameter(torch.ones(4, 3))
+    opt = GuardedAdamW([w], lr=0.1)
+    w.grad = torch.ones(4, 3)
+    opt.step()
+    assert not opt.overflow and opt.skipped == 0 and w.detach().lt(1).all()
+    before = w.detach().clone()
+    w.grad = torch.ones(4, 3)
+    w.grad[2, 1] = bad
+    opt.step()
+    assert opt.overflow and opt.skipped == 1 and torch.equal(w.detach(), before)
+    opt.check = False  # under ZeRO-1/2/3 DeepSpeed's optimizer checks, and the guard stands aside
+    opt.step()
+    assert not opt.overflow and not torch.isfinite(w.detach()).all()

@@ -36,25 +36,33 @@ def deepspeed_env() -> None:
 class GuardedAdamW(torch.optim.AdamW):
     """AdamW that skips a step whose gradients are not finite on any rank (all ranks agree), and counts it.
 
-    DeepSpeed's ZeRO-1/2 optimizer already skips such steps; this guard covers ZeRO-0 and ZeRO-3 in
-    every precision. `overflow` is what DeepSpeed's engine reads to count a skipped step.
+    DeepSpeed's ZeRO-1/2/3 optimizers already skip such steps (a non-finite global norm; bf16 ZeRO-1/2 also
+    `check_grad_overflow`; fp16 the loss scaler), so `build_engine` turns the guard off there (`check =
+    False`: it costs a pass over the gradients and an all-reduce per step); it covers ZeRO-0, where DeepSpeed
+    hands our optimizer the gradients as they are. `overflow` is what DeepSpeed's engine reads to count a
+    skipped step.
     """
 
     overflow = False
     skipped = 0
+    check = True
 
     @torch.no_grad()
     def step(self, closure=None):
-        bad = any(p.grad is not None and not bool(torch.isfinite(p.grad).all())
-                  for g in self.param_groups for p in g["params"])
-        flag = torch.tensor([1.0 if bad else 0.0])
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self.overflow = bool(flag.item())
+        self.overflow = self.check and self._any_non_finite()
         if self.overflow:
             self.skipped += 1
             return None
         return super().step(closure)
+
+    def _any_non_finite(self) -> bool:
+        # one sum per gradient: NaN and +-inf propagate into it (inf - inf = NaN), at a third of the cost of
+        # isfinite(grad).all(); a finite gradient whose sum overflows fp32 (> 3e38) is diverging anyway
+        sums = [p.grad.sum(dtype=torch.float32) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        flag = torch.tensor([0.0 if not sums or bool(torch.isfinite(torch.stack(sums)).all()) else 1.0])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
 
 def ds_config(cfg: Config, world: int, load_universal: bool = False) -> dict:
@@ -124,6 +132,7 @@ def build_engine(cfg: Config, model, world: int, run_dir: Path | None = None, lo
         (run_dir / "deepspeed_config.json").write_text(json.dumps(conf, indent=1))
     t = cfg.train
     opt = GuardedAdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
+    opt.check = cfg.engine.zero_stage == 0  # DeepSpeed's ZeRO optimizers check themselves
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=conf)
     return engine, opt
