@@ -81,6 +81,8 @@ class TrainConfig:
     log_every: int = 10  # steps between log lines / TensorBoard points
     max_bad_steps: int = 10  # stop after this many consecutive steps skipped for a non-finite loss/gradient
     peak_flops: float = 0.0  # per-rank peak FLOP/s for MFU (0 = measure with a matmul probe at start)
+    profile_at: int = 0  # torch.profiler over the steps after this one (0 = off); written to RUN/profile
+    profile_steps: int = 3  # how many optimizer steps the profile covers
 
 
 @dataclass
@@ -391,6 +393,10 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError(f"train.cooldown_steps: must be within (0, max_steps - warmup_steps], got {t.cooldown_steps}")
     if t.max_bad_steps <= 0:
         raise ConfigError(f"train.max_bad_steps: must be positive, got {t.max_bad_steps}")
+    if t.profile_at < 0 or t.profile_at >= max(1, t.max_steps):
+        raise ConfigError(f"train.profile_at: must be within [0, max_steps) (0 = off), got {t.profile_at}")
+    if t.profile_steps <= 0:
+        raise ConfigError(f"train.profile_steps: must be positive, got {t.profile_steps}")
     o = cfg.objective
     for key, val in [("objective.ul_alpha", o.ul_alpha), ("objective.beta", o.beta),
                      ("objective.max_weight", o.max_weight)]:

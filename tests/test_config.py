@@ -35,6 +35,8 @@ def test_overrides_are_typed_and_nested():
     ("train.global_batch_size=15", "train.global_batch_size: 15 is not divisible"),
     ("train.grad_accum=3", "train.grad_accum: 3 does not add up"),
     ("data.verify_checksums=yes please", "data.verify_checksums: expected true/false"),
+    ("train.profile_at=-1", "train.profile_at: must be within [0, max_steps)"),
+    ("train.profile_steps=0", "train.profile_steps: must be positive"),
 ])
 def test_bad_config_raises_naming_the_key(override, needle):
     with pytest.raises(ConfigError) as e:

@@ -24,8 +24,9 @@ def two_runs(tiny_shards, tmp_path_factory):
     runs = []
     for obj in ("mle", "conditional"):
         run = base / obj
+        prof = {"train.profile_at": 2, "train.profile_steps": 2} if obj == "mle" else {}
         r = run_cli("launch", "configs/tiny.yaml", "--nproc-per-node", "1",
-                    *tiny_overrides(tiny_shards, run, **{"train.objective": obj}))
+                    *tiny_overrides(tiny_shards, run, **{"train.objective": obj}, **prof))
         assert r.returncode == 0, r.stderr[-4000:]
         assert run_cli("evaluate", str(run), "--samples", "4").returncode == 0
         runs.append(run)
@@ -50,6 +51,15 @@ def test_tensorboard_events_hold_the_scalars_config_and_hparams(two_runs):
         assert m["lr"] == pytest.approx(tb[m["step"]], rel=1e-6)
     ev = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"evaluate"' in x]
     assert ev and ev[-1]["eval/misalignment"] == pytest.approx(acc.Scalars("eval/misalignment")[-1].value)
+
+
+def test_profile_of_the_asked_steps_is_written(two_runs):
+    trace = json.loads((two_runs[0] / "profile" / "rank0.trace.json").read_text())
+    names = {e.get("name") for e in trace["traceEvents"]}
+    assert {"aten::mm", "aten::addmm"} & names and "Optimizer.step#GuardedAdamW.step" in names
+    ops = (two_runs[0] / "profile" / "rank0.ops.txt").read_text()
+    assert ops.startswith("steps 3..4 (rank 0)") and "aten::" in ops
+    assert not (two_runs[1] / "profile").exists()  # off unless asked
 
 
 def test_report_renders_plots_and_a_table(two_runs, tmp_path):

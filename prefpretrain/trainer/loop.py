@@ -34,6 +34,7 @@ from prefpretrain.trainer.objectives import (
     reward_scale_for,
     target_count,
 )
+from prefpretrain.trainer.profiler import StepProfiler
 from prefpretrain.trainer.runinfo import check_agreement, write_run_files
 from prefpretrain.trainer.step import StepSpec, Window, micro_step, window_scalars
 
@@ -201,11 +202,13 @@ def _train(cfg: Config, info) -> dict:
     if cfg.data.log_sample_ids:
         (run_dir / "sample_ids").mkdir(parents=True, exist_ok=True)
         ids_log = open(run_dir / "sample_ids" / f"rank{rank}.jsonl", "a")  # noqa: SIM115 - closed at the end
+    prof = StepProfiler(t.profile_at, t.profile_steps, run_dir, rank, dev)
     w = Window()
     corrupt, bad_run, bad_total, best, evals_since_best, stopped_early = 0.0, 0, 0, float("inf"), 0, False
     val: dict = {}
     engine.train()
     while step < t.max_steps:
+        prof.before_step(step)
         guard.overflow = False
         micro_batches = [next(it) for _ in range(ga)]
         # the step's loss is the mean over ALL its target tokens (every micro batch, every rank), so
@@ -228,6 +231,7 @@ def _train(cfg: Config, info) -> dict:
         for batch in micro_batches:
             micro_step(engine, batch, dev, spec, scale, w, cont)
         step += 1
+        prof.after_step(step)
         w.steps += 1
         tokens_seen += G * L
         if ids_log is not None:
@@ -291,6 +295,7 @@ def _train(cfg: Config, info) -> dict:
                 save(step)
                 last_ckpt_step = step
 
+    prof.after_step(step, last=True)  # a profile the run's end (or an early stop) cut short
     if not stopped_early:  # (an early stop has just measured it)
         val = evaluate(step)
     if last_ckpt_step != step:
