@@ -28,7 +28,7 @@ class StepProfiler:
             acts = [torch.profiler.ProfilerActivity.CPU]
             if self.device.type == "cuda":
                 acts.append(torch.profiler.ProfilerActivity.CUDA)
-            self.prof = torch.profiler.profile(activities=acts, profile_memory=True)
+            self.prof = torch.profiler.profile(activities=acts)
             self.prof.start()
             self.t0 = time.perf_counter()
 
