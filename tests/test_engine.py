@@ -181,3 +181,14 @@ def test_guard_skips_a_non_finite_step_and_counts_it(bad):
     opt.check = False  # under ZeRO-1/2/3 DeepSpeed's optimizer checks, and the guard stands aside
     opt.step()
     assert not opt.overflow and not torch.isfinite(w.detach()).all()
+
+
+@pytest.mark.dist
+def test_gpu_mfu_bench_runs_end_to_end_in_smoke_mode(tiny_shards):
+    # the GPU benchmark has never had a GPU: its CPU smoke mode runs the same launch and metrics parsing
+    r = subprocess.run([sys.executable, "bench/gpu_mfu.py", "--smoke", "--shards", str(tiny_shards)], cwd=ROOT,
+                       env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["smoke"] and res["device"] == "cpu" and res["tokens_per_s"] > 0 and 0 < res["mfu"] < 1
+    assert "fp16_skipped_steps" not in res  # CPU has no fp16: that half needs the GPU
