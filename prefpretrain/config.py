@@ -114,6 +114,8 @@ class EngineConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # where to train
     offload: Literal["none", "optimizer", "all"] = "none"  # ZeRO-Offload: optimizer states (stage>=1), params (3)
     loss_scale_power: int = 16  # fp16: initial dynamic loss scale 2^N
+    zero3_init: Literal["full", "partitioned"] = "full"  # ZeRO-3: build the whole model on every rank, or
+    # each parameter straight into its partition (models larger than one rank's memory; other initial weights)
 
 
 @dataclass
@@ -385,6 +387,11 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError("engine.offload: 'all' (parameters too) needs engine.zero_stage=3")
     if cfg.engine.offload != "none" and cfg.engine.zero_stage == 0:
         raise ConfigError("engine.offload: offloading needs engine.zero_stage >= 1")
+    if cfg.engine.zero3_init == "partitioned" and cfg.engine.zero_stage != 3:
+        raise ConfigError("engine.zero3_init: 'partitioned' needs engine.zero_stage=3")
+    if cfg.engine.zero3_init == "partitioned" and cfg.continual.from_:
+        raise ConfigError("engine.zero3_init: 'partitioned' is not available for continual updates (continual.from "
+                          "loads the earlier model whole); use 'full'")
     f = cfg.model.freeze
     if f not in ("none", "embeddings") and not (
             f.partition(":")[0] in ("bottom", "all_but_top") and f.partition(":")[2].isdigit()):

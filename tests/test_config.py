@@ -36,6 +36,7 @@ def test_overrides_are_typed_and_nested():
     ("train.grad_accum=3", "train.grad_accum: 3 does not add up"),
     ("data.verify_checksums=yes please", "data.verify_checksums: expected true/false"),
     ("train.profile_at=-1", "train.profile_at: must be within [0, max_steps)"),
+    ("engine.zero3_init=partitioned", "engine.zero3_init: 'partitioned' needs engine.zero_stage=3"),
     ("train.profile_steps=0", "train.profile_steps: must be positive"),
 ])
 def test_bad_config_raises_naming_the_key(override, needle):

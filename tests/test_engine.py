@@ -61,6 +61,36 @@ def test_accumulation_equals_a_larger_micro_batch(tiny_shards, tmp_path):
 
 
 @pytest.mark.dist
+def test_zero3_partitioned_build_holds_a_partition_keeps_hf_init_and_loads_pretrained(tiny_shards, tmp_path):
+    src = tmp_path / "src"
+    launch_tiny(tiny_shards, src, **dict(FAST, **{"train.max_steps": 6, "train.objective": "mle"}))
+    assert run_cli("export", str(src), str(tmp_path / "srcx")).returncode == 0
+    src_info = json.loads((src / "run_info.json").read_text())
+    src_val = read_metrics(src, "eval")[-1]["eval/val_loss"]
+    part = {"engine.zero_stage": 3, "engine.zero3_init": "partitioned"}
+
+    # from scratch, with AWR's value head (added after the build; DeepSpeed partitions it at initialize)
+    new = tmp_path / "new"
+    launch_tiny(tiny_shards, new, **FAST, **part, **{"train.objective": "awr"})
+    info = json.loads((new / "run_info.json").read_text())
+    assert info["n_params"] == src_info["n_params"] + 32 + 1  # the value head of the 32-wide tiny model
+    for r in (0, 1):  # each rank built only its half of the model
+        rec = json.loads((new / "ranks" / f"rank{r}.json").read_text())
+        assert rec["param_elements_when_built"] <= 0.55 * info["n_params"]
+    first = read_metrics(new)[0]["nll"]
+    assert first == pytest.approx(read_metrics(src)[0]["nll"], abs=0.15)  # HF's init, not zero.Init's (~40)
+
+    # from an exported directory: loaded straight into partitions, same validation loss, freezing counted
+    dst = tmp_path / "dst"
+    launch_tiny(tiny_shards, dst, **FAST, **part, **{"train.objective": "mle", "eval.at_start": "true",
+                                                     "model.from_pretrained": str(tmp_path / "srcx"),
+                                                     "model.freeze": "embeddings"})
+    assert read_metrics(dst, "eval")[0]["eval/val_loss"] == pytest.approx(src_val, abs=1e-4)
+    dst_info = json.loads((dst / "run_info.json").read_text())
+    assert dst_info["n_params"] == src_info["n_params"] and dst_info["n_frozen"] > 0
+
+
+@pytest.mark.dist
 def test_transfer_reproduces_val_loss_and_frozen_parameters_stay(tiny_shards, tmp_path):
     src = tmp_path / "src"
     launch_tiny(tiny_shards, src, **dict(FAST, **{"train.max_steps": 6}))

@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -138,6 +139,50 @@ def build_engine(cfg: Config, model, world: int, run_dir: Path | None = None, lo
     return engine, opt
 
 
-def local_param_elements(engine) -> int:
+def local_param_elements(module) -> int:
     """Parameter elements this rank holds (ZeRO-3 keeps a partition in `ds_tensor`)."""
-    return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in engine.module.parameters())
+    return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in module.parameters())
+
+
+@contextmanager
+def partitioned_build(cfg: Config, world: int):
+    """For engine.zero3_init=partitioned: inside this, HF models are built inside `deepspeed.zero.Init`, each
+    parameter going straight into its ZeRO-3 partition, with HF's weight init (transformers gathers one module
+    at a time for it; a bare zero.Init would skip it). Afterwards transformers sees no ZeRO-3 config again.
+
+    glibc keeps the freed full-size tensors of the build in its heap, which left the peak resident memory at
+    ~0.9 of a full build (bench/zero3_build_memory.py); while building, blocks over 64 KiB are mmap'ed, so a
+    freed one goes back to the system at once (peak 0.41 of a full build at 2 ranks)."""
+    deepspeed_env()
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    if dist.is_initialized() and not deepspeed.comm.is_initialized():  # zero.Init reads the world size from it
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
+    hf = HfDeepSpeedConfig(ds_config(cfg, world))  # transformers holds a weak reference to it
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, 64 << 10)
+    try:
+        yield
+    finally:
+        del hf
+        if libc is not None:
+            libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # glibc's own ceiling for its adaptive threshold
+            libc.malloc_trim(0)
+
+
+_M_MMAP_THRESHOLD = -3  # mallopt parameter number (malloc.h)
+
+
+def _glibc():
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None

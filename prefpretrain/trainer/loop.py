@@ -8,6 +8,7 @@ import json
 import logging
 import resource
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from prefpretrain.data_shards.reader import ShardSet
 from prefpretrain.launcher import dist as distlib
 from prefpretrain.logs import setup_logging
 from prefpretrain.trainer import checkpoint as ckptlib
-from prefpretrain.trainer.engine import build_engine, local_param_elements
+from prefpretrain.trainer.engine import build_engine, local_param_elements, partitioned_build
 from prefpretrain.trainer.evaluate import validation_loss
 from prefpretrain.trainer.flops import matmul_peak, mfu
 from prefpretrain.trainer.model import apply_freeze, attach_value_head, build_model, count_params
@@ -132,7 +133,9 @@ def _train(cfg: Config, info) -> dict:
     # ---- model and engine
     torch.manual_seed(cfg.run.seed)
     np.random.seed(cfg.run.seed % 2**32)
-    model = cont.model if cont else build_model(cfg.model, manifest["tokenizer"]["vocab_size"], L, sp)
+    with partitioned_build(cfg, world) if cfg.engine.zero3_init == "partitioned" else nullcontext():
+        model = cont.model if cont else build_model(cfg.model, manifest["tokenizer"]["vocab_size"], L, sp)
+    built_local = local_param_elements(model)
     with_values = needs_value_head(t.objective)
     if with_values and not hasattr(model, "value_head"):
         attach_value_head(model)
@@ -309,7 +312,7 @@ def _train(cfg: Config, info) -> dict:
     mon.close()
     if ids_log is not None:
         ids_log.close()
-    _rank_record(engine, run_dir, info, cfg, step)
+    _rank_record(engine, run_dir, info, cfg, step, built_local)
     log.info("done: step %d, %d tokens, val loss %.4f, checkpoint %s", step, tokens_seen, val["val_loss"],
              ckptlib.find_latest(ckpt_root, False))
     return {"step": step, "tokens_seen": tokens_seen, "stopped_early": stopped_early, "skipped_steps": bad_total,
@@ -351,7 +354,7 @@ def resume_point(cfg: Config, ckpt_root: Path, rank: int, world: int, tokenizer_
     return ckpt, st, load_from
 
 
-def _rank_record(engine, run_dir: Path, info, cfg: Config, step: int) -> None:
+def _rank_record(engine, run_dir: Path, info, cfg: Config, step: int, built_local: int) -> None:
     """RUN/ranks/rankR.json: who this rank was, what it holds, and a checksum of its parameters, so anyone can
     check that the ranks trained one model together (ZeRO-3 ranks hold different partitions)."""
     import hashlib
@@ -363,7 +366,8 @@ def _rank_record(engine, run_dir: Path, info, cfg: Config, step: int) -> None:
         h.update(p.detach().float().cpu().numpy().tobytes())
     rec = {"rank": info.rank, "world_size": info.world_size, "local_rank": info.local_rank,
            "host": socket.gethostname(), "backend": info.backend, "device": str(info.device), "step": step,
-           "zero_stage": cfg.engine.zero_stage, "local_param_elements": local_param_elements(engine),
+           "zero_stage": cfg.engine.zero_stage, "local_param_elements": local_param_elements(engine.module),
+           "param_elements_when_built": built_local,
            "param_checksum": h.hexdigest()[:32] if cfg.engine.zero_stage < 3 else None,
            "slurm": distlib.slurm_facts()}
     d = run_dir / "ranks"

@@ -80,7 +80,8 @@ def load_model_dir(path: str | Path, kind: str = "causal"):
 
 
 def count_params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Parameter elements of the whole model (a ZeRO-3 partitioned parameter knows its size as `ds_numel`)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
 
 def _blocks(model):
@@ -124,5 +125,5 @@ def apply_freeze(model, spec: str) -> int:
     for p in model.parameters():
         if id(p) in frozen:
             p.requires_grad_(False)
-            count += p.numel()
+            count += getattr(p, "ds_numel", p.numel())
     return count
