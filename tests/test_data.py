@@ -270,3 +270,33 @@ def test_reader_reads_about_its_share(tiny_shards):
         ps[i]
     data_bytes = sum(ss.column("n_tokens")) * (ss.tok_dtype.itemsize + 2)
     assert ss.bytes_read <= 1.05 * data_bytes
+
+
+def test_packing_index_is_cached_per_layout_and_recomputed_when_damaged(tiny_shards, tmp_path, caplog):
+    import shutil
+
+    from prefpretrain.data_shards.packing import CACHE_DIR
+
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards, shards, ignore=shutil.ignore_patterns(CACHE_DIR))
+    ss = ShardSet(shards)
+    _, lay = _layouts(ss)
+    first = PackedSet(ss, lay["conditional"], 64)
+    files = sorted((shards / CACHE_DIR).glob("*.npy"))
+    assert len(files) == 1 and not isinstance(first.cum, np.memmap)
+    again = PackedSet(ShardSet(shards), lay["conditional"], 64)  # a later start maps the cached index
+    assert isinstance(again.cum, np.memmap) and np.array_equal(again.cum, first.cum)
+    assert np.array_equal(again[5]["input_ids"], first[5]["input_ids"])
+    PackedSet(ss, lay["mle"], 64)  # another layout, another index
+    assert len(list((shards / CACHE_DIR).glob("*.npy"))) == 2
+    np.save(files[0], np.arange(3, dtype=np.int64))  # damaged: wrong length
+    with caplog.at_level("WARNING"):
+        fixed = PackedSet(ShardSet(shards), lay["conditional"], 64)
+    assert "recomputing" in caplog.text and np.array_equal(np.asarray(fixed.cum), first.cum)
+    assert np.load(files[0]).shape == first.cum.shape  # and written back
+    # a shard directory the run cannot write to: the index is computed in memory, nothing else changes
+    ro = tmp_path / "ro"
+    shutil.copytree(tiny_shards, ro, ignore=shutil.ignore_patterns(CACHE_DIR))
+    (ro / CACHE_DIR).write_text("not a directory")
+    mem = PackedSet(ShardSet(ro), lay["conditional"], 64)
+    assert np.array_equal(mem.cum, first.cum) and not list(ro.glob(f"{CACHE_DIR}*.tmp"))

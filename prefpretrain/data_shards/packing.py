@@ -6,10 +6,20 @@ unchanged (true MLE); `filter` leaves out documents whose mean score is above a 
 Each layout's per-document lengths follow from the shard index alone (token and segment counts,
 mean score; the drop decision is a hash of (seed, document, segment)), so the packing index is a
 cumulative sum computed in one vectorised pass, without reading a shard.
+
+That index (one int64 per document) is cached in SHARDS/packing_cache/, keyed by the split's shard
+checksums and the layout, and memory-mapped by later starts: every rank of every later run shares one
+copy in the page cache instead of building its own (8 GB per rank at 10^9 documents).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -17,6 +27,8 @@ from prefpretrain.data_shards.order import mix_array
 from prefpretrain.data_shards.reader import ShardError, ShardSet
 
 IGNORE = -100
+CACHE_DIR = "packing_cache"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -123,14 +135,43 @@ def doc_window(ss: ShardSet, d: int, layout: Layout, lo: int, hi: int) -> dict:
             "control": is_ctrl}
 
 
+def packing_index(ss: ShardSet, layout: Layout) -> np.ndarray:
+    """[0, cumulative layout lengths of documents 0..n-1]: from SHARDS/packing_cache/ (memory-mapped) when
+    there, else computed and written there atomically (skipped, with a log line, where the directory is
+    read-only). A cache file of the wrong shape is recomputed."""
+    key = json.dumps({"v": 1, "split": ss.split, "shards": [[sh["sha256"], sh["samples"]] for sh in ss.shards],
+                      "layout": asdict(layout)}, sort_keys=True)
+    path = Path(ss.path) / CACHE_DIR / f"{ss.split}-{layout.kind}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.npy"
+    n = len(ss) + 1
+    if path.is_file():
+        try:
+            cum = np.load(path, mmap_mode="r", allow_pickle=False)
+            if cum.shape == (n,) and cum.dtype == np.int64 and (n == 1 or cum[0] == 0):
+                return cum
+        except (OSError, ValueError):
+            pass
+        log.warning("%s: packing index of the wrong shape; recomputing it", path)
+    cum = np.concatenate([[0], np.cumsum(layout_lengths(ss, layout))]).astype(np.int64)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(exist_ok=True)
+        with open(tmp, "wb") as f:
+            np.save(f, cum, allow_pickle=False)
+        os.replace(tmp, path)  # ranks that compute it at once each write their own file; the last one stays
+    except OSError as e:
+        log.info("packing index not cached (%s); computed in memory", e)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+    return cum
+
+
 class PackedSet:
     """Packed samples of `seq_len` tokens over one split of one shard set, for one layout."""
 
     def __init__(self, ss: ShardSet, layout: Layout, seq_len: int, mlm: MaskSpec | None = None,
                  skip_corrupt: bool = False):
         self.ss, self.layout, self.seq_len, self.mlm, self.skip_corrupt = ss, layout, seq_len, mlm, skip_corrupt
-        lengths = layout_lengths(ss, layout)
-        self.cum = np.concatenate([[0], np.cumsum(lengths)])
+        self.cum = packing_index(ss, layout)
         self.total_tokens = int(self.cum[-1])
         self.n_samples = self.total_tokens // seq_len
 

@@ -187,7 +187,7 @@ def _prepare_output(out: Path, fingerprint: str, overwrite: bool) -> bool:
     if overwrite and out.exists():
         for p in out.iterdir():
             if p.name.endswith((".tar", ".idx.npy")) or p.name in ("_progress", "tokenizer", "manifest.json",
-                                                                    "skipped.log"):
+                                                                    "skipped.log", "packing_cache"):
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
     if plan.is_file():
         if json.loads(plan.read_text())["fingerprint"] == fingerprint:
