@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -152,7 +153,7 @@ def packing_index(ss: ShardSet, layout: Layout) -> np.ndarray:
             pass
         log.warning("%s: packing index of the wrong shape; recomputing it", path)
     cum = np.concatenate([[0], np.cumsum(layout_lengths(ss, layout))]).astype(np.int64)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")  # nodes may share the directory
     try:
         path.parent.mkdir(exist_ok=True)
         with open(tmp, "wb") as f:
