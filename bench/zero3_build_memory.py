@@ -1,4 +1,4 @@
-"""What engine.zero3_init=partitioned saves: each rank's memory after building the model, full vs partitioned.
+"""What engine.zero3_init=partitioned saves: each rank's peak memory growth over the build, full vs partitioned.
 
     .venv/bin/python bench/zero3_build_memory.py [--layers 24 --hidden 1024] [--nproc 2]
 
@@ -33,7 +33,7 @@ def rank_main(mode: str, layers: int, hidden: int) -> None:
     import torch.distributed as dist
 
     from prefpretrain.config import load_config
-    from prefpretrain.trainer.engine import local_param_elements, partitioned_build
+    from prefpretrain.trainer.engine import deepspeed_env, local_param_elements, partitioned_build
     from prefpretrain.trainer.model import build_model, count_params
 
     dist.init_process_group("gloo")
@@ -41,8 +41,6 @@ def rank_main(mode: str, layers: int, hidden: int) -> None:
         "engine.zero_stage=3", f"engine.zero3_init={mode}", f"model.num_layers={layers}",
         f"model.hidden_size={hidden}", f"model.num_heads={hidden // 64}", "train.global_batch_size=16",
         "train.micro_batch_size=1"])
-    from prefpretrain.trainer.engine import deepspeed_env
-
     deepspeed_env()
     import deepspeed  # noqa: F401 - both cases measured with DeepSpeed already imported, as in training
 
