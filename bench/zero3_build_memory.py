@@ -4,7 +4,7 @@
 
 Starts --nproc ranks (torchrun, gloo) that build a GPT-2 of the given size the way the trainer does
 (`build_model`, inside `partitioned_build` for the partitioned case) and report the growth of their
-peak resident memory (VmHWM) over the build, and the build time. Baseline: the same ranks building the
+peak resident memory (ru_maxrss) over the build, and the build time. Baseline: the same ranks building the
 whole model (zero3_init=full).
 Prints ONE line of JSON.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -23,9 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def peak_rss_gb() -> float:
-    """This process's resident-memory high-water mark (VmHWM): what decides an out-of-memory kill."""
-    with open("/proc/self/status") as f:
-        return next(int(x.split()[1]) for x in f if x.startswith("VmHWM:")) / 1e6
+    """This process's resident-memory high-water mark (what decides an out-of-memory kill), read as the
+    trainer reads it for mem/rss_gb."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
 def rank_main(mode: str, layers: int, hidden: int) -> None:

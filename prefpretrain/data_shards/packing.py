@@ -147,7 +147,7 @@ def packing_index(ss: ShardSet, layout: Layout) -> np.ndarray:
     if path.is_file():
         try:
             cum = np.load(path, mmap_mode="r", allow_pickle=False)
-            if cum.shape == (n,) and cum.dtype == np.int64 and (n == 1 or cum[0] == 0):
+            if cum.shape == (n,) and cum.dtype == np.int64 and cum[0] == 0:
                 return cum
         except (OSError, ValueError):
             pass

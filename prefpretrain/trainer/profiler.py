@@ -39,13 +39,14 @@ class StepProfiler:
         prof, self.prof = self.prof, None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        wall = (time.perf_counter() - self.t0) / max(1, step - self.start)
+        n = max(1, step - self.start)
+        wall = (time.perf_counter() - self.t0) / n
         prof.stop()
         self.dir.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(self.dir / f"rank{self.rank}.trace.json"))
         key = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
         ops = prof.key_averages()
-        busy = sum(e.self_cpu_time_total for e in ops) / 1e6 / max(1, step - self.start)
+        busy = sum(e.self_cpu_time_total for e in ops) / 1e6 / n
         table = ops.table(sort_by=key, row_limit=40, max_name_column_width=70)
         head = (f"steps {self.start + 1}..{step} (rank {self.rank}), operators by {key}\n"
                 f"wall time {wall:.3f} s per step, operators' own CPU time {busy:.3f} s per step: the rest "
