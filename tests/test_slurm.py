@@ -51,6 +51,11 @@ def _main(capsys, *argv: str) -> tuple[int, str, str]:
     return rc, out, err
 
 
+def _no_controller(monkeypatch, tmp_path: Path) -> None:
+    """No SLURM controller to ask: `reachable()` is False at once for a SLURM_CONF that does not exist."""
+    monkeypatch.setenv("SLURM_CONF", str(tmp_path / "no-slurm.conf"))
+
+
 def _job_id(stdout: str) -> str:
     line = next(ln for ln in stdout.splitlines() if ln.startswith("submitted job "))
     return line.split()[2].rstrip(":")
@@ -164,7 +169,7 @@ def test_impossible_requests_fail_before_anything_is_submitted(slurm, tiny_shard
 
 
 def test_dry_run_prints_a_stable_script_that_bash_accepts(tmp_path, capsys, monkeypatch):
-    monkeypatch.delenv("SLURM_CONF", raising=False)  # no cluster to check against: the script alone
+    _no_controller(monkeypatch, tmp_path)  # no cluster to check against: the script alone
     monkeypatch.chdir(ROOT)
     args = ["launch", "configs/demo.yaml", "--slurm", "--nodes", "4", "--gpus-per-node", "8", "--partition", "gpu",
             "--time", "04:00:00", "--account", "lm", "--dry-run", "train.global_batch_size=256",
@@ -189,8 +194,8 @@ def test_dry_run_prints_a_stable_script_that_bash_accepts(tmp_path, capsys, monk
     assert not (ROOT / "runs" / "x").exists() and not (ROOT / "PWNED").exists()  # --dry-run writes nothing
 
 
-def test_conflicting_slurm_flags_are_refused(capsys, monkeypatch):
-    monkeypatch.delenv("SLURM_CONF", raising=False)
+def test_conflicting_slurm_flags_are_refused(tmp_path, capsys, monkeypatch):
+    _no_controller(monkeypatch, tmp_path)
     monkeypatch.chdir(ROOT)
     cases = {
         ("--slurm", "--node-rank", "1"): "--node-rank: not with --slurm",
@@ -202,6 +207,11 @@ def test_conflicting_slurm_flags_are_refused(capsys, monkeypatch):
         ("--slurm", "--gpus-per-node", "4", "--nproc-per-node", "2", "--dry-run"): "one rank per GPU",
         ("--slurm", "--partition", "a\nb", "--dry-run"): "--partition: 'a\\nb' holds characters",
         ("--slurm", "--nodes", "3", "--dry-run"): "is not divisible by micro_batch_size x world size = 8 x 6",
+        ("--slurm", "--gpus-per-node", "8", "--cpus-per-task", "20", "--cpus-per-gpu", "2", "--dry-run"):
+            "--cpus-per-gpu: not with --cpus-per-task; give one of them",
+        ("--slurm", "--gpus-per-node", "8", "--cpus-per-gpu", "0", "--dry-run"): "--cpus-per-gpu: 0; at least 1",
+        ("--slurm", "--cpus-per-gpu", "4", "--dry-run"): "--cpus-per-gpu: only with --gpus-per-node 1 or more",
+        ("--cpus-per-gpu", "4"): "--cpus-per-gpu: only with --slurm",
     }
     for flags, message in cases.items():
         rc, _, err = _main(capsys, "launch", "configs/demo.yaml", *flags)
@@ -217,3 +227,105 @@ def test_gres_and_exit_status_parsing():
     assert job_exit_status({"JobState": "FAILED", "ExitCode": "2:0"}) == 2
     assert job_exit_status({"JobState": "CANCELLED", "ExitCode": "0:15"}) == 143
     assert job_exit_status({"JobState": "NODE_FAIL", "ExitCode": "0:0"}) == 1
+
+
+@pytest.mark.parametrize("flags, cpus, threads, note", [
+    ((), 64, 8, "8 CPUs per GPU (the default: no SLURM controller answered) x 8 GPUs"),
+    (("--cpus-per-gpu", "4"), 32, 4, "4 CPUs per GPU (--cpus-per-gpu) x 8 GPUs"),
+    (("--cpus-per-task", "20"), 20, 2, "as given (--cpus-per-task)"),
+])
+def test_dry_run_gpu_job_binds_cpus(flags, cpus, threads, note, tmp_path, capsys, monkeypatch):
+    _no_controller(monkeypatch, tmp_path)
+    monkeypatch.chdir(ROOT)
+    args = ["launch", "configs/demo.yaml", "--slurm", "--nodes", "2", "--gpus-per-node", "8", *flags, "--dry-run",
+            "train.global_batch_size=128", "run.output_dir=runs/x"]
+    (rc, script, err), again = _main(capsys, *args), _main(capsys, *args)
+    assert rc == 0, err[-3000:]
+    assert again == (0, script, err)  # the same request gives the same text
+    lines = script.splitlines()
+    assert f"# --cpus-per-task={cpus}: {note}" in lines and f"#SBATCH --cpus-per-task={cpus}" in lines
+    assert lines.index(f"#SBATCH --cpus-per-task={cpus}") < lines.index("#SBATCH --gpus-per-node=8")
+    srun = [ln for ln in lines if ln.startswith("srun ")]
+    assert len(srun) == 1 and f" --cpus-per-task {cpus} " in srun[0]
+    assert f"export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-{threads}}}  # {cpus} CPUs per task / 8 ranks per node" \
+        in lines
+    f = tmp_path / "job.sbatch"
+    f.write_text(script)
+    assert subprocess.run(["bash", "-n", str(f)]).returncode == 0
+
+
+# what `scontrol show partition -o` and `sinfo -h -N -o '%N|%c|%G'` print (fields shortened)
+PARTITIONS = (
+    "PartitionName=cpu AllowGroups=ALL Default=YES MaxTime=UNLIMITED Nodes=c[1-2] State=UP TotalCPUs=256 "
+    "TotalNodes=2 JobDefaults=(null) DefMemPerCPU=2150 MaxMemPerNode=UNLIMITED TRES=cpu=256,mem=1000G,node=2\n"
+    "PartitionName=gpu AllowGroups=ALL Default=NO MaxTime=2-00:00:00 Nodes=g[1-3] State=UP TotalCPUs=304 "
+    "TotalNodes=3 JobDefaults=DefCpuPerGPU=7,DefMemPerGPU=94000 DefMemPerCPU=8000 TRES=cpu=304,gres/gpu=24\n"
+    "PartitionName=gpu2 Default=NO Nodes=g[1-3],h1 State=UP TotalCPUs=400 TotalNodes=4 JobDefaults=(null)\n"
+)
+NODES = {
+    "gpu": "g1|112|gpu:h100:8(S:0-1)\ng2|96|gpu:a100:4,gpu:v100:4\ng3|96|gpu:8\n",
+    "gpu2": "g1|112|gpu:h100:8(S:0-1)\ng2|96|gpu:a100:4,gpu:v100:4\ng3|96|gpu:8\nh1|96|gpu:2\n",
+    "cpu": "c1|128|(null)\nc2|128|(null)\n",
+}
+
+
+def test_partition_cpus_per_gpu_from_scontrol_and_sinfo_text():
+    from prefpretrain.launcher.slurm import _records, parse_node_resources, partition_cpus_per_gpu
+
+    parts = {p["PartitionName"]: p for p in _records(PARTITIONS)}
+    gpu, gpu2 = parse_node_resources(NODES["gpu"]), parse_node_resources(NODES["gpu2"])
+    assert gpu == {"g1": (112, 8), "g2": (96, 8), "g3": (96, 8)}
+    assert partition_cpus_per_gpu(parts["gpu"], gpu, 8) == (7, "partition gpu: DefCpuPerGPU")
+    assert partition_cpus_per_gpu({"PartitionName": "x", "DefCpuPerGPU": "5"}, {}) == (5, "partition x: DefCpuPerGPU")
+    # no DefCpuPerGPU: the fewest CPUs per GPU over the nodes that can hold the job's GPUs (h1: 2 GPUs, 48 each)
+    fewest = "partition gpu2: the fewest CPUs per GPU of its nodes"
+    assert partition_cpus_per_gpu(parts["gpu2"], gpu2, 8) == (12, fewest)
+    assert partition_cpus_per_gpu(parts["gpu2"], gpu2, 2) == (12, fewest)
+    assert partition_cpus_per_gpu(parts["gpu2"], {"a": (4, 8)}, 8) == (1, fewest)  # fewer CPUs than GPUs: 1
+    assert partition_cpus_per_gpu(parts["cpu"], parse_node_resources(NODES["cpu"]), 1) is None
+
+
+def test_check_cluster_takes_the_partitions_cpus_per_gpu(tmp_path, monkeypatch):
+    from prefpretrain.config import ConfigError
+    from prefpretrain.launcher import slurm
+
+    def fake(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        out = PARTITIONS if argv[:3] == ("scontrol", "show", "partition") else NODES[argv[argv.index("-p") + 1]]
+        return subprocess.CompletedProcess(list(argv), 0, out, "")
+
+    monkeypatch.setattr(slurm, "_slurm", fake)
+
+    def job(**kw) -> slurm.SlurmJob:
+        kw = {"nodes": 2, "nproc_per_node": 8, "gpus_per_node": 8, **kw}
+        return slurm.SlurmJob(config="c.yaml", overrides=[], run_dir=tmp_path / "run", workdir=tmp_path, **kw)
+
+    j = job(partition="gpu")
+    assert slurm.check_cluster(j) == "gpu" and j.cpus_per_task == 56
+    script = slurm.sbatch_script(j)
+    assert "# --cpus-per-task=56: 7 CPUs per GPU (partition gpu: DefCpuPerGPU) x 8 GPUs\n" in script
+    assert "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-7}" in script
+    j = job(partition="gpu2")
+    slurm.check_cluster(j)
+    assert (j.cpus_per_task, j.cpus_note) == (96, "12 CPUs per GPU (partition gpu2: the fewest CPUs per GPU of its "
+                                                   "nodes) x 8 GPUs")
+    with pytest.raises(ConfigError, match=r"^--cpus-per-gpu: 128 CPUs on each of 2 nodes asked for \(16 CPUs per GPU "
+                                          r"\(--cpus-per-gpu\) x 8 GPUs\); partition gpu has 0 such nodes \(at most "
+                                          r"112 CPUs per node\)$"):
+        slurm.check_cluster(job(partition="gpu", cpus_per_gpu=16))
+    with pytest.raises(ConfigError, match=r"^--cpus-per-task: 100 CPUs on each of 2 nodes asked for; partition gpu "
+                                          r"has 1 such nodes"):
+        slurm.check_cluster(job(partition="gpu", cpus_per_task=100))
+
+
+def test_threads_per_rank_and_child_env_follow_the_cpu_affinity(monkeypatch):
+    from prefpretrain.launcher import local
+
+    assert [local.threads_per_rank(c, r) for c, r in ((64, 8), (20, 8), (2, 8), (7, 1), (7, 0))] == [8, 2, 1, 7, 7]
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12)), raising=False)
+    assert local.child_env(4)["OMP_NUM_THREADS"] == "3"  # 12 CPUs this process may use, not os.cpu_count()
+    monkeypatch.delattr(os, "sched_getaffinity")
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    assert local.child_env(4)["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")  # a user's own setting wins
+    assert local.child_env(4)["OMP_NUM_THREADS"] == "5"

@@ -27,6 +27,9 @@ EXIT_PREEMPTED = 4  # == trainer.loop.EXIT_PREEMPTED (not imported: that module 
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE",
                 "OUT_OF_MEMORY", "SPECIAL_EXIT", "REQUEUE_HOLD"}
 _SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.,:+@-]+$")  # what may go into an #SBATCH line
+# CPUs per GPU when neither a flag nor a SLURM controller says (e.g. `--dry-run` on a laptop): what a typical
+# 8-GPU node has (2 x 32 cores or more); a dry run on the cluster itself asks the partition instead
+FALLBACK_CPUS_PER_GPU = 8
 
 
 @dataclass
@@ -40,7 +43,9 @@ class SlurmJob:
     nodes: int
     nproc_per_node: int
     gpus_per_node: int = 0
-    cpus_per_task: int | None = None
+    cpus_per_task: int | None = None  # None: settle_cpus() fills it in (and cpus_note: where it came from)
+    cpus_per_gpu: int | None = None
+    cpus_note: str = ""
     partition: str | None = None
     time: str | None = None
     account: str | None = None
@@ -66,6 +71,13 @@ def check_request(job: SlurmJob) -> None:
                           f"one rank per GPU (leave --nproc-per-node out)")
     if job.cpus_per_task is not None and job.cpus_per_task < 1:
         raise ConfigError(f"--cpus-per-task: {job.cpus_per_task}; at least 1")
+    if job.cpus_per_gpu is not None:
+        if not job.gpus_per_node:
+            raise ConfigError("--cpus-per-gpu: only with --gpus-per-node 1 or more (CPU ranks: --cpus-per-task)")
+        if job.cpus_per_task is not None:
+            raise ConfigError("--cpus-per-gpu: not with --cpus-per-task; give one of them")
+        if job.cpus_per_gpu < 1:
+            raise ConfigError(f"--cpus-per-gpu: {job.cpus_per_gpu}; at least 1")
     if job.signal_grace < 1:
         raise ConfigError(f"--signal-grace: {job.signal_grace}; seconds before the time limit, at least 1")
     for flag, v in (("--partition", job.partition), ("--time", job.time), ("--account", job.account)):
@@ -92,6 +104,8 @@ def sbatch_script(job: SlurmJob) -> str:
         "#SBATCH --ntasks-per-node=1",
     ]
     if cpus is not None:
+        if job.cpus_note:
+            head.append(f"# --cpus-per-task={cpus}: {job.cpus_note}")
         head.append(f"#SBATCH --cpus-per-task={cpus}")
     if job.gpus_per_node:
         head.append(f"#SBATCH --gpus-per-node={job.gpus_per_node}")
@@ -119,8 +133,8 @@ def sbatch_script(job: SlurmJob) -> str:
         "attempt=${SLURM_RESTART_COUNT:-0}",
         'echo "prefpretrain: job $SLURM_JOB_ID attempt $attempt on $SLURM_JOB_NODELIST, $(date -Is)"',
         "export PYTHONUNBUFFERED=1",
-        *([f"export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-{threads}}}  # cpus-per-task / ranks per node"]
-          if threads else []),
+        *([f"export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-{threads}}}  # {cpus} CPUs per task / {job.nproc_per_node} "
+           "ranks per node"] if threads else []),
         "",
         "# rendezvous on the first node, at the address SLURM itself reaches it by; a fresh port per attempt",
         'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
@@ -226,17 +240,61 @@ def _gpus(gres: str) -> int:
 
 def node_resources(partition: str) -> dict[str, tuple[int, int]]:
     """node -> (CPUs, GPUs) of the nodes in `partition`."""
-    r = _slurm("sinfo", "-h", "-N", "-p", partition, "-o", "%N|%c|%G")
+    return parse_node_resources(_slurm("sinfo", "-h", "-N", "-p", partition, "-o", "%N|%c|%G").stdout)
+
+
+def parse_node_resources(text: str) -> dict[str, tuple[int, int]]:
+    """`sinfo -h -N -o '%N|%c|%G'` lines (node|CPUs|GRES) -> {node: (CPUs, GPUs)}."""
     out = {}
-    for ln in r.stdout.splitlines():
+    for ln in text.splitlines():
         if ln.count("|") == 2:
             node, cpus, gres = ln.split("|")
             out[node.strip()] = (int(cpus) if cpus.strip().isdigit() else 0, _gpus(gres.strip()))
     return out
 
 
+def partition_cpus_per_gpu(part: dict[str, str], res: dict[str, tuple[int, int]],
+                           gpus_per_node: int = 1) -> tuple[int, str] | None:
+    """CPUs per GPU a partition gives, and where that comes from: its DefCpuPerGPU (`scontrol show partition -o`
+    prints it as JobDefaults=DefCpuPerGPU=7,DefMemPerGPU=...), else the fewest CPUs per GPU on the nodes with
+    `gpus_per_node` GPUs or more (`res`: node_resources()); None when neither says."""
+    name = part.get("PartitionName", "?")
+    defaults = dict(kv.split("=", 1) for kv in part.get("JobDefaults", "").split(",") if "=" in kv)
+    v = defaults.get("DefCpuPerGPU", part.get("DefCpuPerGPU", ""))
+    if v.isdigit() and int(v) > 0:
+        return int(v), f"partition {name}: DefCpuPerGPU"
+    per_gpu = [c // g for c, g in res.values() if c > 0 and g >= max(1, gpus_per_node)]
+    if not per_gpu:
+        return None
+    return max(1, min(per_gpu)), f"partition {name}: the fewest CPUs per GPU of its nodes"
+
+
+def settle_cpus(job: SlurmJob, part: dict[str, str] | None = None,
+                res: dict[str, tuple[int, int]] | None = None) -> None:
+    """Fill in job.cpus_per_task and job.cpus_note (where the number comes from). CPU ranks: one CPU each unless
+    --cpus-per-task. GPU ranks: --cpus-per-task as given, else CPUs per GPU (--cpus-per-gpu, else the partition's
+    `part`/`res` when a controller answered, else FALLBACK_CPUS_PER_GPU) x GPUs per node."""
+    if job.cpus_per_task is not None:
+        job.cpus_note = "as given (--cpus-per-task)"
+        return
+    if not job.gpus_per_node:
+        job.cpus_per_task, job.cpus_note = job.nproc_per_node, "one CPU per rank (no GPUs)"
+        return
+    if job.cpus_per_gpu is not None:
+        per_gpu, why = job.cpus_per_gpu, "--cpus-per-gpu"
+    else:
+        found = partition_cpus_per_gpu(part, res or {}, job.gpus_per_node) if part is not None else None
+        if found is None:
+            unsaid = "no SLURM controller answered" if part is None else "the partition does not say"
+            found = FALLBACK_CPUS_PER_GPU, f"the default: {unsaid}"
+        per_gpu, why = found
+    job.cpus_per_task = per_gpu * job.gpus_per_node
+    job.cpus_note = f"{per_gpu} CPUs per GPU ({why}) x {job.gpus_per_node} GPUs"
+
+
 def check_cluster(job: SlurmJob) -> str:
-    """One-line errors for what this cluster cannot run; returns the partition's name."""
+    """One-line errors for what this cluster cannot run, after settle_cpus() with the partition's CPUs per GPU;
+    returns the partition's name."""
     part = partition_info(job.partition)
     name = part["PartitionName"]
     total = int(part.get("TotalNodes", "0"))
@@ -251,11 +309,15 @@ def check_cluster(job: SlurmJob) -> str:
         if len(with_gpus) < job.nodes:
             raise ConfigError(f"--gpus-per-node: {job.nodes} nodes with {job.gpus_per_node} GPUs asked for, "
                               f"partition {name} has {len(with_gpus)}")
+    settle_cpus(job, part, res)
     if job.cpus_per_task:
         fit = [n for n, (c, _) in res.items() if c >= job.cpus_per_task]
         if len(fit) < job.nodes:
             most = max((c for c, _ in res.values()), default=0)
-            raise ConfigError(f"--cpus-per-task: {job.cpus_per_task} CPUs on each of {job.nodes} nodes asked for; "
+            given = job.cpus_note.startswith("as given")
+            flag = "--cpus-per-gpu" if job.gpus_per_node and not given else "--cpus-per-task"
+            why = "" if given else f" ({job.cpus_note})"
+            raise ConfigError(f"{flag}: {job.cpus_per_task} CPUs on each of {job.nodes} nodes asked for{why}; "
                               f"partition {name} has {len(fit)} such nodes (at most {most} CPUs per node)")
     return name
 
