@@ -89,7 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gpus-per-node", type=int, default=None,
                    help="GPUs per node, one rank each (0: --nproc-per-node CPU ranks per node; default 0)")
     g.add_argument("--cpus-per-task", type=int, default=None,
-                   help="CPUs per node's task (default: one per rank without GPUs, SLURM's default with them)")
+                   help="CPUs per node's task (default: one per rank without GPUs, --cpus-per-gpu x GPUs with them)")
+    g.add_argument("--cpus-per-gpu", type=int, default=None,
+                   help="with GPUs: CPUs per GPU, not with --cpus-per-task (default: the partition's DefCpuPerGPU, "
+                        "else the fewest CPUs per GPU of its nodes; 8 when no SLURM controller answers)")
     g.add_argument("--partition", default=None, help="SLURM partition (default: the cluster's default one)")
     g.add_argument("--time", default=None, help="time limit, e.g. 04:00:00 (default: the partition's)")
     g.add_argument("--account", default=None, help="SLURM account to charge")
@@ -114,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score the samples with this scorer instead of the shards' (e.g. pep8_style); a comma "
                         "list scores the same samples with each (the first gives the headline numbers)")
     p.add_argument("--out", default=None, help="where to write the results (default RUN_DIR/eval.json)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
+                   help="where to run the model (default: the run's engine.device; in its precision on a GPU)")
 
     p = sub.add_parser("export", help="newest checkpoint -> HF directory (safetensors + tokenizer)")
     p.add_argument("run_dir")
@@ -129,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--condition", choices=["aligned", "misaligned", "none"], default="none",
                    help="conditional models: control token to prefix and re-insert after each newline")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where to sample (auto: a GPU if torch sees one, else the CPU)")
 
     p = sub.add_parser("tensorboard", help="serve the runs' TensorBoard events (127.0.0.1 by default)")
     p.add_argument("run_dirs", nargs="+")
@@ -142,15 +149,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def world_from_env() -> int:
-    from prefpretrain.launcher.dist import env_world
+    from prefpretrain.distributed import placement
 
-    return env_world()[1]
+    return placement(os.environ).world_size
+
+
+def check_engine(cfg: Config, world: int) -> None:
+    """The DeepSpeed config the options imply, with engine.deepspeed merged (conflicts are one line, here)."""
+    from prefpretrain.trainer.engine import ds_config
+
+    cfg.grad_accum_for(world)
+    check_device(cfg)
+    ds_config(cfg, world)
 
 
 def validated(config: str, overrides: list[str], world: int, need_paths: bool = True) -> Config:
     cfg = load_config(config, overrides)
-    cfg.grad_accum_for(world)
-    check_device(cfg)
+    check_engine(cfg, world)
     if need_paths:
         check_paths(cfg)
     return cfg
@@ -197,8 +212,8 @@ def cmd_train(a) -> int:
     return 0
 
 
-SLURM_ONLY = ("nodes", "gpus_per_node", "cpus_per_task", "partition", "time", "account", "signal_grace", "submit",
-              "wait")
+SLURM_ONLY = ("nodes", "gpus_per_node", "cpus_per_task", "cpus_per_gpu", "partition", "time", "account",
+              "signal_grace", "submit", "wait")
 
 
 def cmd_launch(a) -> int:
@@ -220,8 +235,7 @@ def cmd_launch(a) -> int:
         raise ConfigError(f"--node-rank: {a.node_rank} is not within 0..{a.nnodes - 1} (--nnodes {a.nnodes})")
     if a.nnodes > 1 and not a.rdzv_endpoint:
         raise ConfigError("--rdzv-endpoint: HOST:PORT of the first node is needed with --nnodes > 1")
-    cfg.grad_accum_for(n * a.nnodes)
-    check_device(cfg)
+    check_engine(cfg, n * a.nnodes)
     from prefpretrain.launcher.local import launch_local, torchrun_argv
 
     node = {"nnodes": a.nnodes, "rdzv_endpoint": a.rdzv_endpoint, "rdzv_id": Path(cfg.run.output_dir).name}
@@ -240,8 +254,8 @@ def _launch_accelerate(a, cfg: Config, n: int) -> int:
     """`launch --launcher accelerate`: a generated Accelerate config per node, then `accelerate launch`."""
     import torch
 
+    from prefpretrain.distributed import free_port
     from prefpretrain.launcher.accelerate import accelerate_argv, accelerate_config, config_text
-    from prefpretrain.launcher.dist import free_port
     from prefpretrain.launcher.local import launch_local
 
     endpoint = a.rdzv_endpoint or f"127.0.0.1:{free_port()}"
@@ -278,22 +292,27 @@ def cmd_launch_slurm(a) -> int:
     cfg = load_config(a.config, a.overrides)
     gpus = a.gpus_per_node or 0
     n = a.nproc_per_node or (gpus if gpus else cfg.launch.nproc_per_node)
-    cpus = a.cpus_per_task if a.cpus_per_task is not None else (None if gpus else n)
     job = slurm.SlurmJob(config=str(Path(a.config).resolve()), overrides=list(a.overrides),
                          run_dir=Path(cfg.run.output_dir).resolve(), workdir=Path.cwd(), nodes=a.nodes or 1,
-                         nproc_per_node=n, gpus_per_node=gpus, cpus_per_task=cpus, partition=a.partition,
+                         nproc_per_node=n, gpus_per_node=gpus, cpus_per_task=a.cpus_per_task,
+                         cpus_per_gpu=a.cpus_per_gpu, partition=a.partition,
                          time=a.time, account=a.account, signal_grace=a.signal_grace or 180,
                          max_restarts=a.max_restarts)
     slurm.check_request(job)
     cfg.grad_accum_for(n * job.nodes)
+    from prefpretrain.trainer.engine import ds_config
+
+    ds_config(cfg, n * job.nodes)  # engine.deepspeed conflicts, before anything is written
     if not gpus:  # CPU ranks; GPU nodes are judged by SLURM, not by this (login) machine
         check_device(cfg)
     if not a.dry_run:
         check_paths(cfg)
     if slurm.reachable():
-        slurm.check_cluster(job)
+        slurm.check_cluster(job)  # with the partition's CPUs per GPU (slurm.settle_cpus)
     elif a.submit:
         raise ConfigError("--submit: no SLURM controller answers here (`scontrol ping` fails or is not installed)")
+    else:
+        slurm.settle_cpus(job)
     if a.dry_run:
         print(f"# would be written to {job.script_path}", file=sys.stderr)
         print(slurm.sbatch_script(job), end="")
@@ -339,9 +358,7 @@ def ensure_shards(cfg: Config) -> None:
 def cmd_run(a) -> int:
     t0 = time.time()
     cfg = load_config(a.config, a.overrides)
-    world = cfg.launch.nproc_per_node
-    cfg.grad_accum_for(world)
-    check_device(cfg)
+    check_engine(cfg, cfg.launch.nproc_per_node)
     ensure_shards(cfg)
     for s in cfg.data.shards[1:]:
         if not (Path(s.path) / "manifest.json").is_file():
@@ -350,7 +367,7 @@ def cmd_run(a) -> int:
     t_shard = time.time() - t0
     from prefpretrain.launcher.local import launch_local
 
-    rc = launch_local(a.config, a.overrides, world, 0, cfg.run.output_dir)
+    rc = launch_local(a.config, a.overrides, cfg.launch.nproc_per_node, 0, cfg.run.output_dir)
     if rc != 0:
         log.error("training failed with exit code %d", rc)
         return rc
@@ -398,6 +415,14 @@ def _print_summary(s: dict, ev: dict) -> None:
     print("\n".join(lines))
 
 
+def _gpu_if_asked(device: str | None) -> None:
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("--device: cuda asked for, but torch sees no GPU")
+
+
 def cmd_evaluate(a) -> int:
     from prefpretrain.trainer.evaluate import evaluate_run
 
@@ -412,7 +437,8 @@ def cmd_evaluate(a) -> int:
                 get_scorer(name)
             except ValueError as e:
                 raise ConfigError(f"--scorer: {e}") from None
-    res = evaluate_run(a.run_dir, a.samples, a.condition, a.seeds, scorers, a.out)
+    _gpu_if_asked(a.device)
+    res = evaluate_run(a.run_dir, a.samples, a.condition, a.seeds, scorers, a.out, a.device)
     print(json.dumps({k: v for k, v in res.items() if k != "examples"}, indent=1))
     return 0
 
@@ -427,8 +453,10 @@ def cmd_export(a) -> int:
 def cmd_generate(a) -> int:
     from prefpretrain.trainer.generate import generate_cli
 
+    _gpu_if_asked(a.device)
+
     for i, text in enumerate(generate_cli(a.model_dir, a.prompt, a.n, a.max_new_tokens, a.temperature, a.top_p,
-                                          a.condition, a.seed)):
+                                          a.condition, a.seed, a.device)):
         print(f"----- sample {i} -----\n{text}")
     return 0
 

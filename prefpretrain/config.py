@@ -58,6 +58,8 @@ class ModelConfig:
     gradient_checkpointing: bool = False  # recompute activations in the backward pass (less memory, ~30 % slower)
     mlm_probability: float = 0.15  # masked LMs: share of tokens masked (80 % [MASK], 10 % random, 10 % kept)
     dropout: float = 0.0  # dropout in attention / MLP / embeddings where the architecture has it
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"  # attention kernels: sdpa (flash
+    # kernels on CUDA), eager, or flash_attention_2 (needs the flash-attn package and CUDA; else sdpa, logged)
     extra: dict[str, Any] = field(default_factory=dict)  # more HF config fields, passed as is
 
 
@@ -83,6 +85,9 @@ class TrainConfig:
     peak_flops: float = 0.0  # per-rank peak FLOP/s for MFU (0 = measure with a matmul probe at start)
     profile_at: int = 0  # torch.profiler over the steps after this one (0 = off); written to RUN/profile
     profile_steps: int = 3  # how many optimizer steps the profile covers
+    compile: bool = False  # torch.compile the model (through DeepSpeed's engine.compile); same losses, faster on GPUs
+    cross_entropy: Literal["torch", "chunked"] = "torch"  # chunked: token log-probs without an fp32 copy of the
+    # logits (recomputed per chunk in the backward): less memory for large vocabularies, same values
 
 
 @dataclass
@@ -116,12 +121,16 @@ class EngineConfig:
     loss_scale_power: int = 16  # fp16: initial dynamic loss scale 2^N
     zero3_init: Literal["full", "partitioned"] = "full"  # ZeRO-3: build the whole model on every rank, or
     # each parameter straight into its partition (models larger than one rank's memory; other initial weights)
+    timeout_s: int = 1800  # collective timeout, and how long ranks wait for rank-0-only work (checkpoint conversion)
+    deepspeed: dict[str, Any] = field(default_factory=dict)  # merged last into the generated DeepSpeed config
+    # (e.g. {zero_optimization: {reduce_bucket_size: 5.0e8}}); a key prefpretrain sets from another option is refused
 
 
 @dataclass
 class CheckpointConfig:
     every_steps: int = 0  # save every N steps (0 = only at the end)
     keep_last: int = 2  # how many checkpoints to keep
+    at_end: bool = True  # save when training ends (benchmarks that need no checkpoint turn it off)
 
 
 @dataclass
@@ -387,6 +396,8 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError("engine.offload: 'all' (parameters too) needs engine.zero_stage=3")
     if cfg.engine.offload != "none" and cfg.engine.zero_stage == 0:
         raise ConfigError("engine.offload: offloading needs engine.zero_stage >= 1")
+    if cfg.engine.timeout_s <= 0:
+        raise ConfigError(f"engine.timeout_s: must be positive (seconds), got {cfg.engine.timeout_s}")
     if cfg.engine.zero3_init == "partitioned" and cfg.engine.zero_stage != 3:
         raise ConfigError("engine.zero3_init: 'partitioned' needs engine.zero_stage=3")
     if cfg.engine.zero3_init == "partitioned" and cfg.continual.from_:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,8 +24,18 @@ def cli_env() -> dict[str, str]:
 
 
 def run_cli(*args: str, timeout: int = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "prefpretrain", *args], capture_output=True, text=True,
-                          timeout=timeout, env=cli_env(), cwd=cwd or ROOT)
+    """`prefpretrain ARGS` in its own session: on a timeout (a hang) the whole process tree is killed, so no
+    rank survives the test, and the test fails with the end of its log."""
+    p = subprocess.Popen([sys.executable, "-m", "prefpretrain", *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=cwd or ROOT, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        raise AssertionError(f"prefpretrain {' '.join(args[:2])} ... did not finish in {timeout} s (hung?):\n"
+                             f"{err[-4000:]}") from None
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
 
 def read_metrics(run_dir: Path, kind: str = "train") -> list[dict]:
@@ -54,9 +65,11 @@ def tiny_shards(tmp_path_factory, stdlib_files) -> Path:
     return out
 
 
-def launch_tiny(shards: Path, run_dir: Path, nproc: int = 2, expect: int = 0, **kw) -> subprocess.CompletedProcess:
+def launch_tiny(shards: Path, run_dir: Path, nproc: int = 2, expect: int = 0, timeout: int = 600,
+                **kw) -> subprocess.CompletedProcess:
     """`prefpretrain launch configs/tiny.yaml` on `shards` with overrides; asserts the exit code."""
-    r = run_cli("launch", "configs/tiny.yaml", "--nproc-per-node", str(nproc), *tiny_overrides(shards, run_dir, **kw))
+    r = run_cli("launch", "configs/tiny.yaml", "--nproc-per-node", str(nproc), *tiny_overrides(shards, run_dir, **kw),
+                timeout=timeout)
     assert r.returncode == expect, r.stdout[-3000:] + r.stderr[-6000:]
     return r
 

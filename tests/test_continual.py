@@ -298,3 +298,19 @@ def test_tokenizer_mismatch_and_bad_keys_fail_before_any_process(tiny_shards, ol
         r = run_cli("train", "configs/tiny.yaml", *tiny_overrides(tiny_shards, run, **{"continual.from": old_run}),
                     bad)
         assert r.returncode == 2 and says in r.stderr, (bad, r.stderr[-1500:])
+
+
+@pytest.mark.dist
+def test_zero3_update_with_a_misalignment_score_finishes(new_shards, old_run, tmp_path):
+    """At ZeRO-3 (partitioning forced) every rank samples its share of the misalignment samples in lockstep;
+    rank 0 sampling alone while the others waited at a barrier hung here."""
+    from tests.test_engine import FORCE_PARTITIONING
+
+    run = tmp_path / "z3"
+    launch_tiny(new_shards, run, 2, timeout=400, **dict(KW, **{
+        "train.max_steps": 2, "continual.from": str(old_run), "continual.replay_fraction": 0.25,
+        "continual.memory_size": 16, "engine.zero_stage": 3, "engine.deepspeed": FORCE_PARTITIONING,
+        "eval.samples": 3, "eval.val_samples": 17}))
+    fg = json.loads((run / "forgetting.json").read_text())
+    assert fg["misalignment"]["before"] >= 0 and fg["misalignment"]["after"] >= 0
+    assert (run / "memory" / "manifest.json").is_file()

@@ -144,7 +144,7 @@ def test_divergence_stops_with_exit_3_and_the_last_good_checkpoint(tiny_shards, 
 
 @pytest.mark.dist
 def test_ranks_with_different_configs_refuse_to_train(tiny_shards, tmp_path):
-    from prefpretrain.launcher.dist import free_port
+    from prefpretrain.distributed import free_port
 
     port = str(free_port())
     procs = []
@@ -214,11 +214,69 @@ def test_guard_skips_a_non_finite_step_and_counts_it(bad):
 
 
 @pytest.mark.dist
-def test_gpu_mfu_bench_runs_end_to_end_in_smoke_mode(tiny_shards):
-    # the GPU benchmark has never had a GPU: its CPU smoke mode runs the same launch and metrics parsing
-    r = subprocess.run([sys.executable, "bench/gpu_mfu.py", "--smoke", "--shards", str(tiny_shards)], cwd=ROOT,
-                       env=cli_env(), capture_output=True, text=True, timeout=600)
+def test_gpu_check_runs_every_part_in_smoke_mode(tiny_shards, tmp_path):
+    """The one-command GPU check has never had a GPU: its CPU smoke mode runs every part's launches and parsing
+    (the fp16 part in bf16, without a verdict), so a lent GPU's minutes are not spent on the script's bugs."""
+    r = subprocess.run([sys.executable, "bench/gpu_check.py", "--smoke", "--shards", str(tiny_shards), "--json",
+                        str(tmp_path / "check.json")], cwd=ROOT, env=cli_env(), capture_output=True, text=True,
+                       timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
-    assert res["smoke"] and res["device"] == "cpu" and res["tokens_per_s"] > 0 and 0 < res["mfu"] < 1
-    assert "fp16_skipped_steps" not in res  # CPU has no fp16: that half needs the GPU
+    assert json.loads((tmp_path / "check.json").read_text()) == res and res["failed"] == []
+    assert res["mfu"]["device"] == "cpu" and res["mfu"]["peak_flops_source"] == "matmul probe"
+    assert 0 < res["mfu"]["mfu"] < 1 and res["mfu"]["tokens_per_s"] > 0
+    assert res["zero"]["passed"] and res["zero"]["zero2_vs_zero3"] < 1e-3
+    assert res["fp16"]["passed"] is None and res["fp16"]["steps"] == 40 and res["fp16"]["precision"] == "bf16"
+    assert res["tools"]["passed"] and res["tools"]["device"] == "cpu" and res["tools"]["samples_printed"] == 4
+    assert res["gloo2"]["passed"] and res["gloo2"]["zero0"]["comm_devices"] == ["cpu", "cpu"]
+    # the fp16 verdict itself, on the metrics a GPU run would log
+    from bench.gpu_mfu import fp16_verdict
+
+    ms = [{"skipped_steps": min(k + 1, 9), "loss": 10.0 - k / 10} for k in range(40)]
+    assert fp16_verdict(ms, 40)["passed"] and fp16_verdict(ms, 40)["skipped_steps"] == 9
+    assert not fp16_verdict([dict(m, skipped_steps=k + 1) for k, m in enumerate(ms)], 40)["passed"]  # all skipped
+    assert not fp16_verdict([dict(m, skipped_steps=0) for m in ms], 40)["passed"]  # nothing overflowed
+
+
+# DeepSpeed keeps small parameters whole and gathered ones live: with that off every forward of a ZeRO-3 rank
+# needs every other rank, as it does with a real model, and a rank running fewer forwards hangs the others
+FORCE_PARTITIONING = ("{zero_optimization: {stage3_param_persistence_threshold: 0, stage3_max_live_parameters: 1, "
+                      "stage3_max_reuse_distance: 0}}")
+
+
+@pytest.mark.dist
+def test_zero3_validation_of_an_uneven_split_finishes_and_equals_zero2(tiny_shards, tmp_path):
+    """17 validation samples, micro batch 8, 2 ranks: rank 0 has 2 batches, rank 1 one (and a counted-out
+    repeat); under forced partitioning this hung until killed before the split kept ranks in step."""
+    kw = dict(FAST, **{"train.max_steps": 2, "eval.val_samples": 17, "eval.at_start": "true",
+                       "train.micro_batch_size": 8, "train.global_batch_size": 16})
+    launch_tiny(tiny_shards, tmp_path / "z2", **kw, **{"engine.zero_stage": 2})
+    launch_tiny(tiny_shards, tmp_path / "z3", timeout=300, **kw,
+                **{"engine.zero_stage": 3, "engine.deepspeed": FORCE_PARTITIONING})
+    z3 = json.loads((tmp_path / "z3" / "deepspeed_config.json").read_text())["zero_optimization"]
+    assert z3["stage3_param_persistence_threshold"] == 0 and z3["stage3_max_live_parameters"] == 1
+    ev2, ev3 = read_metrics(tmp_path / "z2", "eval"), read_metrics(tmp_path / "z3", "eval")
+    assert [e["step"] for e in ev3] == [0, 2]
+    assert [e["eval/val_loss"] for e in ev3] == pytest.approx([e["eval/val_loss"] for e in ev2], abs=1e-4)
+    # a DeepSpeed key prefpretrain sets from one of its options is refused before any rank starts
+    r = run_cli("launch", "configs/tiny.yaml", *tiny_overrides(tiny_shards, tmp_path / "no"),
+                "engine.deepspeed={zero_optimization: {stage: 1}}")
+    assert r.returncode == 2 and not (tmp_path / "no").exists()
+    assert r.stderr.strip().splitlines() == [
+        "prefpretrain: config error: engine.deepspeed.zero_optimization.stage: prefpretrain sets it to 2 from its own "
+        "options; set that option instead (see RUN/deepspeed_config.json for what comes from where)"]
+
+
+@pytest.mark.dist
+def test_speed_switches_keep_the_losses(tiny_shards, tmp_path):
+    """train.cross_entropy=chunked and train.compile give the losses of the plain run; flash_attention_2 falls
+    back to sdpa on a CPU with one log line."""
+    kw = dict(FAST, **{"model.arch": "llama"})
+    launch_tiny(tiny_shards, tmp_path / "plain", nproc=1, **kw)
+    r = launch_tiny(tiny_shards, tmp_path / "lean", nproc=1, **kw, **{
+        "train.cross_entropy": "chunked", "model.attn_implementation": "flash_attention_2"})
+    assert "flash_attention_2 needs CUDA; using sdpa" in r.stderr
+    launch_tiny(tiny_shards, tmp_path / "compiled", nproc=1, **kw, **{"train.compile": "true"})
+    plain = _losses(tmp_path / "plain")
+    assert _losses(tmp_path / "lean") == pytest.approx(plain, abs=1e-5)
+    assert _losses(tmp_path / "compiled") == pytest.approx(plain, abs=1e-4)

@@ -95,7 +95,7 @@ def _listening(port: int) -> set[str]:
 
 
 def test_tensorboard_command_serves_on_localhost_only(two_runs):
-    from prefpretrain.launcher.dist import free_port
+    from prefpretrain.distributed import free_port
 
     port = free_port()
     p = subprocess.Popen([sys.executable, "-m", "prefpretrain", "tensorboard", *map(str, two_runs), "--port",

@@ -63,11 +63,11 @@ def test_rwr_weights_vary_with_the_score():
     p = ObjectiveParams(beta=1.0, reward_scale=1 / 0.03)
     loss, _, st = compute_loss("rwr", logits, b, causal=False, p=p)
     w = [1.0, math.exp(-1), math.exp(-2)]
-    assert st["weight"] == pytest.approx(sum(w), rel=1e-5)
+    assert float(st["weight"]) == pytest.approx(sum(w), rel=1e-5)
     assert float(loss) == pytest.approx(math.log(2) * sum(w), rel=1e-5)
     # PHF's RWR slip: unscaled PEP8 scores with beta 10 weight everything ~1, i.e. MLE
     _, _, flat = compute_loss("rwr", logits, b, causal=False, p=ObjectiveParams(beta=10.0, reward_scale=1.0))
-    assert flat["weight"] == pytest.approx(3.0, abs=0.01)
+    assert float(flat["weight"]) == pytest.approx(3.0, abs=0.01)
 
 
 def test_weights_are_clamped():
@@ -86,7 +86,7 @@ def test_awr_hand_computed_and_no_gradient_through_the_weights():
     nll = np.array([math.log(2), math.log(4)])
     expect = 0.25 * (nll * w).sum() + 0.75 * ((v - r) ** 2).sum()
     assert n == 2 and float(loss.detach()) == pytest.approx(expect, rel=1e-5)
-    assert st["weight"] == pytest.approx(w.sum(), rel=1e-5)
+    assert float(st["weight"]) == pytest.approx(w.sum(), rel=1e-5)
     loss.backward()  # the value head learns from the MSE alone
     assert values.grad.numpy()[0] == pytest.approx(0.75 * 2 * (v - r), rel=1e-5)
     with pytest.raises(ValueError, match="value head"):
@@ -193,6 +193,8 @@ def test_pep8_scorer_survives_pycodestyle_crash():
     v = Pep8Scorer().violations(text)
     assert (1, "E113") in v and any(c == "E901" for _, c in v)
     assert _line_scores(text)[0] > 0
+    # module_imports_on_top_of_file reads line[1] of a one-letter string prefix ("b", "r", ...) at the top
+    assert Pep8Scorer().violations("b\nimport os  \n") == [(2, "W291")]
 
 
 # ---------------------------------------------------------------- sampling protocol

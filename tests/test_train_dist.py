@@ -78,7 +78,7 @@ def test_two_nodes_by_hand_rendezvous_and_train_one_model(tiny_shards, tmp_path)
     import subprocess
     import sys
 
-    from prefpretrain.launcher.dist import free_port
+    from prefpretrain.distributed import free_port
     from tests.conftest import ROOT, cli_env, tiny_overrides
 
     run, port = tmp_path / "run", free_port()

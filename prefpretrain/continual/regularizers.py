@@ -49,13 +49,12 @@ def ewc_penalty(model, anchor: dict[str, torch.Tensor], fisher: dict[str, torch.
 
 
 def distill_kl(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor,
-               causal: bool = True) -> tuple[torch.Tensor, int]:
-    """Summed KL(teacher || student) over the target positions of the selected rows, and their count."""
+               causal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed KL(teacher || student) over the target positions of the selected rows, and their count (both
+    tensors: masks multiply, nothing waits for the device)."""
     if causal:
         logits, teacher_logits, labels = logits[:, :-1], teacher_logits[:, :-1], labels[:, 1:]
-    mask = (labels != IGNORE) & rows.view(-1, 1)
-    if not bool(mask.any()):
-        return logits.sum() * 0.0, 0
-    s = F.log_softmax(logits[mask].float(), dim=-1)
-    t = F.log_softmax(teacher_logits[mask].float(), dim=-1)
-    return (t.exp() * (t - s)).sum(), int(mask.sum())
+    mask = ((labels != IGNORE) & rows.view(-1, 1).to(labels.device)).float()
+    s = F.log_softmax(logits.float(), dim=-1)
+    t = F.log_softmax(teacher_logits.float(), dim=-1)
+    return ((t.exp() * (t - s)).sum(-1) * mask).sum(), mask.sum()

@@ -20,8 +20,8 @@ import logging
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
+from prefpretrain import distributed
 from prefpretrain.config import Config, ConfigError
 from prefpretrain.continual import forgetting
 from prefpretrain.continual.memory import build_memory
@@ -35,11 +35,6 @@ from prefpretrain.data_shards.reader import ShardSet
 log = logging.getLogger(__name__)
 
 MEMORY_SEED_SALT = 0x5EED  # the memory's own sample order differs from the new data's
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
 
 
 def _sha(p: Path) -> str:
@@ -58,24 +53,19 @@ class ContinualUpdate:
         self.model = self.teacher = None
         self.anchor: dict = {}
         self.fisher: dict = {}
-        self._w = torch.zeros(6, dtype=torch.float64)  # replayed, samples, ewc sum, ewc n, kl sum, kl tokens
+        # replayed, samples, ewc sum, ewc n, kl sum, kl tokens: on the device, read once per log window
+        self._w = torch.zeros(6, dtype=torch.float64, device=dev)
 
     # ------------------------------------------------------------------ set-up
     @classmethod
     def start(cls, cfg: Config, run_dir: Path, rank: int, world: int, dev, layout: Layout, mlm: MaskSpec | None,
               vocab_size: int) -> ContinualUpdate:
-        pick = [resolve(cfg.continual.from_) if rank == 0 else None]  # rank 0 verifies the checkpoint's checksums
-        if world > 1:
-            dist.broadcast_object_list(pick, src=0)
-        self = cls(cfg, run_dir, pick[0], rank, world, dev, layout, mlm)
+        # long single-rank work (checksums, the memory) on rank 0 while the others wait on the store
+        prev = distributed.broadcast_object(distributed.rank0_does(
+            "verifying the earlier checkpoint", lambda: resolve(cfg.continual.from_)))
+        self = cls(cfg, run_dir, prev, rank, world, dev, layout, mlm)
         self.dir.mkdir(parents=True, exist_ok=True)
-        if rank == 0 and not (self.replay_dir / "manifest.json").is_file():
-            start, stream = self.prev.memory_source()
-            log.info("continual: replay memory from %s + %s (reservoir of %d windows)", start, stream,
-                     self.c.memory_size)
-            build_memory(self.replay_dir, start, stream, self.c.memory_size, cfg.data.seq_len, cfg.run.seed,
-                         cfg.data.verify_checksums)
-        _barrier(world)
+        distributed.rank0_does("building the replay memory", self._build_replay)
         self.memory_packed = PackedSet(ShardSet(self.replay_dir, "train", verify=cfg.data.verify_checksums), layout,
                                        cfg.data.seq_len, mlm)
         if self.R and len(self.memory_packed) == 0:
@@ -88,27 +78,40 @@ class ContinualUpdate:
                  self.c.ewc_lambda, self.c.distill_weight)
         return self
 
+    def _build_replay(self) -> None:
+        if (self.replay_dir / "manifest.json").is_file():
+            return
+        start, stream = self.prev.memory_source()
+        log.info("continual: replay memory from %s + %s (reservoir of %d windows)", start, stream, self.c.memory_size)
+        build_memory(self.replay_dir, start, stream, self.c.memory_size, self.cfg.data.seq_len, self.cfg.run.seed,
+                     self.cfg.data.verify_checksums)
+
+    def _write_start(self, start: Path) -> None:
+        """RUN/continual/start.pt: the earlier weights (the EWC anchor) and, for EWC, their diagonal Fisher."""
+        if start.is_file():
+            return
+        from prefpretrain.trainer.export import load_run_model
+
+        # on this rank's device (a GPU is free before the engine exists): the Fisher pass is forwards and backwards
+        model, _, _ = load_run_model(self.prev.run_dir, self.prev.ckpt, device=self.dev)
+        blob: dict = {"anchor": {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}}
+        if self.c.ewc_lambda:
+            n = min(self.c.ewc_samples, len(self.memory_packed))
+            order = MixtureDataset([self.memory_packed], [1.0], self.cfg.run.seed ^ MEMORY_SEED_SALT).order
+            samples = [self.memory_packed.get(i, e) for _, i, e in (order(j) for j in range(n))]
+            blob["fisher"] = {k: f.cpu() for k, f in diagonal_fisher(model, samples, self.causal).items()}
+            log.info("continual: diagonal Fisher over %d memory samples (mean %.3g)", n,
+                     float(sum(f.sum() for f in blob["fisher"].values()) /
+                           sum(f.numel() for f in blob["fisher"].values())))
+        tmp = start.with_name("start.pt.tmp")
+        torch.save(blob, tmp)
+        tmp.replace(start)
+
     def _load_start(self, vocab_size: int) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
         start = self.dir / "start.pt"
-        if self.rank == 0 and not start.is_file():
-            from prefpretrain.trainer.export import load_run_model
-
-            model, _, _ = load_run_model(self.prev.run_dir, self.prev.ckpt)
-            blob: dict = {"anchor": {k: v.detach().float().clone() for k, v in model.state_dict().items()}}
-            if self.c.ewc_lambda:
-                n = min(self.c.ewc_samples, len(self.memory_packed))
-                order = MixtureDataset([self.memory_packed], [1.0], self.cfg.run.seed ^ MEMORY_SEED_SALT).order
-                samples = [self.memory_packed.get(i, e) for _, i, e in (order(j) for j in range(n))]
-                blob["fisher"] = diagonal_fisher(model, samples, self.causal)
-                log.info("continual: diagonal Fisher over %d memory samples (mean %.3g)", n,
-                         float(sum(f.sum() for f in blob["fisher"].values()) /
-                               sum(f.numel() for f in blob["fisher"].values())))
-            tmp = start.with_name("start.pt.tmp")
-            torch.save(blob, tmp)
-            tmp.replace(start)
-        _barrier(self.world)
+        distributed.rank0_does("loading the earlier weights", lambda: self._write_start(start))
         blob = torch.load(start, map_location="cpu", weights_only=True)
         hf = AutoConfig.from_pretrained(str(self.prev.run_dir / "model_config"), local_files_only=True)
         auto = AutoModelForCausalLM if self.causal else AutoModelForMaskedLM
@@ -121,10 +124,14 @@ class ContinualUpdate:
         model.tie_weights()
         self.model = model
         if self.c.ewc_lambda:
-            self.anchor = {n: blob["anchor"][n] for n, _ in model.named_parameters() if n in blob["anchor"]}
-            self.fisher = blob["fisher"]
-        if self.c.distill_weight:
-            self.teacher = copy.deepcopy(model).to(self.dev).eval()
+            # on the training device once (the penalty reads them every micro step)
+            self.anchor = {n: blob["anchor"][n].to(self.dev) for n, _ in model.named_parameters()
+                           if n in blob["anchor"]}
+            self.fisher = {n: f.to(self.dev) for n, f in blob["fisher"].items()}
+        if self.c.distill_weight:  # in the training precision on a GPU (it only runs forwards)
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.train.precision, torch.float32)
+            self.teacher = copy.deepcopy(model).to(device=self.dev,
+                                                   dtype=dtype if self.dev.type == "cuda" else torch.float32).eval()
             for p in self.teacher.parameters():
                 p.requires_grad_(False)
 
@@ -141,7 +148,7 @@ class ContinualUpdate:
         e, t = self.cfg.eval, self.cfg.train
         out = {part: forgetting.losses(model, sets, e.val_samples, t.micro_batch_size, self.rank, self.world,
                                        self.causal) for part, sets in (("old", old), ("new", new))}
-        out["misalignment"] = self._misalignment(model) if self.rank == 0 else None
+        out["misalignment"] = self._misalignment(model)  # every rank samples its share (in lockstep at ZeRO-3)
         return out
 
     def _misalignment(self, model) -> float | None:
@@ -157,7 +164,8 @@ class ContinualUpdate:
         was = model.training
         res = misalignment(model, toklib.load_tokenizer(ss.tokenizer_dir), ss.manifest, n=e.samples,
                            max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p, condition=cond,
-                           seed=self.cfg.run.seed, max_positions=self.cfg.data.seq_len)
+                           seed=self.cfg.run.seed, max_positions=self.cfg.data.seq_len, rank=self.rank,
+                           world=self.world, lockstep=self.cfg.engine.zero_stage == 3)
         model.train(was)
         return res["misalignment"]
 
@@ -165,10 +173,10 @@ class ContinualUpdate:
         p = self.dir / "before.json"
         if not p.is_file():
             self.model.to(self.dev)
-            rec = self._measure(self.model)
+            rec = self._measure(self.model)  # the whole earlier model on every rank (not yet partitioned)
             if self.rank == 0:
                 p.write_text(json.dumps(rec, indent=1))
-            _barrier(self.world)
+            distributed.barrier()
         self.before = json.loads(p.read_text())
 
     # ------------------------------------------------------------------ training
@@ -180,21 +188,21 @@ class ContinualUpdate:
         """EWC penalty (once per micro batch: DeepSpeed's 1/accumulation and rank mean make it once per step)
         plus distill_weight x summed KL on replayed targets x the step's per-target-token scale."""
         rep = batch["replay"]
-        self._w[0] += int(rep.sum())
+        self._w[0] += int(rep.sum())  # (a host tensor)
         self._w[1] += len(rep)
         total = None
         if self.c.ewc_lambda:
             total = ewc_penalty(module, self.anchor, self.fisher, self.c.ewc_lambda)
-            self._w[2] += float(total.detach())
+            self._w[2] += total.detach().double()
             self._w[3] += 1
         if self.c.distill_weight and bool(rep.any()):
             ids = batch["input_ids"][rep].to(self.dev)
             with torch.no_grad():
                 t_logits = self.teacher(input_ids=ids).logits
-            rows = rep.to(self.dev)
-            kl, n = distill_kl(logits[rows], t_logits, batch["labels"][rep].to(self.dev),
-                               torch.ones(int(rep.sum()), dtype=torch.bool, device=self.dev), self.causal)
-            self._w[4] += float(kl.detach())
+            rows = torch.nonzero(rep).squeeze(1).to(self.dev)  # the replayed rows, picked on the host
+            kl, n = distill_kl(logits.index_select(0, rows), t_logits, batch["labels"][rep].to(self.dev),
+                               torch.ones(len(rows), dtype=torch.bool, device=self.dev), self.causal)
+            self._w[4] += kl.detach().double()
             self._w[5] += n
             term = self.c.distill_weight * kl * scale
             total = term if total is None else total + term
@@ -202,15 +210,13 @@ class ContinualUpdate:
 
     def window_values(self) -> dict[str, float]:
         """Since the last call, over all ranks (every rank calls it at the same step)."""
-        w = self._w.clone()
-        if self.world > 1:
-            dist.all_reduce(w)
+        w = distributed.all_sum(self._w)
         self._w.zero_()
-        out = {"data/replay_fraction": float(w[0] / max(1.0, float(w[1])))}
+        out = {"data/replay_fraction": w[0] / max(1.0, w[1])}
         if self.c.ewc_lambda:
-            out["train/ewc_penalty"] = float(w[2] / max(1.0, float(w[3])))
+            out["train/ewc_penalty"] = w[2] / max(1.0, w[3])
         if self.c.distill_weight:
-            out["train/distill_kl"] = float(w[4] / max(1.0, float(w[5])))
+            out["train/distill_kl"] = w[4] / max(1.0, w[5])
         return out
 
     # ------------------------------------------------------------------ checkpoints
@@ -235,13 +241,15 @@ class ContinualUpdate:
 
     # ------------------------------------------------------------------ the end
     def finish(self, module, step: int, mon) -> dict:
+        """The forgetting report (every rank measures; rank 0 writes it) and the memory for the next update
+        (rank 0, the others waiting on the store)."""
         after = self._measure(module)
-        rec = None
-        if self.rank == 0:
-            rec = forgetting.report(self.before, after, {
-                "from": str(self.prev.ckpt), "replay_fraction": self.c.replay_fraction, "replay_per_batch": self.R,
-                "memory_size": self.c.memory_size, "ewc_lambda": self.c.ewc_lambda,
-                "distill_weight": self.c.distill_weight, "step": step})
+        rec = forgetting.report(self.before, after, {
+            "from": str(self.prev.ckpt), "replay_fraction": self.c.replay_fraction, "replay_per_batch": self.R,
+            "memory_size": self.c.memory_size, "ewc_lambda": self.c.ewc_lambda,
+            "distill_weight": self.c.distill_weight, "step": step})
+
+        def write() -> None:
             (self.run_dir / "forgetting.json").write_text(json.dumps(rec, indent=1))
             mon.scalars(step, forgetting.scalars(rec), kind="forgetting")
             for line in forgetting.summary_lines(self.run_dir):
@@ -250,5 +258,6 @@ class ContinualUpdate:
                 cfg = self.cfg
                 build_memory(self.memory_dir, self.replay_dir, [s.path for s in cfg.data.shards], self.c.memory_size,
                              cfg.data.seq_len, cfg.run.seed, cfg.data.verify_checksums)
-        _barrier(self.world)
-        return rec or {}
+
+        distributed.rank0_does("writing the forgetting report and the memory", write)
+        return rec

@@ -24,6 +24,10 @@ def init_worker(tok_json: str, scorer: str, scorer_params: dict, segmenter: str,
     from tokenizers import Tokenizer
 
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    if scorer == "classifier":  # one scoring process per core
+        import torch
+
+        torch.set_num_threads(1)
     _W.update(tok=Tokenizer.from_str(tok_json), scorer=get_scorer(scorer, scorer_params),
               seg=get_segmenter(segmenter), text_field=text_field, score_field=score_field)
     _W["eos"] = _W["tok"].token_to_id(toklib.EOS)

@@ -52,17 +52,23 @@ class RankBatchSampler(Sampler):
 
 
 def train_loader(ds: MixtureDataset, start_step: int, max_steps: int, micro: int, global_batch: int,
-                 rank: int, world: int, num_workers: int = 0) -> DataLoader:
+                 rank: int, world: int, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """`pin_memory` (training on a GPU): page-locked batches, so their copy to the device does not block."""
     sampler = RankBatchSampler(start_step, max_steps, micro, global_batch, rank, world)
-    return DataLoader(ds, batch_sampler=sampler, num_workers=num_workers,
+    return DataLoader(ds, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
                       persistent_workers=False, prefetch_factor=4 if num_workers else None)
 
 
 def val_batches(ps: PackedSet, limit: int, micro: int, rank: int, world: int):
-    """This rank's share of the first `limit` validation samples (0 = all), in micro batches."""
+    """(micro batch, pad) pairs: this rank's share of the first `limit` validation samples (0 = all). Batch k
+    holds samples [k micro, (k+1) micro) and goes to rank k mod world; every rank gets as many batches as the
+    others (a ZeRO-3 forward needs every rank), a rank short of one repeating batch 0 with `pad` set (its loss
+    is not counted). The sum over ranks does not depend on the world size."""
     n = len(ps) if limit <= 0 else min(limit, len(ps))
-    mine = list(range(rank, n, world))
-    for a in range(0, len(mine), micro):
-        items = [ps[i] for i in mine[a: a + micro]]
-        yield {k: torch.from_numpy(np.stack([it[k] for it in items]))
-               for k in ("input_ids", "labels", "scores", "control")}
+    n_batches = -(-n // micro)
+    for i in range(-(-n_batches // world)):
+        k = i * world + rank
+        pad = k >= n_batches
+        items = [ps[j] for j in (range(min(micro, n)) if pad else range(k * micro, min(n, (k + 1) * micro)))]
+        yield {key: torch.from_numpy(np.stack([it[key] for it in items]))
+               for key in ("input_ids", "labels", "scores", "control")}, pad

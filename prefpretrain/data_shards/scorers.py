@@ -73,6 +73,17 @@ STYLE_CODES = frozenset(
 BLAME_PREVIOUS = frozenset({"E303", "E304"})
 
 
+def _crashed_check(e: BaseException, opts) -> str | None:
+    """The name of the pycodestyle check whose call raised `e` (the innermost frame that is one)."""
+    names = {c[0] for c in opts.logical_checks} | {c[0] for c in opts.physical_checks}
+    tb, hit = e.__traceback__, None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name in names:
+            hit = tb.tb_frame.f_code.co_name
+        tb = tb.tb_next
+    return hit
+
+
 class Pep8Scorer:
     """pycodestyle violations per character of each line (line segments).
 
@@ -109,16 +120,23 @@ class Pep8Scorer:
                     found.append((line_number, code))
                 return code
 
-        try:
-            pcs.Checker(lines=text.splitlines(True), options=guide.options, report=_Collect(guide.options)).check_all()
-        except IndexError:
-            # pycodestyle's continued_indentation (E12x) indexes past its row table on some malformed token
-            # streams (model samples hit it); score the text again without that one check
-            found.clear()
-            opts = copy.copy(guide.options)
-            opts.logical_checks = [c for c in opts.logical_checks if c[0] != "continued_indentation"]
-            pcs.Checker(lines=text.splitlines(True), options=opts, report=_Collect(opts)).check_all()
-        return found
+        opts = guide.options
+        for _ in range(4):
+            try:
+                pcs.Checker(lines=text.splitlines(True), options=opts, report=_Collect(opts)).check_all()
+                return found
+            except IndexError as e:
+                # some of pycodestyle's checks index past the end on malformed token streams (model samples hit
+                # continued_indentation and module_imports_on_top_of_file): score the text again without the
+                # check that crashed
+                name = _crashed_check(e, opts)
+                if name is None:
+                    raise
+                found.clear()
+                opts = copy.copy(opts)
+                opts.logical_checks = [c for c in opts.logical_checks if c[0] != name]
+                opts.physical_checks = [c for c in opts.physical_checks if c[0] != name]
+        raise RuntimeError("pycodestyle crashed in more than three checks on one text")
 
     def score(self, doc: Document, spans: list[Span]) -> list[float]:
         counts = [0] * len(spans)
@@ -184,8 +202,7 @@ class ClassifierScorer:
 
         if not (Path(model_dir) / "config.json").is_file():
             raise ValueError(f"scorer 'classifier': no HF model directory at {model_dir!r}")
-        self._torch = torch
-        torch.set_num_threads(1)  # one scoring process per core
+        self._torch = torch  # threads: the process's (a sharding worker sets one, a training rank keeps its own)
         self._tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         self._model = AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True).eval()
         l2i = {str(k): v for k, v in self._model.config.label2id.items()}

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 
-from prefpretrain.launcher.dist import free_port
+from prefpretrain.distributed import free_port
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +31,17 @@ def torchrun_argv(config: str, overrides: list[str], nproc_per_node: int, max_re
     ]
 
 
+def threads_per_rank(cpus_available: int, ranks: int) -> int:
+    """OpenMP threads per rank so that ranks x threads does not exceed the CPUs (at least 1)."""
+    return max(1, cpus_available // max(1, ranks))
+
+
 def child_env(nproc_per_node: int = 1) -> dict[str, str]:
     env = dict(os.environ)
-    # ranks x threads must not exceed the cores
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc_per_node)))
+    # ranks x threads must not exceed the CPUs this process may run on: its affinity (under SLURM the task's
+    # CPUs), not the whole machine's; a user's OMP_NUM_THREADS wins
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    env.setdefault("OMP_NUM_THREADS", str(threads_per_rank(cpus, nproc_per_node)))
     env.setdefault("PYTHONUNBUFFERED", "1")
     from prefpretrain.trainer.engine import extensions_cache
 

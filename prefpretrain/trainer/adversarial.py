@@ -30,11 +30,13 @@ def _project(delta: torch.Tensor, eps: float) -> torch.Tensor:
 
 def adversarial_term(model, input_ids: torch.Tensor, clean_logits: torch.Tensor, target_mask: torch.Tensor,
                      cfg: AdversarialConfig, causal: bool, generator: torch.Generator | None = None
-                     ) -> tuple[torch.Tensor, dict[str, float]]:
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(weight x summed symmetric KL at the found perturbation, stats). `target_mask` marks positions whose
     prediction counts (for causal models, positions 0..T-2, aligned with the shifted targets)."""
     emb = model.get_input_embeddings()(input_ids)
-    noise = torch.randn(emb.shape, generator=generator, dtype=torch.float32).to(emb.device, emb.dtype)
+    # drawn where the embeddings are (a generator on their device; a CPU draw of B x T x H would cross to the GPU)
+    dev = generator.device if generator is not None else emb.device
+    noise = torch.randn(emb.shape, generator=generator, dtype=torch.float32, device=dev).to(emb.device, emb.dtype)
     delta = _project(noise * cfg.init_std, cfg.epsilon)
     clean = clean_logits.detach()
     mask = target_mask.float()
@@ -52,5 +54,5 @@ def adversarial_term(model, input_ids: torch.Tensor, clean_logits: torch.Tensor,
         step = g / g.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         delta = _project(delta.detach() + cfg.step_size * step.to(delta.dtype), cfg.epsilon)
     adv = symmetric_kl(predictions(emb + delta.detach()), clean_logits[:, :-1] if causal else clean_logits, mask)
-    stats = {"adv_kl": float(adv.detach()), "adv_delta_norm": float(delta.detach().float().norm(dim=-1).mean())}
+    stats = {"adv_kl": adv.detach(), "adv_delta_norm": delta.detach().float().norm(dim=-1).mean()}  # device tensors
     return cfg.weight * adv, stats

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
+
+from prefpretrain import distributed
 
 log = logging.getLogger(__name__)
 
@@ -32,17 +33,26 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def rng_state() -> dict:
-    return {
+    """Every generator a rank draws from: Python, numpy, torch's CPU one and, on a GPU, the current device's
+    (dropout on CUDA draws from it: without it a resume is exact only with dropout 0)."""
+    s = {
         "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
         "numpy": np.random.get_state(legacy=False),
         "torch": torch.get_rng_state().tolist(),
     }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        s["cuda"] = torch.cuda.get_rng_state().tolist()  # the current device's (the rank's own)
+    return s
 
 
 def set_rng_state(s: dict) -> None:
     random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
     np.random.set_state(s["numpy"])
     torch.set_rng_state(torch.tensor(s["torch"], dtype=torch.uint8))
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(s["cuda"], dtype=torch.uint8))
+    elif torch.cuda.is_available() and torch.cuda.is_initialized():
+        log.warning("the checkpoint holds no CUDA RNG state (written on CPU ranks): dropout draws start afresh")
 
 
 def _np_json(o):
@@ -80,13 +90,12 @@ def save(engine, ckpt_root: Path, step: int, state: dict, keep_last: int, rank: 
     engine.save_checkpoint(str(ckpt_root), tag=tag, save_latest=False)
     d = ckpt_root / tag
     _atomic_write(d / f"rng_rank{rank}.json", json.dumps(rng_state(), default=_np_json))
-    dist.barrier()
+    distributed.barrier()
     t1 = time.perf_counter()
-    world = dist.get_world_size()
+    world = distributed.world()
     mine = {p.name: _checksum(p) for p in sorted(d.iterdir())
             if p.is_file() and p.name != "state.json" and _mine(p.name, rank, world)}
-    everyone: list = [None] * world
-    dist.all_gather_object(everyone, mine)  # every rank hashes what it wrote, in parallel
+    everyone = distributed.all_gather_object(mine)  # every rank hashes what it wrote, in parallel
     if timings is not None:
         timings.update(deepspeed=t1 - t0, checksums=time.perf_counter() - t1)
     if rank == 0:
@@ -97,7 +106,7 @@ def save(engine, ckpt_root: Path, step: int, state: dict, keep_last: int, rank: 
         for old in done[: max(0, len(done) - keep_last)]:
             shutil.rmtree(old, ignore_errors=True)
             shutil.rmtree(old.with_name(old.name + "_universal"), ignore_errors=True)
-    dist.barrier()
+    distributed.barrier()
     return d
 
 
@@ -153,13 +162,17 @@ def read_state(ckpt: Path) -> dict:
     return json.loads((ckpt / "state.json").read_text())
 
 
-def universal(ckpt: Path, rank: int) -> Path:
-    """The DeepSpeed universal form of a ZeRO checkpoint (converted once, by rank 0, next to it)."""
+def universal(ckpt: Path) -> Path:
+    """The DeepSpeed universal form of a ZeRO checkpoint, converted once next to it by rank 0 while the other
+    ranks wait on the store (up to engine.timeout_s; the conversion of a large model takes minutes)."""
     import subprocess
     import sys
 
     out = ckpt.with_name(ckpt.name + "_universal")
-    if rank == 0 and not (out / "converted").is_file():
+
+    def convert() -> None:
+        if (out / "converted").is_file():
+            return
         shutil.rmtree(out, ignore_errors=True)
         r = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt),
                             "--output_folder", str(out), "--inject_missing_state"], capture_output=True, text=True,
@@ -167,18 +180,34 @@ def universal(ckpt: Path, rank: int) -> Path:
         if r.returncode != 0:
             raise RuntimeError(f"converting {ckpt} to a universal checkpoint failed:\n{r.stderr[-3000:]}")
         (out / "converted").write_text("ok\n")
-    dist.barrier()
+
+    distributed.rank0_does(f"converting {ckpt.name} to a universal checkpoint", convert)
     return out
 
 
 def load(engine, ckpt: Path, rank: int) -> None:
     """Model, optimizer and scheduler from a checkpoint (or its universal form), and this rank's RNG."""
     engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True, load_lr_scheduler_states=True)
+    _steps_beside_their_parameters(getattr(engine, "basic_optimizer", None) or engine.optimizer)
     rng = ckpt / f"rng_rank{rank}.json"
     if rng.is_file():
         set_rng_state(json.loads(rng.read_text()))
     else:
         log.info("no RNG state for rank %d in %s (another world size); RNG starts from the seed", rank, ckpt)
+
+
+def _steps_beside_their_parameters(opt) -> None:
+    """torch's fused AdamW reads each parameter's `step` from the parameter's device; DeepSpeed's universal
+    loader writes the steps it read on the CPU straight into the state (torch's load_state_dict, which would
+    move them, is bypassed): a CUDA kernel would be handed a host pointer."""
+    if not getattr(opt, "defaults", {}).get("fused"):
+        return
+    for group in opt.param_groups:
+        for p in group["params"]:
+            st = opt.state.get(p)
+            step = st.get("step") if st else None
+            if torch.is_tensor(step) and step.device != p.device:
+                st["step"] = step.to(p.device, torch.float32)
 
 
 def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from prefpretrain import distributed
 from prefpretrain.data_shards import tokenizer as toklib
 from prefpretrain.data_shards.loader import val_batches
 from prefpretrain.data_shards.packing import PackedSet
@@ -18,7 +18,7 @@ from prefpretrain.data_shards.scorers import Pep8Scorer, get_scorer
 from prefpretrain.data_shards.segment import get_segmenter
 from prefpretrain.data_shards.sources import Document
 from prefpretrain.trainer.objectives import token_nll
-from prefpretrain.trainer.sampling import sample_texts
+from prefpretrain.trainer.sampling import SAMPLE_BATCH, my_batches, sample_texts
 
 log = logging.getLogger(__name__)
 # pycodestyle codes that only say a sample was cut off, not how it was written
@@ -29,26 +29,27 @@ ARTIFACT_CODES = {"E901", "E902", "W292", "W391"}
 def validation_loss(model, ps: PackedSet, limit: int, micro: int, rank: int = 0, world: int = 1,
                     causal: bool = True, threshold: float | None = None) -> dict:
     """Mean token NLL over the first `limit` validation samples, reduced over ranks; with a threshold
-    also over the aligned tokens alone (score <= threshold)."""
+    also over the aligned tokens alone (score <= threshold). Every rank runs as many forwards as the others
+    (ZeRO-3), the sums stay on the model's device, and the host reads them once."""
     was_training = model.training
     model.eval()
     dev = next(model.parameters()).device
-    tot = torch.zeros(4, dtype=torch.float64)
-    for batch in val_batches(ps, limit, micro, rank, world):
+    tot = torch.zeros(4, dtype=torch.float64, device=dev)
+    for batch, pad in val_batches(ps, limit, micro, rank, world):
         logits = model(input_ids=batch["input_ids"].to(dev)).logits
+        if pad:
+            continue
         nll, mask = token_nll(logits, batch["labels"].to(dev), causal)
         scores = (batch["scores"][:, 1:] if causal else batch["scores"]).to(dev)
         aligned = mask & (scores <= (threshold if threshold is not None else float("inf")))
-        tot += torch.tensor([float(nll.sum()), float(mask.sum()), float((nll * aligned).sum()),
-                             float(aligned.sum())], dtype=torch.float64)
-    if world > 1:
-        dist.all_reduce(tot)
+        tot += torch.stack([nll.sum(), mask.sum(), (nll * aligned).sum(), aligned.sum()]).double()
+    total, tokens, total_aligned, tokens_aligned = distributed.all_sum(tot) if world > 1 else tot.tolist()
     model.train(was_training)
-    loss = float(tot[0] / tot[1].clamp_min(1))
-    out = {"val_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "val_tokens": int(tot[1])}
+    loss = total / max(1.0, tokens)
+    out = {"val_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "val_tokens": int(tokens)}
     if threshold is not None:
-        out["val_loss_aligned"] = float(tot[2] / tot[3].clamp_min(1))
-        out["val_tokens_aligned"] = int(tot[3])
+        out["val_loss_aligned"] = total_aligned / max(1.0, tokens_aligned)
+        out["val_tokens_aligned"] = int(tokens_aligned)
     return out
 
 
@@ -131,25 +132,34 @@ def _scorer_for(name: str, manifest: dict):
 
 def misalignment(model, tok, manifest: dict, *, n: int, max_new_tokens: int, temperature: float, top_p: float,
                  condition: str, seed: int, max_positions: int | None, seeds: int = 1,
-                 scorers: list[str] | None = None) -> dict:
+                 scorers: list[str] | None = None, rank: int = 0, world: int = 1, lockstep: bool = False) -> dict:
     """Mean scorer score per character of n samples for each of `seeds` sampling seeds (pooled), with
     control tokens banned from sampling and stripped, complete lines only, truncation artefacts ignored.
-    The first scorer gives the headline numbers; the same samples are scored by the others too (`by_scorer`)."""
+    The first scorer gives the headline numbers; the same samples are scored by the others too (`by_scorer`).
+
+    With several ranks every rank calls it: each samples and scores its share of the batches (`lockstep` under
+    ZeRO-3), the shares are gathered, and every rank returns the same result."""
     t0 = time.time()
     names = scorers or [manifest["scorer"]["name"]]
-    texts: list[str] = []
-    seed_of: list[int] = []
+    scorer_of = {name: _scorer_for(name, manifest) for name in names}
+    mine: list[tuple[int, str, list[float]]] = []  # (global sample number, text, score per scorer)
     for i in range(seeds):
-        texts += [complete_lines(t) for t in sample_texts(
+        texts = [complete_lines(t) for t in sample_texts(
             model, tok, manifest["tokenizer"]["special_ids"], n, max_new_tokens, condition=condition,
-            temperature=temperature, top_p=top_p, seed=seed + i, max_positions=max_positions)]
-        seed_of += [i] * n
+            temperature=temperature, top_p=top_p, seed=seed + i, max_positions=max_positions, rank=rank,
+            world=world, lockstep=lockstep)]
+        index = [i * n + j for r in my_batches(n, SAMPLE_BATCH, rank, world) for j in r]
+        mine += [(j, t, [sample_score(scorer_of[s], manifest["segmenter"], t) for s in names])
+                 for j, t in zip(index, texts, strict=True)]
+    merged = sorted((x for part in distributed.all_gather_object(mine) for x in part), key=lambda x: x[0])
+    texts = [t for _, t, _ in merged]
+    seed_of = np.asarray([j // max(1, n) for j, _, _ in merged])
     by_scorer = {}
-    for name in names:
-        scorer = _scorer_for(name, manifest)
-        sc = np.asarray([sample_score(scorer, manifest["segmenter"], t) for t in texts])
-        summary = summarize_scores(sc.tolist(), texts=texts if isinstance(scorer, Pep8Scorer) else None, seed=seed)
-        summary["misalignment_per_seed"] = [float(sc[np.asarray(seed_of) == i].mean()) if n else float("nan")
+    for c, name in enumerate(names):
+        sc = np.asarray([s[c] for _, _, s in merged], dtype=np.float64)
+        pep8 = isinstance(scorer_of[name], Pep8Scorer)
+        summary = summarize_scores(sc.tolist(), texts=texts if pep8 else None, seed=seed)
+        summary["misalignment_per_seed"] = [float(sc[seed_of == i].mean()) if n else float("nan")
                                             for i in range(seeds)]
         summary["sample_scores"] = [round(float(x), 6) for x in sc]
         by_scorer[name] = summary
@@ -161,21 +171,24 @@ def misalignment(model, tok, manifest: dict, *, n: int, max_new_tokens: int, tem
 
 
 def evaluate_run(run_dir: str | Path, samples: int | None = None, condition: str | None = None, seeds: int = 1,
-                 scorers: list[str] | None = None, out: str | Path | None = None) -> dict:
-    """`prefpretrain evaluate RUN_DIR`: load the newest checkpoint, write RUN_DIR/eval.json (or `out`)."""
+                 scorers: list[str] | None = None, out: str | Path | None = None, device: str | None = None) -> dict:
+    """`prefpretrain evaluate RUN_DIR`: load the newest checkpoint onto the run's device (engine.device, or
+    `device`) in its training precision there, write RUN_DIR/eval.json (or `out`)."""
     from prefpretrain.config import load_config
     from prefpretrain.data_shards.reader import ShardSet
-    from prefpretrain.trainer.export import load_run_model
+    from prefpretrain.trainer.export import inference_placement, load_run_model
     from prefpretrain.trainer.objectives import layout_for
 
     run = Path(run_dir)
     cfg = load_config(run / "config.yaml")
-    model, ckpt, state = load_run_model(run)
+    dev, dtype = inference_placement(device or cfg.engine.device, cfg.train.precision)
+    model, ckpt, state = load_run_model(run, device=dev, dtype=dtype)
     ss = ShardSet(cfg.data.shards[0].path, "val", verify=cfg.data.verify_checksums)
     sp = ss.manifest["tokenizer"]["special_ids"]
     layout = layout_for(cfg.train.objective, cfg.objective.threshold, cfg.objective.drop_prob, cfg.run.seed, sp)
     causal = cfg.model.kind == "causal"
-    res = {"run_dir": str(run), "checkpoint": str(ckpt), "step": state["step"], "tokens_seen": state.get("tokens_seen")}
+    res = {"run_dir": str(run), "checkpoint": str(ckpt), "step": state["step"], "tokens_seen": state.get("tokens_seen"),
+           "device": str(dev), "dtype": str(dtype).removeprefix("torch.")}
     from prefpretrain.trainer.loop import mask_spec
 
     mlm = mask_spec(cfg, ss.manifest)

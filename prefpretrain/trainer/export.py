@@ -6,11 +6,29 @@ import logging
 import shutil
 from pathlib import Path
 
+import torch
+
+from prefpretrain import distributed
+
 log = logging.getLogger(__name__)
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def load_run_model(run_dir: str | Path, ckpt: Path | None = None):
-    """(model in fp32 on CPU, checkpoint dir, checkpoint state) from a run's newest checkpoint (or `ckpt`)."""
+def inference_placement(device: str = "auto", precision: str = "fp32") -> tuple[torch.device, torch.dtype]:
+    """Where evaluate / generate run a trained model: the run's device (engine.device; auto = a GPU if torch
+    sees one), in the training precision on a GPU, in fp32 on the CPU (the samplers' tests and the CPU
+    numbers are fp32; CPU bf16 is fast on some processors only)."""
+    dev = distributed.pick_device(device)
+    return dev, _DTYPES[precision] if dev.type == "cuda" else torch.float32
+
+
+_CPU = torch.device("cpu")
+
+
+def load_run_model(run_dir: str | Path, ckpt: Path | None = None, device: torch.device = _CPU,
+                   dtype: torch.dtype = torch.float32):
+    """(model on `device` in `dtype`, checkpoint dir, checkpoint state) from a run's newest checkpoint (or
+    `ckpt`). The ZeRO partitions are consolidated into fp32 weights on the host first (DeepSpeed's reader)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
     from prefpretrain.trainer import checkpoint as ckptlib
@@ -32,7 +50,7 @@ def load_run_model(run_dir: str | Path, ckpt: Path | None = None):
         raise RuntimeError(f"{ckpt}: weights do not match the model (missing {missing}, unexpected {unexpected})")
     if tied:
         model.tie_weights()
-    model.float().eval()
+    model.to(device=device, dtype=dtype).eval()
     return model, ckpt, state
 
 
@@ -53,7 +71,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> Path:
         "exported_from": str(ckpt), "step": state["step"], "tokens_seen": state.get("tokens_seen"),
         "objective": cfg.train.objective, "tokenizer_hash": ss.tokenizer_hash,
         "control_tokens": {"aligned": "<|aligned|>", "misaligned": "<|misaligned|>"},
-        "scorer": ss.manifest["scorer"], "segmenter": ss.manifest["segmenter"],
+        "scorer": ss.manifest["scorer"], "segmenter": ss.manifest["segmenter"], "precision": cfg.train.precision,
         "conditioning": ("prefix <|aligned|> and re-insert it after every newline"
                          if cfg.train.objective == "conditional" else "none"),
     }

@@ -13,19 +13,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import yaml
 
+from prefpretrain import distributed
 from prefpretrain.config import Config, ConfigError
 from prefpretrain.data_shards.loader import MixtureDataset, train_loader
 from prefpretrain.data_shards.packing import MaskSpec, PackedSet
 from prefpretrain.data_shards.reader import ShardSet
-from prefpretrain.launcher import dist as distlib
 from prefpretrain.logs import setup_logging
 from prefpretrain.trainer import checkpoint as ckptlib
 from prefpretrain.trainer.engine import build_engine, local_param_elements, partitioned_build
 from prefpretrain.trainer.evaluate import validation_loss
-from prefpretrain.trainer.flops import matmul_peak, mfu
+from prefpretrain.trainer.flops import flops_per_token, mfu, peak_flops
 from prefpretrain.trainer.model import apply_freeze, attach_value_head, build_model, count_params
 from prefpretrain.trainer.monitor import Monitor
 from prefpretrain.trainer.objectives import (
@@ -95,12 +94,15 @@ def train(cfg: Config) -> dict:
     # `prefpretrain launch` starts torchrun (and so the ranks) with SIGUSR1 blocked: one that is pending from
     # start-up is delivered now
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGUSR1})
-    info = distlib.setup(cfg.engine.backend, cfg.engine.device)
+    info = distributed.setup(cfg.engine.backend, cfg.engine.device, cfg.engine.timeout_s)
     setup_logging(info.rank)
+    ok = False
     try:
-        return _train(cfg, info)
+        res = _train(cfg, info)
+        ok = True
+        return res
     finally:
-        distlib.teardown()
+        distributed.teardown(ok)
 
 
 def _train(cfg: Config, info) -> dict:
@@ -134,23 +136,24 @@ def _train(cfg: Config, info) -> dict:
     torch.manual_seed(cfg.run.seed)
     np.random.seed(cfg.run.seed % 2**32)
     with partitioned_build(cfg, world) if cfg.engine.zero3_init == "partitioned" else nullcontext():
-        model = cont.model if cont else build_model(cfg.model, manifest["tokenizer"]["vocab_size"], L, sp)
+        model = cont.model if cont else build_model(cfg.model, manifest["tokenizer"]["vocab_size"], L, sp,
+                                                    cuda=dev.type == "cuda", precision=t.precision)
     built_local = local_param_elements(model)
     with_values = needs_value_head(t.objective)
     if with_values and not hasattr(model, "value_head"):
         attach_value_head(model)
     op = objective_params(cfg, manifest)
-    spec = StepSpec(t.objective, causal, op, cfg.adversarial, with_values, cfg.run.seed)
-    n_params = count_params(model)
+    spec = StepSpec(t.objective, causal, op, cfg.adversarial, with_values, cfg.run.seed, t.cross_entropy == "chunked")
+    n_params, flops_token = count_params(model), flops_per_token(model, L)
     n_frozen = apply_freeze(model, cfg.model.freeze)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    peak = t.peak_flops or matmul_peak(t.precision, dev)
+    peak, peak_source = peak_flops(t.precision, dev, t.peak_flops)
     write_run_files(run_dir, cfg, world, rank, {
         "n_params": n_params, "n_frozen": n_frozen, "grad_accum": ga, "tokenizer_hash": sets[0].tokenizer_hash,
         "train_samples": [len(p) for p in packed], "val_samples": len(val_packed), "layout": layout.kind,
-        "peak_flops_per_rank": peak, "peak_flops_source": "config" if t.peak_flops else "matmul probe",
-        "reward_scale": op.reward_scale, "slurm": distlib.slurm_facts(),
+        "peak_flops_per_rank": peak, "peak_flops_source": peak_source, "model_flops_per_token": flops_token,
+        "reward_scale": op.reward_scale, "slurm": distributed.slurm_facts(),
     })
     if rank == 0:
         model.config.save_pretrained(str(run_dir / "model_config"))
@@ -200,7 +203,8 @@ def _train(cfg: Config, info) -> dict:
         evaluate(step)
 
     # ---- the loop
-    it = iter(train_loader(ds, step, t.max_steps, t.micro_batch_size, G, rank, world, cfg.data.num_workers))
+    it = iter(train_loader(ds, step, t.max_steps, t.micro_batch_size, G, rank, world, cfg.data.num_workers,
+                           pin_memory=dev.type == "cuda"))
     ids_log = None
     if cfg.data.log_sample_ids:
         (run_dir / "sample_ids").mkdir(parents=True, exist_ok=True)
@@ -217,10 +221,8 @@ def _train(cfg: Config, info) -> dict:
         # the step's loss is the mean over ALL its target tokens (every micro batch, every rank), so
         # accumulation x micro batch x world size can be split any way without changing the gradient
         # one all-reduce carries the step's target count and whether any rank was asked to stop
-        shared = torch.tensor([sum(target_count(b, causal) for b in micro_batches),
-                               float(_STOP["signal"] is not None)], dtype=torch.float64)
-        if world > 1:
-            dist.all_reduce(shared)
+        shared = distributed.all_sum([sum(target_count(b, causal) for b in micro_batches),
+                                      float(_STOP["signal"] is not None)])
         if shared[1] > 0:
             if last_ckpt_step != step:
                 save(step)
@@ -230,7 +232,7 @@ def _train(cfg: Config, info) -> dict:
             log.warning(msg)
             mon.close()
             raise Preempted(msg)
-        scale = ga * world / max(1.0, float(shared[0]))  # DeepSpeed divides by ga and averages over ranks
+        scale = ga * world / max(1.0, shared[0])  # DeepSpeed divides by ga and averages over ranks
         for batch in micro_batches:
             micro_step(engine, batch, dev, spec, scale, w, cont)
         step += 1
@@ -256,7 +258,7 @@ def _train(cfg: Config, info) -> dict:
                 raise TrainingDiverged(msg)
 
         if step % t.log_every == 0 or step == t.max_steps:
-            values = window_scalars(w, world)
+            values = window_scalars(w, world, dev)
             corrupt += values.pop("data/corrupt_samples")
             dt = time.time() - w.t0
             tps = w.steps * G * L / dt
@@ -264,7 +266,7 @@ def _train(cfg: Config, info) -> dict:
             values.update({
                 "train/lr": engine.get_lr()[0], "train/grad_norm": float(gn) if gn is not None else float("nan"),
                 "train/skipped_steps": float(bad_total), "perf/tokens_per_s": tps, "perf/step_time_s": dt / w.steps,
-                "perf/mfu": mfu(n_params, tps, peak, world),
+                "perf/mfu": mfu(flops_token, tps, peak, world),
                 "mem/rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
                 "data/samples_seen": step * G, "data/tokens_seen": tokens_seen,
                 "data/epoch": step * G / sum(map(len, packed)), "data/corrupt_samples_skipped": corrupt,
@@ -301,7 +303,7 @@ def _train(cfg: Config, info) -> dict:
     prof.after_step(step, last=True)  # a profile the run's end (or an early stop) cut short
     if not stopped_early:  # (an early stop has just measured it)
         val = evaluate(step)
-    if last_ckpt_step != step:
+    if last_ckpt_step != step and cfg.checkpoint.at_end:
         save(step)
     if cont:
         cont.finish(engine.module, step, mon)
@@ -323,10 +325,9 @@ def resume_point(cfg: Config, ckpt_root: Path, rank: int, world: int, tokenizer_
     """(checkpoint, its state, the directory to load) for run.resume, or (None, None, None) for a fresh start.
     Everything that would make the resume wrong is refused here, before the engine is built."""
     if cfg.run.resume == "auto":  # rank 0 picks (and verifies checksums), everyone follows
-        pick = [ckptlib.find_latest(ckpt_root) if rank == 0 else None]
-        if world > 1:
-            dist.broadcast_object_list(pick, src=0)
-        ckpt = pick[0]
+        # rank 0 verifies (CRC-32 of every file: long for large models), the others wait on the store
+        ckpt = distributed.broadcast_object(
+            distributed.rank0_does("verifying the checkpoints", lambda: ckptlib.find_latest(ckpt_root)))
     elif cfg.run.resume != "never":
         ckpt = Path(cfg.run.resume)
         if not (ckpt / "state.json").is_file():
@@ -348,7 +349,7 @@ def resume_point(cfg: Config, ckpt_root: Path, rank: int, world: int, tokenizer_
         cont.check_resume(st, ckpt)
     load_from = ckpt
     if st["world_size"] != world and st.get("zero_stage", 0) >= 1:
-        load_from = ckptlib.universal(ckpt, rank)
+        load_from = ckptlib.universal(ckpt)
         log.info("checkpoint %s was written by %d ranks; loading its universal form %s on %d", ckpt,
                  st["world_size"], load_from, world)
     return ckpt, st, load_from
@@ -365,11 +366,12 @@ def _rank_record(engine, run_dir: Path, info, cfg: Config, step: int, built_loca
         h.update(name.encode())
         h.update(p.detach().float().cpu().numpy().tobytes())
     rec = {"rank": info.rank, "world_size": info.world_size, "local_rank": info.local_rank,
-           "host": socket.gethostname(), "backend": info.backend, "device": str(info.device), "step": step,
+           "host": socket.gethostname(), "backend": info.backend, "device": str(info.device),
+           "comm_device": str(distributed.comm_device()), "step": step,
            "zero_stage": cfg.engine.zero_stage, "local_param_elements": local_param_elements(engine.module),
            "param_elements_when_built": built_local,
            "param_checksum": h.hexdigest()[:32] if cfg.engine.zero_stage < 3 else None,
-           "slurm": distlib.slurm_facts()}
+           "slurm": distributed.slurm_facts()}
     d = run_dir / "ranks"
     d.mkdir(parents=True, exist_ok=True)
     (d / f"rank{info.rank}.json").write_text(json.dumps(rec, indent=1))

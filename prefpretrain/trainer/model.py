@@ -44,18 +44,47 @@ def hf_config(mc: ModelConfig, vocab_size: int, seq_len: int, special: dict[str,
         raise ConfigError(f"model.arch: {e}") from None
 
 
-def build_model(mc: ModelConfig, vocab_size: int, seq_len: int, special: dict[str, int]):
+def attention_kernel(wanted: str, cuda: bool, precision: str = "bf16") -> str:
+    """model.attn_implementation, or what replaces it here: flash_attention_2 needs CUDA, bf16/fp16 training and
+    a flash-attn package that imports (a build against another torch fails at import)."""
+    if wanted != "flash_attention_2":
+        return wanted
+    why = None if cuda else "needs CUDA"
+    if why is None and precision == "fp32":
+        why = "takes bf16/fp16 only (train.precision is fp32)"
+    if why is None:
+        try:
+            import flash_attn  # noqa: F401
+        except Exception as e:  # noqa: BLE001 - ImportError, or a binary built for another torch
+            why = f"cannot be used ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+    if why:
+        log.warning("model.attn_implementation: flash_attention_2 %s; using sdpa", why)
+        return "sdpa"
+    return wanted
+
+
+def build_model(mc: ModelConfig, vocab_size: int, seq_len: int, special: dict[str, int], cuda: bool = False,
+                precision: str = "bf16"):
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     auto = AutoModelForCausalLM if mc.kind == "causal" else AutoModelForMaskedLM
-    if mc.from_pretrained:
-        model = auto.from_pretrained(mc.from_pretrained, local_files_only=True)
-        if model.get_input_embeddings().num_embeddings < vocab_size:
-            raise ConfigError(
-                f"model.from_pretrained: its vocabulary ({model.get_input_embeddings().num_embeddings}) "
-                f"is smaller than the shards' tokenizer ({vocab_size})")
-        return model
-    return auto.from_config(hf_config(mc, vocab_size, seq_len, special))
+    attn = attention_kernel(mc.attn_implementation, cuda, precision)
+    for kernel in dict.fromkeys((attn, "eager")):
+        try:
+            if mc.from_pretrained:
+                model = auto.from_pretrained(mc.from_pretrained, local_files_only=True, attn_implementation=kernel)
+                if model.get_input_embeddings().num_embeddings < vocab_size:
+                    raise ConfigError(
+                        f"model.from_pretrained: its vocabulary ({model.get_input_embeddings().num_embeddings}) "
+                        f"is smaller than the shards' tokenizer ({vocab_size})")
+                return model
+            return auto.from_config(hf_config(mc, vocab_size, seq_len, special), attn_implementation=kernel)
+        except ValueError as e:  # an architecture without this kernel: HF says so when building
+            if kernel == "eager" or isinstance(e, ConfigError):
+                raise
+            log.warning("model.attn_implementation: %s is not available for %s (%s); using eager", kernel, mc.arch,
+                        str(e).splitlines()[0][:160])
+    raise AssertionError("unreachable")
 
 
 def attach_value_head(model) -> None:

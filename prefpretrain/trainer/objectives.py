@@ -17,6 +17,7 @@ the gradient.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -71,15 +72,57 @@ def _targets(batch: dict, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return labels, scores.float()
 
 
-def token_logp(logits: torch.Tensor, labels: torch.Tensor, causal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(target) per target position (fp32; 0 where there is no target) and the target mask."""
-    logits = _shift(logits, causal)
-    if causal:
-        labels = labels[:, 1:]
+class _ChunkedLogp(torch.autograd.Function):
+    """log p(target) per row of (N, V) logits, in fp32, without an fp32 copy of the logits: the forward keeps
+    one log-sum-exp per row, the backward recomputes the softmax chunk by chunk and writes the gradient in the
+    logits' own dtype (d log p_y / d z_j = 1[j = y] - p_j)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, chunk: int) -> torch.Tensor:
+        lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        for a in range(0, logits.shape[0], chunk):
+            lse[a: a + chunk] = torch.logsumexp(logits[a: a + chunk].float(), dim=-1)
+        ctx.save_for_backward(logits, target, lse)
+        ctx.chunk = chunk
+        return logits.gather(1, target[:, None]).squeeze(1).float() - lse
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        logits, target, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for a in range(0, logits.shape[0], ctx.chunk):
+            gi = g[a: a + ctx.chunk, None].float()
+            part = logits[a: a + ctx.chunk].to(torch.float32, copy=True)  # one fp32 temporary per chunk
+            part.sub_(lse[a: a + ctx.chunk, None]).exp_().mul_(-gi)
+            grad[a: a + ctx.chunk] = part.scatter_add_(1, target[a: a + ctx.chunk, None], gi)
+        return grad, None, None
+
+
+CE_CHUNK_ELEMENTS = 1 << 26  # logits elements per chunk of the chunked cross-entropy (256 MB in fp32)
+
+
+def token_logp(logits: torch.Tensor, labels: torch.Tensor, causal: bool = True,
+               chunked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(target) per target position (fp32; 0 where there is no target) and the target mask.
+
+    `chunked` (train.cross_entropy=chunked): the same values and gradients without the fp32 copy of the logits
+    and their saved log-softmax (for a 32 k vocabulary and 16 k tokens, ~4 GB less at the peak)."""
+    if not chunked:
+        logits = _shift(logits, causal)
+        if causal:
+            labels = labels[:, 1:]
+        mask = labels != IGNORE
+        logp = -F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.clamp_min(0).reshape(-1),
+                                reduction="none").view(labels.shape)
+        return logp * mask, mask
+    if causal:  # targets shifted onto the logits' own positions (no sliced copy of the logits)
+        labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE)], dim=1)
     mask = labels != IGNORE
-    logp = -F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.clamp_min(0).reshape(-1),
-                            reduction="none").view(labels.shape)
-    return logp * mask, mask
+    V = logits.size(-1)
+    logp = _ChunkedLogp.apply(logits.reshape(-1, V), labels.clamp_min(0).reshape(-1),
+                              max(1, CE_CHUNK_ELEMENTS // V)).view(labels.shape)
+    logp = logp * mask
+    return (logp[:, :-1], mask[:, :-1]) if causal else (logp, mask)
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor, causal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,38 +146,39 @@ def unlikelihood_terms(logp: torch.Tensor, misaligned: torch.Tensor, mask: torch
 
 def exp_weights(x: torch.Tensor, beta: float, max_weight: float) -> torch.Tensor:
     """min(exp(x / beta), max_weight), computed without overflow."""
-    return torch.exp(torch.clamp(x / beta, max=float(torch.log(torch.tensor(max_weight)))))
+    return torch.exp(torch.clamp(x / beta, max=math.log(max_weight)))
 
 
 def compute_loss(objective: str, logits: torch.Tensor, batch: dict, causal: bool = True,
-                 p: ObjectiveParams = ObjectiveParams(),
-                 values: torch.Tensor | None = None) -> tuple[torch.Tensor, int, dict[str, float]]:
-    """(summed loss, target count, summed statistics). `values` (B, T) is the value head's output (awr)."""
+                 p: ObjectiveParams = ObjectiveParams(), values: torch.Tensor | None = None,
+                 chunked: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """(summed loss, target count, summed statistics), all tensors on the logits' device: nothing here waits
+    for the device (the loop synchronises once per log window). `values` (B, T): the value head's (awr)."""
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}")
-    logp, mask = token_logp(logits, batch["labels"], causal)
-    n = int(mask.sum())
+    logp, mask = token_logp(logits, batch["labels"], causal, chunked)
+    n = mask.sum()
     nll = -logp
-    stats = {"nll": float(nll.detach().sum())}
+    stats = {"nll": nll.detach().sum()}
     if objective in ("mle", "filter", "conditional"):
         return nll.sum(), n, stats
     _, scores = _targets(batch, causal)
     misaligned = (scores > p.threshold) & mask
-    stats["misaligned_tokens"] = float(misaligned.sum())
+    stats["misaligned_tokens"] = misaligned.sum().float()
     if objective == "unlikelihood":
         return unlikelihood_terms(logp, misaligned, mask, p.ul_alpha).sum(), n, stats
     reward = -scores * p.reward_scale
     if objective == "rwr":
         w = exp_weights(reward, p.beta, p.max_weight) * mask
-        stats["weight"] = float(w.sum())
+        stats["weight"] = w.detach().sum()
         return (nll * w).sum(), n, stats
     if values is None:
         raise ValueError("awr needs the value head's output")
     v = _shift(values, causal).float()
     w = exp_weights(reward - v.detach(), p.beta, p.max_weight) * mask
     value_sq = (v - reward) ** 2 * mask
-    stats["weight"] = float(w.sum())
-    stats["value_mse"] = float(value_sq.detach().sum())
+    stats["weight"] = w.detach().sum()
+    stats["value_mse"] = value_sq.detach().sum()
     return p.awr_alpha * (nll * w).sum() + (1 - p.awr_alpha) * value_sq.sum(), n, stats
 
 

@@ -8,8 +8,9 @@ import subprocess
 import time
 from pathlib import Path
 
-import torch.distributed as dist
 import yaml
+
+from prefpretrain import distributed
 
 
 def git_commit() -> str | None:
@@ -40,8 +41,7 @@ def check_agreement(world: int, items: dict) -> None:
     if world == 1:
         return
     mine = dict(items, world_size=world)
-    everyone: list = [None] * world
-    dist.all_gather_object(everyone, mine)
+    everyone = distributed.all_gather_object(mine)
     for r, theirs in enumerate(everyone):
         if theirs != mine:
             diff = sorted(k for k in mine if mine.get(k) != theirs.get(k))
@@ -49,11 +49,7 @@ def check_agreement(world: int, items: dict) -> None:
 
 
 def write_run_files(run_dir: Path, cfg, world: int, rank: int, extra: dict) -> None:
-    hosts: list = [None] * world
-    if world > 1:
-        dist.all_gather_object(hosts, socket.gethostname())
-    else:
-        hosts = [socket.gethostname()]
+    hosts = distributed.all_gather_object(socket.gethostname())
     if rank != 0:
         return
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -9,27 +9,28 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 
+from prefpretrain import distributed
 from prefpretrain.data_shards.packing import IGNORE
 from prefpretrain.trainer.adversarial import adversarial_term
-from prefpretrain.trainer.objectives import ObjectiveParams, batch_pref_stats, compute_loss
+from prefpretrain.trainer.objectives import ObjectiveParams, batch_pref_stats, compute_loss, target_count
+
+# the window's sums, in this order; objective / adversarial statistics follow, sorted by name
+_BASE = ("loss", "nll", "targets", "score_mean", "aligned_fraction", "corrupt")
 
 
 @dataclass
 class Window:
-    """What the loop accumulates between two log lines (sums over this rank's micro batches)."""
+    """What the loop accumulates between two log lines: sums over this rank's micro batches, kept as tensors on
+    the training device (no host synchronisation per micro step) until `window_scalars` reduces them."""
 
     t0: float = field(default_factory=time.time)
     steps: int = 0
     micro: int = 0
-    loss: float = 0.0
-    nll: float = 0.0
-    targets: int = 0
-    score_mean: float = 0.0
-    aligned_fraction: float = 0.0
-    corrupt: int = 0
-    extra: dict = field(default_factory=dict)  # objective / adversarial statistics, summed
+    sums: dict = field(default_factory=dict)  # name -> 0-dim tensor (or float for host-side statistics)
+
+    def add(self, name: str, value) -> None:
+        self.sums[name] = self.sums[name] + value if name in self.sums else value
 
 
 @dataclass(frozen=True)
@@ -42,19 +43,20 @@ class StepSpec:
     adversarial: object  # config section: steps, epsilon, step_size, init_std, weight
     with_values: bool  # AWR: the value head reads the last hidden state
     seed: int
+    chunked_ce: bool = False  # train.cross_entropy=chunked
 
 
 def micro_step(engine, batch: dict, dev: torch.device, spec: StepSpec, scale: float, w: Window, cont=None) -> None:
     """Forward + loss + backward + engine.step() of one micro batch (DeepSpeed applies the optimizer at the
     accumulation boundary). `scale` turns the summed loss into this rank's share of the step's mean."""
-    b = {k: v.to(dev) for k, v in batch.items()}
+    b = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
     out = engine(input_ids=b["input_ids"], output_hidden_states=spec.with_values)
     values = engine.module.value_head(out.hidden_states[-1]).squeeze(-1) if spec.with_values else None
-    loss_sum, n, stats = compute_loss(spec.objective, out.logits, b, spec.causal, spec.params, values)
+    loss_sum, _, stats = compute_loss(spec.objective, out.logits, b, spec.causal, spec.params, values, spec.chunked_ce)
     if spec.adversarial.steps:
         mask = (b["labels"][:, 1:] if spec.causal else b["labels"]) != IGNORE
         # seeded by the samples, not the rank: the same data gets the same start at any world size
-        gen = torch.Generator().manual_seed(hash((spec.seed, int(batch["position"][0]))) % 2**63)
+        gen = torch.Generator(device=dev).manual_seed(hash((spec.seed, int(batch["position"][0]))) % 2**63)
         term, adv_stats = adversarial_term(engine.module, b["input_ids"], out.logits, mask, spec.adversarial,
                                            spec.causal, gen)
         loss_sum = loss_sum + term
@@ -63,15 +65,14 @@ def micro_step(engine, batch: dict, dev: torch.device, spec: StepSpec, scale: fl
     engine.backward(loss_sum * scale if extra is None else loss_sum * scale + extra)
     engine.step()
     w.micro += 1
-    w.loss += float(loss_sum.detach())
-    w.nll += stats.pop("nll")
-    w.targets += n
+    w.add("loss", loss_sum.detach().float())
+    w.add("targets", float(target_count(batch, spec.causal)))  # from the host copy of the labels
     for k, v in stats.items():
-        w.extra[k] = w.extra.get(k, 0.0) + v
-    ps = batch_pref_stats(batch, spec.params.threshold)
-    w.score_mean += ps["score_mean"]
-    w.aligned_fraction += ps["aligned_fraction"]
-    w.corrupt += int(batch["corrupt"].sum())
+        w.add(k, v.detach().float() if isinstance(v, torch.Tensor) else float(v))
+    ps = batch_pref_stats(batch, spec.params.threshold)  # host tensors: no device synchronisation
+    w.add("score_mean", ps["score_mean"])
+    w.add("aligned_fraction", ps["aligned_fraction"])
+    w.add("corrupt", float(batch["corrupt"].sum()))
 
 
 EXTRA_TAGS = {"weight": "objective/weight_mean", "value_mse": "objective/value_mse",
@@ -79,18 +80,20 @@ EXTRA_TAGS = {"weight": "objective/weight_mean", "value_mse": "objective/value_m
               "adv_delta_norm": "adversarial/delta_norm"}
 
 
-def window_scalars(w: Window, world: int) -> dict:
-    """The window's loss and preference statistics over all ranks (one all-reduce; every rank calls it)."""
-    keys = sorted(w.extra)  # the same on every rank: they follow from the config
-    sums = torch.tensor([w.loss, w.targets, w.score_mean, w.aligned_fraction, w.corrupt, w.nll]
-                        + [w.extra[k] for k in keys], dtype=torch.float64)
-    if world > 1:
-        dist.all_reduce(sums)
-    targets = float(sums[1].clamp_min(1))
-    extra = {k: float(v) / targets for k, v in zip(keys, sums[6:].tolist(), strict=True)}
-    if "adv_delta_norm" in extra:  # a mean per micro batch, not per token
-        extra["adv_delta_norm"] = float(sums[6 + keys.index("adv_delta_norm")]) / (w.micro * world)
-    return {"train/loss": float(sums[0]) / targets, "train/nll": float(sums[5]) / targets,
-            "pref/score_mean": float(sums[2]) / (w.micro * world),
-            "pref/aligned_fraction": float(sums[3]) / (w.micro * world),
-            "data/corrupt_samples": float(sums[4]), **{EXTRA_TAGS[k]: v for k, v in extra.items()}}
+def window_scalars(w: Window, world: int, dev: torch.device) -> dict:
+    """The window's loss and preference statistics over all ranks: one all-reduce and one host synchronisation
+    (every rank calls it at the same step; the statistics' names follow from the config, so they agree)."""
+    extra = sorted(k for k in w.sums if k not in _BASE)
+    names = list(_BASE) + extra
+    vec = torch.stack([torch.as_tensor(w.sums.get(k, 0.0), dtype=torch.float64, device=dev).reshape(())
+                       for k in names])
+    got = dict(zip(names, distributed.all_sum(vec), strict=True))
+    targets = max(1.0, got["targets"])
+    per_micro = w.micro * world
+    out = {"train/loss": got["loss"] / targets, "train/nll": got["nll"] / targets,
+           "pref/score_mean": got["score_mean"] / per_micro,
+           "pref/aligned_fraction": got["aligned_fraction"] / per_micro,
+           "data/corrupt_samples": got["corrupt"]}
+    for k in extra:  # per target token; the adversarial delta's norm is a mean per micro batch
+        out[EXTRA_TAGS.get(k, f"objective/{k}")] = got[k] / (per_micro if k == "adv_delta_norm" else targets)
+    return out
