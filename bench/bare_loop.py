@@ -45,7 +45,8 @@ def main() -> None:
     model = build_model(cfg.model, manifest["tokenizer"]["vocab_size"], cfg.data.seq_len, sp)
     n_params = count_params(model)
     ddp = DDP(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay,
+                            fused=True)  # as the trainer's (prefpretrain.trainer.engine.make_optimizer)
     peak = matmul_peak(t.precision, torch.device("cpu"))
     peaks = [None] * world
     dist.all_gather_object(peaks, peak)

@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # Wheels for the GPU machine, fetched HERE (it has no network): its image has python3 3.12 with torch (CUDA),
-# transformers, tensorboard, accelerate, tokenizers, numpy, ... but not DeepSpeed and a few small packages.
+# tensorboard, accelerate, tokenizers, numpy, ... but not DeepSpeed and a few small packages.
 # The versions are this checkout's tested ones (.venv). Then, on the GPU machine: bench/gpu_session.sh.
 #
-#   bash bench/gpu_wheels.sh            # -> .gpu/wheels (~4 MB), ignored by git, carried by device runs
+#   bash bench/gpu_wheels.sh            # -> .gpu/wheels (~25 MB), ignored by git, carried by device runs
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=.gpu/wheels
 mkdir -p "$W"
 ver() { .venv/bin/pip show "$1" | sed -n 's/^Version: //p'; }
 binary=()
+# transformers too: the image's is older than this checkout's tested one (its KV-cache argument changed name)
 for p in hjson pydantic pydantic_core annotated-types typing-inspection webdataset braceexpand pycodestyle pysbd \
-         zstandard; do
+         zstandard transformers; do
     binary+=("$p==$(ver "$p")")
 done
 .venv/bin/pip download --quiet --no-deps --dest "$W" --only-binary=:all: --implementation cp --python-version 3.12 \

@@ -40,7 +40,7 @@ def run_trainer(shards: str, precision: str, steps: int, run: Path) -> dict:
 
 
 def run_bare(shards: str, precision: str, steps: int) -> dict:
-    from prefpretrain.launcher.dist import free_port
+    from prefpretrain.distributed import free_port
     from prefpretrain.launcher.local import child_env
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d",

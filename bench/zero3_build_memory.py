@@ -71,7 +71,7 @@ def main() -> None:
         rank_main(a.rank_mode, a.layers, a.hidden)
         sys.stdout.flush()
         os._exit(0)  # DeepSpeed's comm threads can abort at interpreter teardown (see prefpretrain/__main__.py)
-    from prefpretrain.launcher.dist import free_port
+    from prefpretrain.distributed import free_port
     from prefpretrain.launcher.local import child_env
 
     res = {"bench": "zero3_build_memory", "layers": a.layers, "hidden": a.hidden, "ranks": a.nproc}
