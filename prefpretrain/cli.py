@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from prefpretrain.config import Config, ConfigError, check_device, check_paths, config_help, load_config
+from prefpretrain.config import Config, ConfigError, InputError, check_device, check_paths, config_help, load_config
 from prefpretrain.logs import setup_logging
 
 log = logging.getLogger("prefpretrain")
@@ -483,6 +483,9 @@ def main(argv: list[str] | None = None) -> int:
     # nothing is ever fetched from a hub: models and tokenizers are local directories
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    # no file a user hands us is unpickled: every torch.load here and in child processes is weights-only
+    # (prefpretrain.trainer.safe_load registers the few DeepSpeed types its checkpoints name)
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     ap = build_parser()
     a, extra = ap.parse_known_args(argv)
     # overrides may follow options (`launch CONFIG --nproc-per-node 2 train.max_steps=5`)
@@ -497,6 +500,9 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[a.command](a)
     except ConfigError as e:
         print(f"prefpretrain: config error: {e}", file=sys.stderr)
+        return 2
+    except InputError as e:
+        print(f"prefpretrain: error: {e}", file=sys.stderr)
         return 2
     except FileNotFoundError as e:
         print(f"prefpretrain: error: {e}", file=sys.stderr)

@@ -18,7 +18,11 @@ from typing import Any, ClassVar, Literal, get_args, get_origin
 import yaml
 
 
-class ConfigError(ValueError):
+class InputError(ValueError):
+    """Input prefpretrain refuses (a damaged or unsafe file, a request that cannot work): one line, exit code 2."""
+
+
+class ConfigError(InputError):
     """A config problem, reported as one line that names the key."""
 
 

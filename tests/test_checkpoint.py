@@ -172,3 +172,63 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint(tiny_shards, tmp_pa
     assert (ck / "latest").read_text() == latest.name and latest < min(partial)
     r = run_cli("evaluate", str(run), "--samples", "0")
     assert r.returncode == 0 and json.loads((run / "eval.json").read_text())["step"] == int(latest.name[5:])
+
+
+class _Planted:
+    """Unpickling this creates a file: what a crafted checkpoint would do with weights_only=False."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _recompute_crc(ckpt: Path, name: str) -> None:
+    """What an attacker does after planting a file: the CRC-32 in state.json is no defence."""
+    from prefpretrain.trainer.checkpoint import _checksum
+
+    st = json.loads((ckpt / "state.json").read_text())
+    st["files"][name] = _checksum(ckpt / name)
+    (ckpt / "state.json").write_text(json.dumps(st))
+
+
+def test_a_crafted_pickle_is_never_run_and_damaged_checkpoints_stop_the_run(tiny_shards, tmp_path):
+    import torch
+
+    run = tmp_path / "run"
+    kw = dict(KW, **{"train.max_steps": 4, "checkpoint.every_steps": 2, "engine.zero_stage": 0})
+    launch_tiny(tiny_shards, run, 2, **kw)
+    ck, marker = run / "checkpoints", tmp_path / "PWNED"
+    step4 = ck / "step_00000004"
+    f = step4 / "mp_rank_00_model_states.pt"
+    blob = torch.load(f, weights_only=False)  # (our own file, in the test)
+    blob["extra"] = _Planted(str(marker))
+    torch.save(blob, f)
+    _recompute_crc(step4, f.name)
+    r = run_cli("export", str(run), str(tmp_path / "out"))
+    assert r.returncode == 2 and not marker.exists() and not (tmp_path / "out").exists()
+    assert "Traceback" not in r.stderr and r.stderr.strip().splitlines()[-1].startswith(
+        f"prefpretrain: error: {step4}: refused to load it: it names Python objects")
+    r = launch_tiny(tiny_shards, run, 2, expect=2, **dict(kw, **{"train.max_steps": 6}))  # resume: refused
+    assert not marker.exists() and not (ck / "step_00000006").exists()
+    assert json.loads((run / "failure.json").read_text())["reason"] == "refused"
+
+    # every checkpoint damaged: the run stops, names the damage, and overwrites nothing
+    for d in (ck / "step_00000002", step4):
+        victim = d / "mp_rank_00_model_states.pt"
+        raw = bytearray(victim.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        victim.write_bytes(bytes(raw))
+    r = launch_tiny(tiny_shards, run, 2, expect=2, **dict(kw, **{"train.max_steps": 6}))
+    assert "none of the 2 checkpoint(s)" in r.stderr and "run.resume=never" in r.stderr
+    assert sorted(p.name for p in ck.iterdir()) == ["latest", "step_00000002", "step_00000004"]
+    r = launch_tiny(tiny_shards, run, 2, expect=2, **dict(kw, **{"run.resume": str(step4)}))
+    assert f"run.resume: {step4} is damaged (mp_rank_00_model_states.pt does not match its checksum)" in r.stderr
+    (step4 / "state.json").write_text("{not json")  # an unreadable state.json is damage, not a traceback
+    assert find_latest(ck) is None
+    # told to start over: the old checkpoints move aside, the new run trains from step 0
+    launch_tiny(tiny_shards, run, 2, **dict(kw, **{"run.resume": "never"}))
+    aside = [p for p in run.iterdir() if p.name.startswith("checkpoints.before_")]
+    assert len(aside) == 1 and (aside[0] / "step_00000002").is_dir()
+    assert find_latest(ck).name == "step_00000004" and read_metrics(run)[-1]["step"] == 4

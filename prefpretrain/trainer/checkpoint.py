@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
 import zlib
@@ -19,6 +20,8 @@ import numpy as np
 import torch
 
 from prefpretrain import distributed
+from prefpretrain.config import InputError
+from prefpretrain.trainer import safe_load
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +132,12 @@ def read_failure(run_dir: Path, since: float) -> dict | None:
 
 def verify(ckpt: Path) -> str | None:
     """None if every file matches the checksum recorded at save time, else what is wrong."""
-    files = read_state(ckpt).get("files", {})
+    try:
+        files = read_state(ckpt).get("files", {})
+    except InputError as e:
+        return str(e).removeprefix(f"{ckpt}/")
+    if not files:
+        return "state.json lists no files"
     for name, digest in files.items():
         p = ckpt / name
         if not p.is_file():
@@ -139,9 +147,14 @@ def verify(ckpt: Path) -> str | None:
     return None
 
 
+def complete(ckpt_root: Path) -> list[Path]:
+    """Checkpoints whose save finished (state.json written), newest first; damaged or not."""
+    return sorted((p for p in ckpt_root.glob("step_*") if p.is_dir() and (p / "state.json").is_file()), reverse=True)
+
+
 def find_latest(ckpt_root: Path, check: bool = True) -> Path | None:
     """The newest complete (and, with `check`, undamaged) checkpoint: `latest` first, then older ones."""
-    done = sorted((p for p in ckpt_root.glob("step_*") if (p / "state.json").is_file()), reverse=True)
+    done = complete(ckpt_root)
     lp = ckpt_root / "latest"
     if lp.is_file():
         named = ckpt_root / lp.read_text().strip()
@@ -159,7 +172,15 @@ def find_latest(ckpt_root: Path, check: bool = True) -> Path | None:
 
 
 def read_state(ckpt: Path) -> dict:
-    return json.loads((ckpt / "state.json").read_text())
+    """A checkpoint's state.json; an unreadable one is a damaged checkpoint (InputError naming it)."""
+    p = ckpt / "state.json"
+    try:
+        st = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{p}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    if not isinstance(st, dict):
+        raise InputError(f"{p}: not a JSON object")
+    return st
 
 
 def universal(ckpt: Path) -> Path:
@@ -174,9 +195,11 @@ def universal(ckpt: Path) -> Path:
         if (out / "converted").is_file():
             return
         shutil.rmtree(out, ignore_errors=True)
-        r = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt),
+        r = subprocess.run([sys.executable, "-m", "prefpretrain.trainer.safe_load", "--input_folder", str(ckpt),
                             "--output_folder", str(out), "--inject_missing_state"], capture_output=True, text=True,
-                           check=False)
+                           check=False)  # DeepSpeed's ds_to_universal, loading weights-only
+        if r.returncode != 0 and "Weights only load failed" in r.stderr:
+            raise safe_load.refusal(ckpt, pickle.UnpicklingError(r.stderr[r.stderr.find("Weights only"):]))
         if r.returncode != 0:
             raise RuntimeError(f"converting {ckpt} to a universal checkpoint failed:\n{r.stderr[-3000:]}")
         (out / "converted").write_text("ok\n")
@@ -186,8 +209,16 @@ def universal(ckpt: Path) -> Path:
 
 
 def load(engine, ckpt: Path, rank: int) -> None:
-    """Model, optimizer and scheduler from a checkpoint (or its universal form), and this rank's RNG."""
-    engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True, load_lr_scheduler_states=True)
+    """Model, optimizer and scheduler from a checkpoint (or its universal form), and this rank's RNG; every file
+    is unpickled weights-only (trainer/safe_load.py): one naming other Python objects is refused."""
+    safe_load.enforce()
+    try:
+        engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
+                               load_lr_scheduler_states=True)
+    except Exception as e:
+        if safe_load.is_refusal(e):
+            raise safe_load.refusal(ckpt, e) from None
+        raise
     _steps_beside_their_parameters(getattr(engine, "basic_optimizer", None) or engine.optimizer)
     rng = ckpt / f"rng_rank{rank}.json"
     if rng.is_file():
@@ -216,11 +247,16 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     from prefpretrain.trainer.engine import deepspeed_env
 
     deepspeed_env()
-    if state.get("zero_stage", 0) >= 1:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    safe_load.enforce()
+    try:
+        if state.get("zero_stage", 0) >= 1:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
-    else:
-        f = ckpt / "mp_rank_00_model_states.pt"
-        sd = torch.load(f, map_location="cpu", weights_only=False)["module"]  # DeepSpeed's own pickle
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+        else:
+            sd = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
+    except Exception as e:
+        if safe_load.is_refusal(e):
+            raise safe_load.refusal(ckpt, e) from None
+        raise
     return {k: v.float() for k, v in sd.items()}

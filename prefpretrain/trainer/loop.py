@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from prefpretrain import distributed
-from prefpretrain.config import Config, ConfigError
+from prefpretrain.config import Config, ConfigError, InputError
 from prefpretrain.data_shards.loader import MixtureDataset, train_loader
 from prefpretrain.data_shards.packing import MaskSpec, PackedSet
 from prefpretrain.data_shards.reader import ShardSet
@@ -35,6 +35,7 @@ from prefpretrain.trainer.objectives import (
     target_count,
 )
 from prefpretrain.trainer.profiler import StepProfiler
+from prefpretrain.trainer.resume import resume_point
 from prefpretrain.trainer.runinfo import check_agreement, write_run_files
 from prefpretrain.trainer.step import StepSpec, Window, micro_step, window_scalars
 
@@ -101,6 +102,11 @@ def train(cfg: Config) -> dict:
         res = _train(cfg, info)
         ok = True
         return res
+    except InputError as e:  # a damaged or unsafe file, refused: the launcher reports it and exits 2
+        run_dir = Path(cfg.run.output_dir)
+        if info.rank == 0 and run_dir.is_dir():
+            ckptlib.write_failure(run_dir, "refused", 2, str(e))
+        raise
     finally:
         distributed.teardown(ok)
 
@@ -319,40 +325,6 @@ def _train(cfg: Config, info) -> dict:
              ckptlib.find_latest(ckpt_root, False))
     return {"step": step, "tokens_seen": tokens_seen, "stopped_early": stopped_early, "skipped_steps": bad_total,
             **val}
-
-
-def resume_point(cfg: Config, ckpt_root: Path, rank: int, world: int, tokenizer_hash: str, cont=None):
-    """(checkpoint, its state, the directory to load) for run.resume, or (None, None, None) for a fresh start.
-    Everything that would make the resume wrong is refused here, before the engine is built."""
-    if cfg.run.resume == "auto":  # rank 0 picks (and verifies checksums), everyone follows
-        # rank 0 verifies (CRC-32 of every file: long for large models), the others wait on the store
-        ckpt = distributed.broadcast_object(
-            distributed.rank0_does("verifying the checkpoints", lambda: ckptlib.find_latest(ckpt_root)))
-    elif cfg.run.resume != "never":
-        ckpt = Path(cfg.run.resume)
-        if not (ckpt / "state.json").is_file():
-            raise ConfigError(f"run.resume: {ckpt} is not a complete checkpoint (no state.json)")
-    else:
-        ckpt = None
-    if ckpt is None:
-        return None, None, None
-    st, G = ckptlib.read_state(ckpt), cfg.train.global_batch_size
-    if st.get("tokenizer_hash") not in (None, tokenizer_hash):
-        raise ConfigError(f"run.resume: {ckpt} was trained with tokenizer {st['tokenizer_hash']}, the shards "
-                          f"use {tokenizer_hash}")
-    if st["global_batch_size"] != G:
-        raise ConfigError(f"train.global_batch_size: {G}, but {ckpt} was trained with {st['global_batch_size']} "
-                          f"(it defines the data order; keep it when resuming)")
-    if st["config_hash"] != cfg.hash():
-        log.warning("resuming %s written with another config (hash %s, now %s)", ckpt, st["config_hash"], cfg.hash())
-    if cont:
-        cont.check_resume(st, ckpt)
-    load_from = ckpt
-    if st["world_size"] != world and st.get("zero_stage", 0) >= 1:
-        load_from = ckptlib.universal(ckpt)
-        log.info("checkpoint %s was written by %d ranks; loading its universal form %s on %d", ckpt,
-                 st["world_size"], load_from, world)
-    return ckpt, st, load_from
 
 
 def _rank_record(engine, run_dir: Path, info, cfg: Config, step: int, built_local: int) -> None:
