@@ -47,6 +47,7 @@ class DataConfig:
     verify_checksums: bool = True  # check each shard's sha256 against the manifest when first opened
     log_sample_ids: bool = False  # debug: RUN/sample_ids/rankR.jsonl, the global positions each rank used per step
     on_corrupt: Literal["error", "skip"] = "error"  # skip: a sample touching a bad shard carries no loss, counted
+    max_corrupt_fraction: float = 0.01  # with skip: stop (exit 2) once more than this share of samples was corrupt
 
 
 @dataclass
@@ -377,6 +378,10 @@ def _check_values(cfg: Config) -> None:
     ]:
         if val <= 0:
             raise ConfigError(f"{key}: must be positive, got {val}")
+    if cfg.model.kind == "causal" and cfg.data.seq_len < 2:
+        raise ConfigError(f"data.seq_len: a causal model needs at least 2 tokens per sample, got {cfg.data.seq_len}")
+    if not 0 <= cfg.data.max_corrupt_fraction < 1:
+        raise ConfigError(f"data.max_corrupt_fraction: must be within [0, 1), got {cfg.data.max_corrupt_fraction}")
     if t.grad_accum is not None and t.grad_accum <= 0:
         raise ConfigError(f"train.grad_accum: must be positive, got {t.grad_accum}")
     if t.lr <= 0:

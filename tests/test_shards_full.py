@@ -263,3 +263,88 @@ def test_too_large_documents_are_skipped(tmp_path):
     m = build_shards(ShardOptions(inputs=[str(d)], output=str(tmp_path / "out"), scorer="none", vocab_size=300,
                                   workers=1, val_fraction=0.0, progress=False))
     assert m["skipped"] == {"too_large": 1} and m["splits"]["train"]["samples"] == 1
+
+
+def _flip(path: Path, at: int) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[at] ^= 0x01  # one bit
+    path.write_bytes(bytes(raw))
+
+
+def test_every_file_the_reader_trusts_is_checked(tmp_path, stdlib_files, caplog):
+    """An index with one flipped bit (it would shift every token read), a replaced tokenizer, a packing cache
+    with one changed value of the right shape: each is detected; a bad shard is hashed once and named once."""
+    import logging
+    import shutil
+
+    from prefpretrain.data_shards import reader
+    from prefpretrain.data_shards.reader import ShardError
+
+    out = tmp_path / "s"
+    build_shards(ShardOptions(inputs=stdlib_files, output=str(out), vocab_size=300, workers=1, val_fraction=0.0,
+                              shard_size_mb=0.03, progress=False))
+    shards = json.loads((out / "manifest.json").read_text())["splits"]["train"]["shards"]
+    assert all(len(sh["index_sha256"]) == 64 for sh in shards)
+    c = tmp_path / "c"
+    shutil.copytree(out, c)
+    _flip(c / shards[0]["index"], (c / shards[0]["index"]).stat().st_size - 20)
+    with pytest.raises(ShardError, match=f"{shards[0]['index']}: sha256 mismatch \\(damaged index\\)"):
+        ShardSet(c)
+    shutil.rmtree(c)
+    shutil.copytree(out, c)
+    tj = c / "tokenizer" / "tokenizer.json"
+    tj.write_text(tj.read_text().replace('"<|aligned|>"', '"<|aligneD|>"'))
+    with pytest.raises(ShardError, match="does not match the manifest's tokenizer hash"):
+        ShardSet(c, verify=False)  # checked even without the shard checksums: it is small
+
+    # the packing cache: a value changed, the shape kept -> recomputed, not used
+    good = PackedSet(ShardSet(out), Layout("mle"), 64).cum.copy()
+    (cache,) = (out / "packing_cache").glob("train-mle-*.npy")
+    arr = np.load(cache)
+    arr[len(arr) // 2] += 1
+    np.save(cache, arr)
+    with caplog.at_level(logging.WARNING):
+        again = PackedSet(ShardSet(out), Layout("mle"), 64).cum
+    assert np.array_equal(again, good) and "packing index damaged" in caplog.text
+
+    # a corrupt shard under skip: named once in the log, hashed once however many samples touch it
+    _flip(out / shards[1]["name"], 600)
+    hashed: list[str] = []
+    real = reader._sha256
+    reader._sha256 = lambda p: hashed.append(Path(p).name) or real(p)
+    try:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            ps = PackedSet(ShardSet(out), Layout("mle"), 64, skip_corrupt=True)
+            flags = [bool(ps[i]["corrupt"]) for i in range(len(ps))]
+    finally:
+        reader._sha256 = real
+    assert sum(flags) >= 2 and hashed.count(shards[1]["name"]) == 1
+    assert caplog.text.count(f"{shards[1]['name']}: sha256 mismatch") == 1
+
+
+@pytest.mark.dist
+def test_zero_token_work_and_too_many_corrupt_samples_stop_the_run(tmp_path, stdlib_files):
+    from tests.conftest import launch_tiny, run_cli, tiny_overrides
+
+    out = tmp_path / "s"
+    build_shards(ShardOptions(inputs=stdlib_files, output=str(out), vocab_size=300, workers=1, val_fraction=0.2,
+                              shard_size_mb=0.03, progress=False))
+    shards = json.loads((out / "manifest.json").read_text())["splits"]["train"]["shards"]
+    _flip(out / shards[1]["name"], 600)
+    kw = {"train.max_steps": 6, "data.on_corrupt": "skip", "train.log_every": 1, "checkpoint.every_steps": 0}
+    r = launch_tiny(out, tmp_path / "r1", nproc=1, expect=2, **kw)
+    assert "data.max_corrupt_fraction:" in r.stderr and f"{shards[1]['name']}: sha256 mismatch" in r.stderr
+    launch_tiny(out, tmp_path / "r2", nproc=1, **kw, **{"data.max_corrupt_fraction": 0.9})  # told to tolerate it
+    for sh in shards:  # nothing left to train on: an error, not a loss of 0
+        _flip(out / sh["name"], 600)
+    r = launch_tiny(out, tmp_path / "r3", nproc=1, expect=2, **kw, **{"data.max_corrupt_fraction": 0.99})
+    assert "the global batch holds no target token" in r.stderr
+    # no validation sample, and a one-token causal sample: refused before training
+    none = tmp_path / "noval"
+    build_shards(ShardOptions(inputs=stdlib_files[:3], output=str(none), vocab_size=300, workers=1, val_fraction=0.0,
+                              progress=False))
+    r = run_cli("train", "configs/tiny.yaml", *tiny_overrides(none, tmp_path / "r4"))
+    assert r.returncode == 2 and f"the validation split of {none} yields no 64-token sample" in r.stderr
+    r = run_cli("train", "configs/tiny.yaml", *tiny_overrides(none, tmp_path / "r5", **{"data.seq_len": 1}))
+    assert r.returncode == 2 and "data.seq_len: a causal model needs at least 2 tokens" in r.stderr

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import socket
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -136,6 +137,14 @@ def doc_window(ss: ShardSet, d: int, layout: Layout, lo: int, hi: int) -> dict:
             "control": is_ctrl}
 
 
+def _crc(a: np.ndarray) -> str:
+    return f"{zlib.crc32(memoryview(np.ascontiguousarray(a)).cast('B')):08x}"
+
+
+def _crc_file(path: Path) -> Path:
+    return path.with_name(path.name + ".crc32")
+
+
 def packing_index(ss: ShardSet, layout: Layout) -> np.ndarray:
     """[0, cumulative layout lengths of documents 0..n-1]: from SHARDS/packing_cache/ (memory-mapped) when
     there, else computed and written there atomically (skipped, with a log line, where the directory is
@@ -147,17 +156,21 @@ def packing_index(ss: ShardSet, layout: Layout) -> np.ndarray:
     if path.is_file():
         try:
             cum = np.load(path, mmap_mode="r", allow_pickle=False)
-            if cum.shape == (n,) and cum.dtype == np.int64 and cum[0] == 0:
+            ok = cum.shape == (n,) and cum.dtype == np.int64 and cum[0] == 0
+            if ok and _crc_file(path).read_text().strip() == _crc(cum):
                 return cum
         except (OSError, ValueError):
             pass
-        log.warning("%s: packing index of the wrong shape; recomputing it", path)
+        log.warning("%s: packing index damaged (shape or CRC-32); recomputing it", path)
     cum = np.concatenate([[0], np.cumsum(layout_lengths(ss, layout))]).astype(np.int64)
     tmp = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")  # nodes may share the directory
     try:
         path.parent.mkdir(exist_ok=True)
         with open(tmp, "wb") as f:
             np.save(f, cum, allow_pickle=False)
+        crc_tmp = tmp.with_name(tmp.name + ".crc32")
+        crc_tmp.write_text(_crc(cum) + "\n")
+        os.replace(crc_tmp, _crc_file(path))  # (same content from every rank: the order does not matter)
         os.replace(tmp, path)  # ranks that compute it at once each write their own file; the last one stays
     except OSError as e:
         log.info("packing index not cached (%s); computed in memory", e)
@@ -173,6 +186,7 @@ class PackedSet:
                  skip_corrupt: bool = False):
         self.ss, self.layout, self.seq_len, self.mlm, self.skip_corrupt = ss, layout, seq_len, mlm, skip_corrupt
         self.cum = packing_index(ss, layout)
+        self._named: set[str] = set()
         self.total_tokens = int(self.cum[-1])
         self.n_samples = self.total_tokens // seq_len
 
@@ -197,9 +211,12 @@ class PackedSet:
                     parts.append(doc_window(self.ss, d, self.layout, max(lo, base) - base,
                                             min(hi, int(self.cum[d + 1])) - base))
                 d += 1
-        except ShardError:
+        except ShardError as e:
             if not self.skip_corrupt:
                 raise
+            if str(e) not in self._named:  # each bad shard named once (it is not re-read either)
+                self._named.add(str(e))
+                log.warning("data.on_corrupt=skip: %s; samples touching it carry no loss", e)
             return self._blank()
         out = {
             "input_ids": np.concatenate([p["ids"] for p in parts]),

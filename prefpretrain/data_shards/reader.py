@@ -22,6 +22,16 @@ class ShardError(RuntimeError):
     """A shard is missing, truncated, corrupt, or does not match its manifest."""
 
 
+def _sha256(p: Path) -> str | None:
+    if not p.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(p, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def parse_tar_members(buf: bytes, where: str) -> dict[str, bytes]:
     """Parse consecutive ustar members in `buf` into {extension: data}. Unsafe names are rejected."""
     out: dict[str, bytes] = {}
@@ -61,9 +71,12 @@ class ShardSet:
         self.split, self.verify = split, verify
         self.shards = self.manifest["splits"][split]["shards"]
         self.tok_dtype = np.dtype(self.manifest["token_dtype"])
+        self._check_tokenizer()
         self.indexes = []
         for sh in self.shards:
             p = self.path / sh["index"]
+            if verify and _sha256(p) != sh.get("index_sha256"):  # one flipped bit would shift every token read
+                raise ShardError(f"{p}: sha256 mismatch (damaged index)")
             try:
                 a = np.load(p, mmap_mode="r", allow_pickle=False)
             except (OSError, ValueError) as e:
@@ -75,7 +88,18 @@ class ShardSet:
         self._files: dict[int, object] = {}
         self._pid = os.getpid()
         self._verified: set[int] = set()
+        self._bad: dict[int, str] = {}  # shards that failed a check: refused again at once, not re-hashed
         self.bytes_read = 0
+
+    def _check_tokenizer(self) -> None:
+        """The tokenizer must be the one the shards were encoded with (always checked: it is small)."""
+        from prefpretrain.data_shards.tokenizer import tokenizer_hash
+
+        f = self.tokenizer_dir / "tokenizer.json"
+        if not f.is_file():
+            raise ShardError(f"{f}: missing (the shards' tokenizer)")
+        if tokenizer_hash(f) != self.manifest["tokenizer"]["hash"]:
+            raise ShardError(f"{f}: does not match the manifest's tokenizer hash (damaged or replaced)")
 
     @property
     def tokenizer_hash(self) -> str:
@@ -105,21 +129,26 @@ class ShardSet:
             self._files, self._pid = {}, os.getpid()
         f = self._files.get(s)
         if f is None:
-            p = self.path / self.shards[s]["name"]
-            if not p.is_file():
-                raise ShardError(f"{p}: shard missing")
-            if p.stat().st_size != self.shards[s]["bytes"]:
-                raise ShardError(f"{p}: size {p.stat().st_size} != manifest {self.shards[s]['bytes']} (truncated?)")
-            if self.verify and s not in self._verified:
-                h = hashlib.sha256()
-                with open(p, "rb") as fh:
-                    for chunk in iter(lambda: fh.read(1 << 20), b""):
-                        h.update(chunk)
-                if h.hexdigest() != self.shards[s]["sha256"]:
-                    raise ShardError(f"{p}: sha256 mismatch (corrupt shard)")
-                self._verified.add(s)
-            f = self._files[s] = open(p, "rb")  # noqa: SIM115 - kept open for random access
+            if s in self._bad:
+                raise ShardError(self._bad[s])
+            try:
+                self._check_shard(s)
+            except ShardError as e:
+                self._bad[s] = str(e)
+                raise
+            f = self._files[s] = open(self.path / self.shards[s]["name"], "rb")  # noqa: SIM115 - random access
         return f
+
+    def _check_shard(self, s: int) -> None:
+        p = self.path / self.shards[s]["name"]
+        if not p.is_file():
+            raise ShardError(f"{p}: shard missing")
+        if p.stat().st_size != self.shards[s]["bytes"]:
+            raise ShardError(f"{p}: size {p.stat().st_size} != manifest {self.shards[s]['bytes']} (truncated?)")
+        if self.verify and s not in self._verified:
+            if _sha256(p) != self.shards[s]["sha256"]:
+                raise ShardError(f"{p}: sha256 mismatch (corrupt shard)")
+            self._verified.add(s)
 
     def _pread(self, s: int, at: int, n: int) -> bytes:
         f = self._file(s)

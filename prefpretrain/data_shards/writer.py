@@ -40,7 +40,7 @@ from prefpretrain.data_shards.stats import ScoreStats
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: every index file checksummed in the manifest
 INDEX_DTYPE = np.dtype([
     ("offset", "<u8"), ("size", "<u8"), ("tokens_at", "<u8"), ("scores_at", "<u8"), ("segments_at", "<u8"),
     ("n_tokens", "<u4"), ("n_segments", "<u4"), ("mean_score", "<f4"),
@@ -143,6 +143,7 @@ class _ChunkWriter:
         path = self.out / sh["name"]
         sh["index"] = sh["name"] + ".idx.npy"
         np.save(self.out / sh["index"], np.asarray(self._index, dtype=INDEX_DTYPE))
+        sh["index_sha256"] = hashlib.sha256((self.out / sh["index"]).read_bytes()).hexdigest()
         sh["bytes"] = path.stat().st_size
         sh["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
         self._tar = self._f = None

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from prefpretrain import distributed
+from prefpretrain.config import InputError
 from prefpretrain.data_shards import tokenizer as toklib
 from prefpretrain.data_shards.loader import val_batches
 from prefpretrain.data_shards.packing import PackedSet
@@ -45,7 +46,9 @@ def validation_loss(model, ps: PackedSet, limit: int, micro: int, rank: int = 0,
         tot += torch.stack([nll.sum(), mask.sum(), (nll * aligned).sum(), aligned.sum()]).double()
     total, tokens, total_aligned, tokens_aligned = distributed.all_sum(tot) if world > 1 else tot.tolist()
     model.train(was_training)
-    loss = total / max(1.0, tokens)
+    if tokens == 0:  # not a loss of 0 and a perplexity of 1
+        raise InputError(f"validation: the first {limit or 'all'} validation samples hold no target token")
+    loss = total / tokens
     out = {"val_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "val_tokens": int(tokens)}
     if threshold is not None:
         out["val_loss_aligned"] = total_aligned / max(1.0, tokens_aligned)

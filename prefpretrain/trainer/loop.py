@@ -80,6 +80,18 @@ def mask_spec(cfg: Config, manifest: dict) -> MaskSpec | None:
                     special_ids=tuple(sorted(set(sp.values()))), prob=cfg.model.mlm_probability, seed=cfg.run.seed)
 
 
+def check_data(cfg: Config, step: int, targets: float, corrupt: float, seen: int) -> None:
+    """A step with no target token (every sample corrupt, or empty) is an error, not a loss of 0; so is more
+    than data.max_corrupt_fraction of corrupt samples (data.on_corrupt=skip; the shards are named in the log)."""
+    if targets == 0:
+        raise InputError(f"step {step + 1}: the global batch holds no target token ({int(corrupt)} of {seen} samples "
+                         f"so far touched corrupt shards): nothing to train on")
+    if corrupt > cfg.data.max_corrupt_fraction * seen:
+        raise InputError(f"data.max_corrupt_fraction: {int(corrupt)} of the {seen} samples of this run touched "
+                         f"corrupt shards ({corrupt / seen:.1%} > {cfg.data.max_corrupt_fraction:.1%}); the shards "
+                         f"are named in the log. Re-shard them, or raise data.max_corrupt_fraction")
+
+
 def objective_params(cfg: Config, manifest: dict) -> ObjectiveParams:
     o = cfg.objective
     return ObjectiveParams(threshold=o.threshold, ul_alpha=o.ul_alpha, beta=o.beta, awr_alpha=o.awr_alpha,
@@ -131,6 +143,10 @@ def _train(cfg: Config, info) -> dict:
             raise ConfigError(f"data.shards: {s.path} yields no {L}-token sample for objective {t.objective!r}")
     ds = MixtureDataset(packed, [s.weight for s in cfg.data.shards], cfg.run.seed)
     val_packed = PackedSet(val_set, layout, L, mlm)
+    if len(val_packed) == 0:
+        raise ConfigError(f"data.shards[0]: the validation split of {cfg.data.shards[0].path} yields no {L}-token "
+                          f"sample ({len(val_set)} documents): shard with a larger --val-fraction or a lower "
+                          f"data.seq_len")
     cont = None  # a continual update: replay memory, the earlier model, EWC / distillation, forgetting
     if cfg.continual.from_:
         from prefpretrain.continual.update import ContinualUpdate
@@ -218,6 +234,7 @@ def _train(cfg: Config, info) -> dict:
     prof = StepProfiler(t.profile_at, t.profile_steps, run_dir, rank, dev)
     w = Window()
     corrupt, bad_run, bad_total, best, evals_since_best, stopped_early = 0.0, 0, 0, float("inf"), 0, False
+    seen_here, corrupt_here = 0, 0.0  # samples of this start, and how many touched a corrupt shard
     val: dict = {}
     engine.train()
     while step < t.max_steps:
@@ -228,7 +245,8 @@ def _train(cfg: Config, info) -> dict:
         # accumulation x micro batch x world size can be split any way without changing the gradient
         # one all-reduce carries the step's target count and whether any rank was asked to stop
         shared = distributed.all_sum([sum(target_count(b, causal) for b in micro_batches),
-                                      float(_STOP["signal"] is not None)])
+                                      float(_STOP["signal"] is not None),
+                                      sum(int(b["corrupt"].sum()) for b in micro_batches)])
         if shared[1] > 0:
             if last_ckpt_step != step:
                 save(step)
@@ -238,7 +256,9 @@ def _train(cfg: Config, info) -> dict:
             log.warning(msg)
             mon.close()
             raise Preempted(msg)
-        scale = ga * world / max(1.0, shared[0])  # DeepSpeed divides by ga and averages over ranks
+        seen_here, corrupt_here = seen_here + G, corrupt_here + shared[2]
+        check_data(cfg, step, shared[0], corrupt_here, seen_here)
+        scale = ga * world / shared[0]  # DeepSpeed divides by ga and averages over ranks
         for batch in micro_batches:
             micro_step(engine, batch, dev, spec, scale, w, cont)
         step += 1
