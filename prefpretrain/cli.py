@@ -207,6 +207,9 @@ def cmd_train(a) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"prefpretrain train: {e}", file=sys.stderr)
         return EXIT_PREEMPTED
+    except KeyboardInterrupt:  # a second Ctrl-C
+        print("prefpretrain train: interrupted twice: stopped without a checkpoint of this step", file=sys.stderr)
+        return 130
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(res))
     return 0

@@ -232,3 +232,33 @@ def test_a_crafted_pickle_is_never_run_and_damaged_checkpoints_stop_the_run(tiny
     aside = [p for p in run.iterdir() if p.name.startswith("checkpoints.before_")]
     assert len(aside) == 1 and (aside[0] / "step_00000002").is_dir()
     assert find_latest(ck).name == "step_00000004" and read_metrics(run)[-1]["step"] == 4
+
+
+def _alive(pids) -> list[int]:
+    return [pid for pid in pids if Path(f"/proc/{pid}").exists()
+            and "Z" not in Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[:1]]
+
+
+def test_ctrl_c_checkpoints_like_sigterm_and_a_second_one_stops_at_once(tiny_shards, tmp_path):
+    """SIGINT to `prefpretrain launch`: checkpoint, failure.json, exit 4, no rank left; twice: stop now."""
+    for twice in (False, True):
+        run = tmp_path / f"run{int(twice)}"
+        p = subprocess.Popen([sys.executable, "-m", "prefpretrain", "launch", "configs/tiny.yaml", "--nproc-per-node",
+                              "2", *tiny_overrides(tiny_shards, run, **dict(KW, **{"train.max_steps": 5000,
+                                                                                  "checkpoint.every_steps": 0}))],
+                             cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert _wait_for(lambda r=run: (r / "metrics.jsonl").is_file() and len(read_metrics(r)) >= 3)
+        ranks = list(_worker_pids(run).values())
+        assert len(ranks) == 2
+        p.send_signal(signal.SIGINT)
+        if twice:
+            time.sleep(0.05)
+            p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+        assert _wait_for(lambda r=ranks: not _alive(r), timeout=30), "ranks outlived the launcher"
+        if twice:
+            assert p.returncode != 0 and "second Ctrl-C" in err
+        else:
+            assert p.returncode == 4, err[-3000:]
+            assert json.loads((run / "failure.json").read_text())["reason"] == "preempted"
+            assert find_latest(run / "checkpoints") is not None and "KeyboardInterrupt" not in err

@@ -114,3 +114,7 @@ def test_tensorboard_command_serves_on_localhost_only(two_runs):
     finally:
         p.terminate()
         p.wait(timeout=30)
+    deadline = time.time() + 20  # TensorBoard went with it: nothing listens on the port any more
+    while _listening(port) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _listening(port) and p.returncode == 0

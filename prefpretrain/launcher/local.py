@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 from prefpretrain.distributed import free_port
+from prefpretrain.launcher.children import die_with_parent, kill_tree
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +67,22 @@ def launch_local(config: str, overrides: list[str], nproc_per_node: int, max_res
     # inherit the mask and unblock it once their handler is in place, so a SIGUSR1 that came during start-up
     # is still acted on; so does this process (`cmd_launch` blocks it first thing) once its handler is set.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
-    proc = subprocess.Popen(argv, env=child_env(nproc_per_node))
-    # pre-emption (SIGTERM, or SLURM's SIGUSR1) goes to torchrun as SIGTERM, which it passes to the ranks
+    # torchrun runs in a session of its own (a terminal's Ctrl-C reaches this process alone, which passes it on
+    # once) and dies with this process, even a SIGKILLed one: no rank outlives the launch
+    proc = subprocess.Popen(argv, env=child_env(nproc_per_node), start_new_session=True, preexec_fn=die_with_parent)
+    # pre-emption (SIGTERM, SLURM's SIGUSR1, Ctrl-C) goes to torchrun as SIGTERM, which it passes to the ranks;
+    # a second Ctrl-C ends torchrun and the ranks at once
     stop: list[int] = []
 
     def forward(signum, _frame) -> None:
+        if signum == signal.SIGINT and signal.SIGINT in stop:
+            log.warning("second Ctrl-C: stopping torchrun and the ranks now, without a checkpoint")
+            kill_tree(proc.pid)
+        else:
+            proc.send_signal(signal.SIGTERM)
         stop.append(signum)
-        proc.send_signal(signal.SIGTERM)
 
-    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
     try:
         rc = proc.wait()

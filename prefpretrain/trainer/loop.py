@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import resource
+import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -58,6 +59,8 @@ _STOP = {"signal": None}
 
 
 def _on_signal(signum, _frame) -> None:
+    if signum == signal.SIGINT and _STOP["signal"] is not None:
+        raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
     _STOP["signal"] = signum  # acted on at the next step boundary, by every rank at once
 
 
@@ -100,13 +103,12 @@ def objective_params(cfg: Config, manifest: dict) -> ObjectiveParams:
 
 
 def train(cfg: Config) -> dict:
-    import signal
-
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    # SIGTERM, SLURM's SIGUSR1 and Ctrl-C's SIGINT: checkpoint at the next step boundary, failure.json, exit 4
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, _on_signal)
     # `prefpretrain launch` starts torchrun (and so the ranks) with SIGUSR1 blocked: one that is pending from
     # start-up is delivered now
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGUSR1})
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGUSR1, signal.SIGINT})
     info = distributed.setup(cfg.engine.backend, cfg.engine.device, cfg.engine.timeout_s)
     setup_logging(info.rank)
     ok = False
