@@ -181,7 +181,7 @@ def cmd_shard(a) -> int:
             vocab_size=a.vocab_size, val_fraction=a.val_fraction, shard_size_mb=a.shard_size_mb,
             workers=a.workers, max_files=a.max_files, text_field=a.text_field, score_field=a.score_field,
             progress=sys.stderr.isatty()))
-    except ValueError as e:  # unknown scorer, nothing readable, ...
+    except (ValueError, OSError) as e:  # unknown scorer, nothing readable, an output that cannot be written...
         print(f"prefpretrain shard: error: {e}", file=sys.stderr)
         return 2
     if a.seq_len:
@@ -230,7 +230,10 @@ def cmd_launch(a) -> int:
     if given:
         raise ConfigError(f"{given[0]}: only with --slurm")
     cfg = load_config(a.config, a.overrides)
-    n = a.nproc_per_node or cfg.launch.nproc_per_node
+    n = cfg.launch.nproc_per_node if a.nproc_per_node is None else a.nproc_per_node
+    if n < 1 or a.max_restarts < 0:
+        raise ConfigError(f"--nproc-per-node: {n}; at least 1" if n < 1 else
+                          f"--max-restarts: {a.max_restarts}; 0 or more")
     a.nnodes = 1 if a.nnodes is None else a.nnodes
     if a.node_rank is None:  # inside a SLURM job step every node runs the same command line
         a.node_rank = int(os.environ.get("SLURM_NODEID", "0")) if a.nnodes > 1 else 0
@@ -505,7 +508,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prefpretrain: config error: {e}", file=sys.stderr)
         return 2
     except InputError as e:
-        print(f"prefpretrain: error: {e}", file=sys.stderr)
+        msg = str(e).strip()  # (a DataLoader worker's error carries its traceback: its last line says it)
+        print(f"prefpretrain: error: {msg.splitlines()[-1] if 'Traceback' in msg else msg}", file=sys.stderr)
         return 2
     except FileNotFoundError as e:
         print(f"prefpretrain: error: {e}", file=sys.stderr)

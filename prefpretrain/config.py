@@ -326,6 +326,11 @@ def apply_override(raw: dict, item: str) -> None:
     """Apply one `a.b.c=value` override to a raw dict; the value is parsed as YAML."""
     if "=" not in item:
         raise ConfigError(f"{item}: an override must look like key.sub=value")
+    key = item.partition("=")[0].strip()
+    try:
+        yaml.safe_load(item.partition("=")[2])
+    except yaml.YAMLError as e:  # an alias, a tag, unbalanced brackets...
+        raise ConfigError(f"{key}: not a plain YAML value ({str(e).splitlines()[0]})") from None
     key, _, text = item.partition("=")
     parts = key.strip().split(".")
     node: Any = raw
@@ -357,6 +362,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
             raw = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config: {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config: {p} holds a {type(raw).__name__}, not a mapping of sections")
     for item in overrides:
         apply_override(raw, item)
     cfg = _from_dict(Config, raw, "")

@@ -348,3 +348,78 @@ def test_zero_token_work_and_too_many_corrupt_samples_stop_the_run(tmp_path, std
     assert r.returncode == 2 and f"the validation split of {none} yields no 64-token sample" in r.stderr
     r = run_cli("train", "configs/tiny.yaml", *tiny_overrides(none, tmp_path / "r5", **{"data.seq_len": 1}))
     assert r.returncode == 2 and "data.seq_len: a causal model needs at least 2 tokens" in r.stderr
+
+
+def test_damaged_inputs_and_bad_requests_are_one_line(tmp_path, stdlib_files):
+    """Damaged .gz / .zst inputs are counted as unreadable; an output that is a file, an override that is a YAML
+    alias or tag, a config that is a list and a rank count below 1 are one line and exit 2."""
+    import zstandard
+
+    from tests.conftest import run_cli
+
+    src = Path(stdlib_files[0]).read_bytes()
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "a.py").write_bytes(src)
+    gz = bytearray(gzip.compress(src))
+    gz[len(gz) // 2] ^= 0xFF  # damaged, not truncated: zlib.error or a bad CRC
+    (d / "b.py.gz").write_bytes(bytes(gz))
+    (d / "c.py.zst").write_bytes(b"\x28\xb5\x2f\xfd" + b"garbage" * 50)  # a zstd frame magic, then junk
+    m = build_shards(ShardOptions(inputs=[str(d)], output=str(tmp_path / "out"), vocab_size=300, workers=1,
+                                  val_fraction=0.0, progress=False))
+    assert m["splits"]["train"]["samples"] == 1 and m["skipped"] == {"unreadable": 2}
+    assert zstandard  # (the optional dependency the .zst reader needs)
+    (tmp_path / "afile").write_text("x")
+    cases = [
+        (["shard", "--input", str(d / "a.py"), "--output", str(tmp_path / "afile")], "is a file, not a directory"),
+        (["train", "configs/tiny.yaml", "train.lr=*anchor"], "train.lr: not a plain YAML value"),
+        (["train", "configs/tiny.yaml", "train.lr=!!python/object:os.system x"], "train.lr: not a plain YAML value"),
+        (["launch", "configs/tiny.yaml", "--nproc-per-node", "0"], "--nproc-per-node: 0; at least 1"),
+        (["launch", "configs/tiny.yaml", "--nproc-per-node", "-1"], "--nproc-per-node: -1; at least 1"),
+    ]
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    cases.append((["train", str(tmp_path / "list.yaml")], "holds a list, not a mapping of sections"))
+    for argv, says in cases:
+        r = run_cli(*argv)
+        lines = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("prefpretrain")]
+        assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr and len(lines) == 1, argv
+
+
+@pytest.mark.dist
+def test_a_damaged_shard_stops_training_with_one_line(tmp_path, tiny_shards):
+    import shutil
+
+    from tests.conftest import run_cli, tiny_overrides
+
+    c = tmp_path / "copy"
+    shutil.copytree(tiny_shards, c)
+    name = json.loads((c / "manifest.json").read_text())["splits"]["train"]["shards"][0]["name"]
+    _flip(c / name, 700)
+    r = run_cli("train", "configs/tiny.yaml", *tiny_overrides(c, tmp_path / "run"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == f"prefpretrain: error: {c / name}: sha256 mismatch (corrupt shard)"
+    assert json.loads((tmp_path / "run" / "failure.json").read_text())["reason"] == "refused"
+
+
+@pytest.mark.dist
+def test_a_full_disk_during_a_save_is_one_line_and_the_previous_checkpoint_stays(tmp_path, tiny_shards):
+    from prefpretrain.trainer.checkpoint import find_latest
+    from tests.conftest import run_cli, tiny_overrides
+
+    fs = tmp_path / "small"
+    fs.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(fs)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        run = fs / "run"
+        r = run_cli("train", "configs/tiny.yaml", *tiny_overrides(tiny_shards, run, **{
+            "train.max_steps": 400, "checkpoint.every_steps": 1, "checkpoint.keep_last": 1000, "eval.every_steps": 0,
+            "train.log_every": 50}), timeout=600)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"prefpretrain: error: no space left on the device of {run / 'checkpoints'} (")
+        intact = find_latest(run / "checkpoints")  # verified: every file matches its checksum
+        assert intact is not None and last.endswith(f"while saving step {int(intact.name[5:]) + 1}; "
+                                                    f"{intact.name} is intact")
+    finally:
+        subprocess.run(["umount", str(fs)], check=False)

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
+from prefpretrain.config import InputError
 from prefpretrain.data_shards.writer import FORMAT_VERSION, INDEX_DTYPE
 
 
-class ShardError(RuntimeError):
-    """A shard is missing, truncated, corrupt, or does not match its manifest."""
+class ShardError(InputError):
+    """A shard is missing, truncated, corrupt, or does not match its manifest (one line, exit 2)."""
 
 
 def _sha256(p: Path) -> str | None:

@@ -101,9 +101,10 @@ def read_file(path: str, name: str, text_field: str = "text", score_field: str |
     res = FileResult()
     try:
         data = _read_bytes(path)
-    except (OSError, EOFError, ImportError) as e:
+    except Exception as e:  # noqa: BLE001 - OSError, EOFError, zlib.error, zstandard.ZstdError, ...: all unreadable
         res.skipped["unreadable"] += 1
-        res.problems.append(f"{name}: unreadable ({e})")
+        why = str(e).splitlines()[0][:200] if str(e) else ""
+        res.problems.append(f"{name}: unreadable ({type(e).__name__}: {why})")
         return res
     if not data.strip():
         res.skipped["empty"] += 1

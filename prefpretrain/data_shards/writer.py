@@ -185,6 +185,11 @@ def _fingerprint(opt: ShardOptions, files: list[tuple[str, str]], segmenter: str
 def _prepare_output(out: Path, fingerprint: str, overwrite: bool) -> bool:
     """Make `out` ready; return True when it holds a compatible unfinished (or finished) run to resume."""
     plan = out / "_progress" / "plan.json"
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output: {out} is a file, not a directory")
+    probe = next((p for p in [out, *out.parents] if p.exists()), None)
+    if probe is not None and not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"--output: {probe} is not writable")
     if overwrite and out.exists():
         for p in out.iterdir():
             if p.name.endswith((".tar", ".idx.npy")) or p.name in ("_progress", "tokenizer", "manifest.json",

@@ -7,6 +7,8 @@ previous checkpoint as `latest`.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -90,9 +92,10 @@ def save(engine, ckpt_root: Path, step: int, state: dict, keep_last: int, rank: 
 
     tag = f"step_{step:08d}"
     t0 = time.perf_counter()
-    engine.save_checkpoint(str(ckpt_root), tag=tag, save_latest=False)
     d = ckpt_root / tag
-    _atomic_write(d / f"rng_rank{rank}.json", json.dumps(rng_state(), default=_np_json))
+    with _disk_full_is_one_line(ckpt_root, step):
+        engine.save_checkpoint(str(ckpt_root), tag=tag, save_latest=False)
+        _atomic_write(d / f"rng_rank{rank}.json", json.dumps(rng_state(), default=_np_json))
     distributed.barrier()
     t1 = time.perf_counter()
     world = distributed.world()
@@ -103,14 +106,36 @@ def save(engine, ckpt_root: Path, step: int, state: dict, keep_last: int, rank: 
         timings.update(deepspeed=t1 - t0, checksums=time.perf_counter() - t1)
     if rank == 0:
         files = {k: v for part in everyone for k, v in part.items()}
-        _atomic_write(d / "state.json", json.dumps(dict(state, tag=tag, step=step, files=files), indent=1))
-        _atomic_write(ckpt_root / "latest", tag)
+        with _disk_full_is_one_line(ckpt_root, step):
+            _atomic_write(d / "state.json", json.dumps(dict(state, tag=tag, step=step, files=files), indent=1))
+            _atomic_write(ckpt_root / "latest", tag)
         done = sorted(p for p in ckpt_root.glob("step_*") if (p / "state.json").is_file())
         for old in done[: max(0, len(done) - keep_last)]:
             shutil.rmtree(old, ignore_errors=True)
             shutil.rmtree(old.with_name(old.name + "_universal"), ignore_errors=True)
     distributed.barrier()
     return d
+
+
+@contextlib.contextmanager
+def _disk_full_is_one_line(ckpt_root: Path, step: int):
+    """A full disk while saving (torch's writer says 'unexpected pos' or 'file write failed', Python ENOSPC) is
+    one line naming the directory and the checkpoint that is still intact (this one never got its state.json)."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        full = isinstance(e, OSError) and e.errno == errno.ENOSPC
+        if not full and any(m in str(e) for m in ("No space left", "unexpected pos", "file write failed")):
+            try:
+                full = shutil.disk_usage(ckpt_root).free < 64 << 20
+            except OSError:
+                full = True
+        if not full:
+            raise
+        free = shutil.disk_usage(ckpt_root).free
+        intact = find_latest(ckpt_root, check=False)
+        raise InputError(f"no space left on the device of {ckpt_root} ({free / 1e6:.1f} MB free) while saving step "
+                         f"{step}; {intact.name if intact else 'no earlier checkpoint'} is intact") from None
 
 
 def write_failure(run_dir: Path, reason: str, exit_code: int, message: str) -> None:

@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import resource
@@ -119,7 +120,8 @@ def train(cfg: Config) -> dict:
     except InputError as e:  # a damaged or unsafe file, refused: the launcher reports it and exits 2
         run_dir = Path(cfg.run.output_dir)
         if info.rank == 0 and run_dir.is_dir():
-            ckptlib.write_failure(run_dir, "refused", 2, str(e))
+            with contextlib.suppress(OSError):  # (a full disk may be why)
+                ckptlib.write_failure(run_dir, "refused", 2, str(e))
         raise
     finally:
         distributed.teardown(ok)
