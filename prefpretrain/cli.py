@@ -492,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     # no file a user hands us is unpickled: every torch.load here and in child processes is weights-only
     # (prefpretrain.trainer.safe_load registers the few DeepSpeed types its checkpoints name)
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)  # (torch refuses every load when both are set)
     ap = build_parser()
     a, extra = ap.parse_known_args(argv)
     # overrides may follow options (`launch CONFIG --nproc-per-node 2 train.max_steps=5`)

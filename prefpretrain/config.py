@@ -492,7 +492,7 @@ def check_paths(cfg: Config) -> None:
     """Paths the run needs must exist (called once the shards were built)."""
     if not cfg.data.shards:
         raise ConfigError("data.shards: no shard set given")
-    from prefpretrain.data_shards.writer import FORMAT_VERSION
+    from prefpretrain.data_shards.writer import FORMAT_VERSION, READABLE_FORMATS
 
     for i, s in enumerate(cfg.data.shards):
         mf = Path(s.path) / "manifest.json"
@@ -502,7 +502,7 @@ def check_paths(cfg: Config) -> None:
             fmt = json.loads(mf.read_text()).get("format_version")
         except json.JSONDecodeError:
             raise ConfigError(f"data.shards[{i}].path: {mf} is not valid JSON") from None
-        if fmt != FORMAT_VERSION:
+        if fmt not in READABLE_FORMATS:
             raise ConfigError(f"data.shards[{i}].path: shard format {fmt} in {s.path!r}, this prefpretrain reads "
                               f"{FORMAT_VERSION}: shard again (prefpretrain shard --overwrite)")
     fp = cfg.model.from_pretrained

@@ -213,6 +213,17 @@ def test_a_crafted_pickle_is_never_run_and_damaged_checkpoints_stop_the_run(tiny
     r = launch_tiny(tiny_shards, run, 2, expect=2, **dict(kw, **{"train.max_steps": 6}))  # resume: refused
     assert not marker.exists() and not (ck / "step_00000006").exists()
     assert json.loads((run / "failure.json").read_text())["reason"] == "refused"
+    # ZeRO-2: one rank's own optimizer file, read by DeepSpeed's zero_to_fp32 on export (it passes
+    # weights_only=False; the forced setting holds)
+    z2 = tmp_path / "z2"
+    launch_tiny(tiny_shards, z2, 2, **dict(kw, **{"engine.zero_stage": 2}))
+    opt = z2 / "checkpoints" / "step_00000004" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    blob = torch.load(opt, weights_only=False)
+    blob["extra"] = _Planted(str(marker))
+    torch.save(blob, opt)
+    _recompute_crc(opt.parent, opt.name)
+    r = run_cli("export", str(z2), str(tmp_path / "out2"))
+    assert r.returncode == 2 and not marker.exists() and "refused to load it" in r.stderr
 
     # every checkpoint damaged: the run stops, names the damage, and overwrites nothing
     for d in (ck / "step_00000002", step4):
@@ -257,7 +268,7 @@ def test_ctrl_c_checkpoints_like_sigterm_and_a_second_one_stops_at_once(tiny_sha
         _, err = p.communicate(timeout=120)
         assert _wait_for(lambda r=ranks: not _alive(r), timeout=30), "ranks outlived the launcher"
         if twice:
-            assert p.returncode != 0 and "second Ctrl-C" in err
+            assert p.returncode == 130 and "second Ctrl-C" in err  # not 4: SLURM would requeue a pre-emption
         else:
             assert p.returncode == 4, err[-3000:]
             assert json.loads((run / "failure.json").read_text())["reason"] == "preempted"

@@ -231,3 +231,42 @@ def test_a_cuda_request_without_a_gpu_is_one_line(tmp_path):
     assert r.returncode == 2 and r.stderr.strip() == "prefpretrain: config error: --device: cuda asked for, but " \
                                                       "torch sees no GPU"
     assert Path(tmp_path).is_dir()
+
+
+def test_weights_only_loading_takes_every_deepspeed_type_a_checkpoint_holds(tmp_path):
+    """fp16's dynamic loss scaler is pickled into ZeRO optimizer states (GPU only, so no CPU run writes one):
+    it must load under the forced weights-only setting, and a planted global must not."""
+    import os
+    import pickle
+    import subprocess
+    import sys
+
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+
+    f = tmp_path / "states.pt"
+    torch.save({"loss_scaler": DynamicLossScaler(init_scale=2**16, scale_window=1000, min_scale=1, delayed_shift=2,
+                                                           consecutive_hysteresis=False), "x": torch.ones(2)}, f)
+    code = ("import sys, torch; from prefpretrain.trainer import safe_load; safe_load.enforce(); "
+            "print(type(torch.load(sys.argv[1], weights_only=False)['loss_scaler']).__name__)")
+    r = subprocess.run([sys.executable, "-c", code, str(f)], capture_output=True, text=True, cwd=ROOT,
+                       env=dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1"))  # (a user's setting, popped)
+    assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "DynamicLossScaler", r.stderr[-2000:]
+    torch.save({"x": pickle.loads(pickle.dumps(Path("/tmp")))}, f)  # a global outside the allow-list
+    r = subprocess.run([sys.executable, "-c", code.replace("['loss_scaler']).__name__", ")"), str(f)],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode != 0 and "Weights only load failed" in r.stderr
+
+
+def test_a_changed_universal_form_is_converted_again(tmp_path):
+    from prefpretrain.trainer.checkpoint import _checksum, _universal_problem
+
+    out = tmp_path / "step_00000003_universal"
+    (out / "zero" / "w").mkdir(parents=True)
+    (out / "zero" / "w" / "fp32.pt").write_bytes(b"weights")
+    files = {"zero/w/fp32.pt": _checksum(out / "zero" / "w" / "fp32.pt")}
+    (out / "converted").write_text(json.dumps({"files": files}))
+    assert _universal_problem(out) is None
+    (out / "zero" / "w" / "fp32.pt").write_bytes(b"weightz")
+    assert _universal_problem(out) == "zero/w/fp32.pt does not match its checksum"
+    (out / "converted").write_text("ok\n")  # written before the checksums were recorded
+    assert _universal_problem(out) == "no checksums recorded"

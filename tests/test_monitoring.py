@@ -112,9 +112,9 @@ def test_tensorboard_command_serves_on_localhost_only(two_runs):
         assert {name.split("/")[0] for name in json.loads(body)} == {"mle", "conditional"}
         assert _listening(port) == {"0100007F"}  # 127.0.0.1, not 0.0.0.0
     finally:
-        p.terminate()
+        p.kill()  # SIGKILL: no handler runs; the kernel's parent-death signal must take TensorBoard down
         p.wait(timeout=30)
     deadline = time.time() + 20  # TensorBoard went with it: nothing listens on the port any more
     while _listening(port) and time.time() < deadline:
         time.sleep(0.2)
-    assert not _listening(port) and p.returncode == 0
+    assert not _listening(port)

@@ -332,9 +332,12 @@ def test_zero_token_work_and_too_many_corrupt_samples_stop_the_run(tmp_path, std
                               shard_size_mb=0.03, progress=False))
     shards = json.loads((out / "manifest.json").read_text())["splits"]["train"]["shards"]
     _flip(out / shards[1]["name"], 600)
-    kw = {"train.max_steps": 6, "data.on_corrupt": "skip", "train.log_every": 1, "checkpoint.every_steps": 0}
-    r = launch_tiny(out, tmp_path / "r1", nproc=1, expect=2, **kw)
+    kw = {"train.max_steps": 60, "data.on_corrupt": "skip", "train.log_every": 10, "checkpoint.every_steps": 0,
+          "eval.every_steps": 0}
+    r = launch_tiny(out, tmp_path / "r1", nproc=1, expect=2, **kw, **{"data.max_corrupt_fraction": 0.05})
     assert "data.max_corrupt_fraction:" in r.stderr and f"{shards[1]['name']}: sha256 mismatch" in r.stderr
+    seen = int(r.stderr.split("data.max_corrupt_fraction: ")[1].split(" of the ")[1].split()[0])
+    assert seen >= 200  # judged once 10 / 0.05 samples were seen, not on the first corrupt one
     launch_tiny(out, tmp_path / "r2", nproc=1, **kw, **{"data.max_corrupt_fraction": 0.9})  # told to tolerate it
     for sh in shards:  # nothing left to train on: an error, not a loss of 0
         _flip(out / sh["name"], 600)

@@ -57,6 +57,9 @@ def resolve(source: str, check: bool = True) -> Previous:
     p = Path(source)
     if (p / "state.json").is_file():
         ckpt, run = p, p.parent.parent
+        problem = ckptlib.verify(ckpt) if check else None
+        if problem:
+            raise ConfigError(f"continual.from: {ckpt} is damaged ({problem})")
     elif (p / "checkpoints").is_dir():
         ckpt, run = ckptlib.find_latest(p / "checkpoints", check), p
         if ckpt is None:

@@ -113,7 +113,8 @@ class ContinualUpdate:
         start = self.dir / "start.pt"
         distributed.rank0_does("loading the earlier weights", lambda: self._write_start(start))
         blob = torch.load(start, map_location="cpu", weights_only=True)
-        hf = AutoConfig.from_pretrained(str(self.prev.run_dir / "model_config"), local_files_only=True)
+        hf = AutoConfig.from_pretrained(str(self.prev.run_dir / "model_config"), local_files_only=True,
+                                        trust_remote_code=False)
         auto = AutoModelForCausalLM if self.causal else AutoModelForMaskedLM
         model = auto.from_config(hf)
         if model.get_input_embeddings().num_embeddings < vocab_size:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import tarfile
 from pathlib import Path
@@ -16,7 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from prefpretrain.config import InputError
-from prefpretrain.data_shards.writer import FORMAT_VERSION, INDEX_DTYPE
+from prefpretrain.data_shards.writer import FORMAT_VERSION, INDEX_DTYPE, READABLE_FORMATS
+
+log = logging.getLogger(__name__)
+_WARNED: set[str] = set()
 
 
 class ShardError(InputError):
@@ -65,10 +69,18 @@ class ShardSet:
         mf = self.path / "manifest.json"
         if not mf.is_file():
             raise ShardError(f"{self.path}: no manifest.json")
-        self.manifest = json.loads(mf.read_text())
-        if self.manifest.get("format_version") != FORMAT_VERSION:
-            raise ShardError(f"{self.path}: shard format {self.manifest.get('format_version')} != {FORMAT_VERSION}; "
+        try:
+            self.manifest = json.loads(mf.read_text())
+            fmt = self.manifest.get("format_version")
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
+            raise ShardError(f"{mf}: unreadable ({type(e).__name__})") from None
+        if fmt not in READABLE_FORMATS:
+            raise ShardError(f"{self.path}: shard format {fmt}, this prefpretrain reads {READABLE_FORMATS}; "
                              f"re-run `prefpretrain shard`")
+        if fmt != FORMAT_VERSION and str(self.path) not in _WARNED:
+            _WARNED.add(str(self.path))
+            log.warning("%s: shard format %s: its index files carry no checksums (shard again to get them)",
+                        self.path, fmt)
         self.split, self.verify = split, verify
         self.shards = self.manifest["splits"][split]["shards"]
         self.tok_dtype = np.dtype(self.manifest["token_dtype"])
@@ -76,8 +88,12 @@ class ShardSet:
         self.indexes = []
         for sh in self.shards:
             p = self.path / sh["index"]
-            if verify and _sha256(p) != sh.get("index_sha256"):  # one flipped bit would shift every token read
+            if not p.is_file():
+                raise ShardError(f"{p}: index missing")
+            if verify and "index_sha256" in sh and _sha256(p) != sh["index_sha256"]:  # (a flipped bit shifts tokens)
                 raise ShardError(f"{p}: sha256 mismatch (damaged index)")
+            if verify and "index_sha256" not in sh and fmt == FORMAT_VERSION:
+                raise ShardError(f"{p}: the manifest records no checksum for it")
             try:
                 a = np.load(p, mmap_mode="r", allow_pickle=False)
             except (OSError, ValueError) as e:

@@ -203,8 +203,9 @@ class ClassifierScorer:
         if not (Path(model_dir) / "config.json").is_file():
             raise ValueError(f"scorer 'classifier': no HF model directory at {model_dir!r}")
         self._torch = torch  # threads: the process's (a sharding worker sets one, a training rank keeps its own)
-        self._tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        self._model = AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True).eval()
+        self._tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
+        self._model = AutoModelForSequenceClassification.from_pretrained(
+            model_dir, local_files_only=True, trust_remote_code=False).eval()
         l2i = {str(k): v for k, v in self._model.config.label2id.items()}
         if isinstance(label, int) or str(label).isdigit():
             self._label = int(label)

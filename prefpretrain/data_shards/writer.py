@@ -41,6 +41,7 @@ from prefpretrain.data_shards.stats import ScoreStats
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 3  # 3: every index file checksummed in the manifest
+READABLE_FORMATS = (2, 3)  # 2 (no index checksums) is still read, with a warning: memories of earlier runs are
 INDEX_DTYPE = np.dtype([
     ("offset", "<u8"), ("size", "<u8"), ("tokens_at", "<u8"), ("scores_at", "<u8"), ("segments_at", "<u8"),
     ("n_tokens", "<u4"), ("n_segments", "<u4"), ("mean_score", "<f4"),

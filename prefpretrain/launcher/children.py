@@ -9,17 +9,27 @@ import ctypes.util
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 _PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent() -> None:
-    """A `preexec_fn`: SIGTERM to this child when its parent dies."""
-    if not sys.platform.startswith("linux"):
-        return
+_PRCTL = None
+if sys.platform.startswith("linux"):  # resolved here, in the parent: nothing but the call runs after fork
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl(
-            _PR_SET_PDEATHSIG, signal.SIGTERM)
+        _PRCTL = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
+
+
+def die_with_parent() -> Callable[[], None]:
+    """A `preexec_fn` for Popen: SIGTERM to the child when this process dies (and exit at once if it already
+    has, between fork and the call)."""
+    parent = os.getpid()
+
+    def hook() -> None:
+        if _PRCTL is not None:
+            _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    return hook
 
 
 def descendants(pid: int) -> list[int]:

@@ -69,7 +69,7 @@ def launch_local(config: str, overrides: list[str], nproc_per_node: int, max_res
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
     # torchrun runs in a session of its own (a terminal's Ctrl-C reaches this process alone, which passes it on
     # once) and dies with this process, even a SIGKILLed one: no rank outlives the launch
-    proc = subprocess.Popen(argv, env=child_env(nproc_per_node), start_new_session=True, preexec_fn=die_with_parent)
+    proc = subprocess.Popen(argv, env=child_env(nproc_per_node), start_new_session=True, preexec_fn=die_with_parent())
     # pre-emption (SIGTERM, SLURM's SIGUSR1, Ctrl-C) goes to torchrun as SIGTERM, which it passes to the ranks;
     # a second Ctrl-C ends torchrun and the ranks at once
     stop: list[int] = []
@@ -94,6 +94,8 @@ def launch_local(config: str, overrides: list[str], nproc_per_node: int, max_res
         if failure is not None:
             log.error("run stopped (%s): %s", failure["reason"], failure["message"])
             return int(failure["exit_code"])
+    if stop.count(signal.SIGINT) >= 2:
+        return 130  # stopped at once on a second Ctrl-C: no checkpoint of the current step (not a pre-emption)
     if rc != 0 and stop:  # stopped before the ranks were up (or could save): the newest checkpoint stays the
         log.warning("stopped by %s before the ranks could save a checkpoint (torchrun exit %d); a restart resumes "
                     "from the newest one there is", signal.Signals(stop[0]).name, rc)

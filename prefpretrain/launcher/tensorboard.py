@@ -27,7 +27,7 @@ def serve(run_dirs: list[str], host: str = "127.0.0.1", port: int = 6006) -> int
     """TensorBoard as a child that dies with this process (Ctrl-C, SIGTERM, even SIGKILL)."""
     argv = tensorboard_argv(run_dirs, host, port)
     log.info("TensorBoard at http://%s:%d/ (Ctrl-C stops it)", host, port)
-    child = subprocess.Popen(argv, preexec_fn=die_with_parent)
+    child = subprocess.Popen(argv, preexec_fn=die_with_parent())
     stopped: list[int] = []
 
     def stop(signum, _frame) -> None:

@@ -15,6 +15,7 @@ import os
 import pickle
 import random
 import shutil
+import time
 import zlib
 from pathlib import Path
 
@@ -88,8 +89,6 @@ def _mine(name: str, rank: int, world: int) -> bool:
 
 def save(engine, ckpt_root: Path, step: int, state: dict, keep_last: int, rank: int,
          timings: dict | None = None) -> Path:
-    import time
-
     tag = f"step_{step:08d}"
     t0 = time.perf_counter()
     d = ckpt_root / tag
@@ -124,8 +123,9 @@ def _disk_full_is_one_line(ckpt_root: Path, step: int):
     try:
         yield
     except (OSError, RuntimeError) as e:
-        full = isinstance(e, OSError) and e.errno == errno.ENOSPC
-        if not full and any(m in str(e) for m in ("No space left", "unexpected pos", "file write failed")):
+        full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+        if not full and any(m in str(e) for m in ("Disk quota", "No space left", "unexpected pos",
+                                                  "file write failed")):
             try:
                 full = shutil.disk_usage(ckpt_root).free < 64 << 20
             except OSError:
@@ -140,19 +140,31 @@ def _disk_full_is_one_line(ckpt_root: Path, step: int):
 
 def write_failure(run_dir: Path, reason: str, exit_code: int, message: str) -> None:
     """RUN/failure.json: why a run stopped, for the launcher (torchrun only reports 'a child failed')."""
-    import time
 
     _atomic_write(run_dir / "failure.json", json.dumps({"reason": reason, "exit_code": exit_code, "message": message,
                                                         "time": time.time()}, indent=1))
 
 
+def write_rank_failure(run_dir: Path, rank: int, reason: str, exit_code: int, message: str) -> None:
+    """RUN/failures/rankR.json: a stop only this rank saw (a damaged shard it read, its own optimizer file,
+    its write on a full disk); rank 0 may never get to write failure.json."""
+    d = run_dir / "failures"
+    d.mkdir(exist_ok=True)
+    _atomic_write(d / f"rank{rank}.json", json.dumps({"reason": reason, "exit_code": exit_code,
+                                                        "message": message, "time": time.time()}, indent=1))
+
+
 def read_failure(run_dir: Path, since: float) -> dict | None:
-    p = run_dir / "failure.json"
-    if p.is_file():
-        f = json.loads(p.read_text())
-        if f.get("time", 0) >= since:
-            return f
-    return None
+    """Why a run stopped, written since `since`: failure.json (every rank agreed), else the earliest rank's."""
+    found = []
+    for p in [run_dir / "failure.json", *sorted((run_dir / "failures").glob("rank*.json"))]:
+        try:
+            f = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(f, dict) and f.get("time", 0) >= since:
+            found.append((p.name != "failure.json", f.get("time", 0), f))  # the agreed one first, then the earliest
+    return min(found, key=lambda x: x[:2])[2] if found else None
 
 
 def verify(ckpt: Path) -> str | None:
@@ -218,7 +230,10 @@ def universal(ckpt: Path) -> Path:
 
     def convert() -> None:
         if (out / "converted").is_file():
-            return
+            problem = _universal_problem(out)
+            if problem is None:
+                return
+            log.warning("universal checkpoint %s is damaged (%s); converting again", out, problem)
         shutil.rmtree(out, ignore_errors=True)
         r = subprocess.run([sys.executable, "-m", "prefpretrain.trainer.safe_load", "--input_folder", str(ckpt),
                             "--output_folder", str(out), "--inject_missing_state"], capture_output=True, text=True,
@@ -227,10 +242,24 @@ def universal(ckpt: Path) -> Path:
             raise safe_load.refusal(ckpt, pickle.UnpicklingError(r.stderr[r.stderr.find("Weights only"):]))
         if r.returncode != 0:
             raise RuntimeError(f"converting {ckpt} to a universal checkpoint failed:\n{r.stderr[-3000:]}")
-        (out / "converted").write_text("ok\n")
+        files = {str(p.relative_to(out)): _checksum(p) for p in sorted(out.rglob("*")) if p.is_file()}
+        _atomic_write(out / "converted", json.dumps({"files": files}, indent=1))
 
     distributed.rank0_does(f"converting {ckpt.name} to a universal checkpoint", convert)
     return out
+
+
+def _universal_problem(out: Path) -> str | None:
+    """None if every file of a universal form matches the CRC-32 its conversion recorded (and none was added)."""
+    try:
+        files = json.loads((out / "converted").read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "no checksums recorded"
+    present = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != "converted"}
+    if present != set(files):
+        return "its files are not the converted ones"
+    bad = next((n for n, crc in files.items() if _checksum(out / n) != crc), None)
+    return f"{bad} does not match its checksum" if bad else None
 
 
 def load(engine, ckpt: Path, rank: int) -> None:

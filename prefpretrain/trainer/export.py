@@ -39,7 +39,7 @@ def load_run_model(run_dir: str | Path, ckpt: Path | None = None, device: torch.
     if ckpt is None:
         raise FileNotFoundError(f"{run}: no complete checkpoint under checkpoints/")
     state = ckptlib.read_state(ckpt)
-    hf_conf = AutoConfig.from_pretrained(str(run / "model_config"), local_files_only=True)
+    hf_conf = AutoConfig.from_pretrained(str(run / "model_config"), local_files_only=True, trust_remote_code=False)
     auto = AutoModelForCausalLM if state.get("model_kind", "causal") == "causal" else AutoModelForMaskedLM
     model = auto.from_config(hf_conf)
     sd = {k: v for k, v in ckptlib.consolidated_state_dict(ckpt).items()

@@ -86,11 +86,14 @@ def mask_spec(cfg: Config, manifest: dict) -> MaskSpec | None:
 
 def check_data(cfg: Config, step: int, targets: float, corrupt: float, seen: int) -> None:
     """A step with no target token (every sample corrupt, or empty) is an error, not a loss of 0; so is more
-    than data.max_corrupt_fraction of corrupt samples (data.on_corrupt=skip; the shards are named in the log)."""
+    than data.max_corrupt_fraction of corrupt samples (data.on_corrupt=skip; the shards are named in the log),
+    judged once 10 / fraction samples were seen (counted over the whole run, resumes included), so that one
+    early corrupt sample does not stop a run that tolerates a few."""
     if targets == 0:
         raise InputError(f"step {step + 1}: the global batch holds no target token ({int(corrupt)} of {seen} samples "
                          f"so far touched corrupt shards): nothing to train on")
-    if corrupt > cfg.data.max_corrupt_fraction * seen:
+    f = cfg.data.max_corrupt_fraction
+    if corrupt > f * seen and seen >= (10 / f if f > 0 else 0):
         raise InputError(f"data.max_corrupt_fraction: {int(corrupt)} of the {seen} samples of this run touched "
                          f"corrupt shards ({corrupt / seen:.1%} > {cfg.data.max_corrupt_fraction:.1%}); the shards "
                          f"are named in the log. Re-shard them, or raise data.max_corrupt_fraction")
@@ -119,9 +122,12 @@ def train(cfg: Config) -> dict:
         return res
     except InputError as e:  # a damaged or unsafe file, refused: the launcher reports it and exits 2
         run_dir = Path(cfg.run.output_dir)
-        if info.rank == 0 and run_dir.is_dir():
+        if run_dir.is_dir():  # every rank that saw it: rank 0 may not have (its own shard, its own file)
+            line = str(e).strip().splitlines()[-1]
             with contextlib.suppress(OSError):  # (a full disk may be why)
-                ckptlib.write_failure(run_dir, "refused", 2, str(e))
+                ckptlib.write_rank_failure(run_dir, info.rank, "refused", 2, line)
+                if info.rank == 0:
+                    ckptlib.write_failure(run_dir, "refused", 2, line)
         raise
     finally:
         distributed.teardown(ok)
@@ -215,7 +221,8 @@ def _train(cfg: Config, info) -> dict:
     def save(at: int) -> None:
         state = {"tokenizer_hash": sets[0].tokenizer_hash, "data_position": at * G, "tokens_seen": tokens_seen,
                  "world_size": world, "config_hash": cfg.hash(), "zero_stage": cfg.engine.zero_stage,
-                 "model_kind": cfg.model.kind, "objective": t.objective, "global_batch_size": G}
+                 "model_kind": cfg.model.kind, "objective": t.objective, "global_batch_size": G,
+                 "data_quality": {"samples": seen_here, "corrupt": corrupt_here}}
         if cont:
             state["continual"] = cont.state(at)
         t0 = time.time()
@@ -238,7 +245,9 @@ def _train(cfg: Config, info) -> dict:
     prof = StepProfiler(t.profile_at, t.profile_steps, run_dir, rank, dev)
     w = Window()
     corrupt, bad_run, bad_total, best, evals_since_best, stopped_early = 0.0, 0, 0, float("inf"), 0, False
-    seen_here, corrupt_here = 0, 0.0  # samples of this start, and how many touched a corrupt shard
+    # samples of the run so far (resumes included), and how many touched a corrupt shard
+    seen_here, corrupt_here = (st or {}).get("data_quality", {}).get("samples", 0), \
+        (st or {}).get("data_quality", {}).get("corrupt", 0.0)
     val: dict = {}
     engine.train()
     while step < t.max_steps:

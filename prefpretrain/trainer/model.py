@@ -72,7 +72,8 @@ def build_model(mc: ModelConfig, vocab_size: int, seq_len: int, special: dict[st
     for kernel in dict.fromkeys((attn, "eager")):
         try:
             if mc.from_pretrained:
-                model = auto.from_pretrained(mc.from_pretrained, local_files_only=True, attn_implementation=kernel)
+                model = auto.from_pretrained(mc.from_pretrained, local_files_only=True, attn_implementation=kernel,
+                                              trust_remote_code=False)
                 if model.get_input_embeddings().num_embeddings < vocab_size:
                     raise ConfigError(
                         f"model.from_pretrained: its vocabulary ({model.get_input_embeddings().num_embeddings}) "
@@ -105,7 +106,7 @@ def load_model_dir(path: str | Path, kind: str = "causal"):
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     auto = AutoModelForCausalLM if kind == "causal" else AutoModelForMaskedLM
-    return auto.from_pretrained(str(path), local_files_only=True)
+    return auto.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
 
 
 def count_params(model) -> int:

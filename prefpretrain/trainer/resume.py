@@ -10,6 +10,7 @@ At another world size a ZeRO checkpoint is loaded through its universal form (co
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -27,6 +28,10 @@ def _pick(cfg: Config, ckpt_root: Path) -> Path | None:
     def auto() -> tuple[Path | None, str | None]:
         found = ckptlib.find_latest(ckpt_root)
         done = ckptlib.complete(ckpt_root)
+        if found is None and not done and (ckpt_root / "latest").is_file():  # written after a complete save only
+            return None, (f"run.resume: {ckpt_root / 'latest'} names {(ckpt_root / 'latest').read_text().strip()!r} "
+                          f"but no complete checkpoint is left in {ckpt_root}; nothing was overwritten. Set "
+                          f"run.resume=never to start again from step 0")
         if found is None and done:
             return None, (f"run.resume: none of the {len(done)} checkpoint(s) in {ckpt_root} verifies (newest, "
                           f"{done[0].name}: {ckptlib.verify(done[0])}); nothing was overwritten. Repair or move "
@@ -42,8 +47,8 @@ def _pick(cfg: Config, ckpt_root: Path) -> Path | None:
 
     def never() -> tuple[None, None]:
         done = ckptlib.complete(ckpt_root)
-        if done:
-            aside = ckpt_root.with_name(f"checkpoints.before_{time.strftime('%Y%m%d-%H%M%S')}")
+        if done or (ckpt_root / "latest").is_file():
+            aside = ckpt_root.with_name(f"checkpoints.before_{time.strftime('%Y%m%d-%H%M%S')}_{os.getpid()}")
             ckpt_root.rename(aside)
             log.warning("run.resume=never: the %d checkpoint(s) already here moved to %s", len(done), aside)
         return None, None

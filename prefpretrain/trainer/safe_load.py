@@ -4,7 +4,8 @@ DeepSpeed's (its checkpoint engine and zero_to_fp32 pass weights_only=False) —
 unpickling (torch's TORCH_FORCE_WEIGHTS_ONLY_LOAD, also inherited by the universal-checkpoint converter,
 which `python -m prefpretrain.trainer.safe_load` runs), with exactly three DeepSpeed types allowed besides
 tensors and plain containers: over every kind of checkpoint the test suite writes (ZeRO 0-3, bf16/fp32,
-universal), those are the only other globals the files name (DESIGN.md).
+universal), those are the only other globals the files name (DESIGN.md), plus fp16's DynamicLossScaler
+(GPU-only, so not in that survey; a test round-trips one).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 from prefpretrain.config import InputError
 
 ALLOWED = ("deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+           "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",  # fp16's ZeRO optimizer states
            "deepspeed.utils.tensor_fragment.fragment_address")
 _FORCE = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 
