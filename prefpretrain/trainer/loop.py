@@ -152,7 +152,9 @@ def _train(cfg: Config, info) -> dict:
         if len(p) == 0:
             raise ConfigError(f"data.shards: {s.path} yields no {L}-token sample for objective {t.objective!r}")
     ds = MixtureDataset(packed, [s.weight for s in cfg.data.shards], cfg.run.seed)
-    val_packed = PackedSet(val_set, layout, L, mlm)
+    # validation judges the model on all held-out text: filtering selects what it trains on, not what it is judged on
+    val_layout = layout_for("mle", 0.0, 0.0, cfg.run.seed, sp) if layout.kind == "filter" else layout
+    val_packed = PackedSet(val_set, val_layout, L, mlm)
     if len(val_packed) == 0:
         raise ConfigError(f"data.shards[0]: the validation split of {cfg.data.shards[0].path} yields no {L}-token "
                           f"sample ({len(val_set)} documents): shard with a larger --val-fraction or a lower "
