@@ -26,7 +26,7 @@ def read_rank(shards: str, rank: int, world: int, steps: int, q) -> None:
     from prefpretrain.data_shards.loader import MixtureDataset, rank_positions
     from prefpretrain.data_shards.packing import PackedSet
     from prefpretrain.data_shards.reader import ShardSet
-    from prefpretrain.trainer.objectives import layout_for
+    from prefpretrain.objectives import layout_for
 
     ss = ShardSet(shards, verify=False)
     sp = ss.manifest["tokenizer"]["special_ids"]
@@ -50,7 +50,7 @@ def main() -> None:
         sys.exit(f"no shards at {a.shards}: run `make demo` (or prefpretrain shard) first")
     from prefpretrain.data_shards.packing import PackedSet
     from prefpretrain.data_shards.reader import ShardSet
-    from prefpretrain.trainer.objectives import layout_for
+    from prefpretrain.objectives import layout_for
 
     ss = ShardSet(a.shards, verify=False)
     sp = ss.manifest["tokenizer"]["special_ids"]

@@ -9,32 +9,30 @@ import dataclasses
 import hashlib
 import json
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, get_args, get_origin
+from typing import Any, ClassVar, Literal
 
 import yaml
 
-
-class InputError(ValueError):
-    """Input prefpretrain refuses (a damaged or unsafe file, a request that cannot work): one line, exit code 2."""
-
-
-class ConfigError(InputError):
-    """A config problem, reported as one line that names the key."""
+from prefpretrain.data_shards.options import ShardSettings
+from prefpretrain.errors import ConfigError, InputError  # noqa: F401 - re-exported: config errors are named here
+from prefpretrain.objectives import OBJECTIVES, ObjectiveConfig
+from prefpretrain.typed import apply_override as _apply_override
+from prefpretrain.typed import field_docs, from_dict
 
 
 @dataclass
 class RunConfig:
     output_dir: str = "runs/demo"  # run directory: config, checkpoints, tensorboard, metrics, export
-    seed: int = 1234  # seeds model init, data order and control-token dropout
+    seed: int = 1234  # seeds model init, data order, control-token dropout and MLM masks
     resume: str = "auto"  # auto (newest checkpoint in output_dir if any) | never | PATH to a checkpoint
 
 
 @dataclass
 class ShardSetConfig:
+    FROM_STR: ClassVar[str] = "path"  # `data.shards: [DIR]` means [{path: DIR}]
+
     path: str = ""  # a directory written by `prefpretrain shard` (holds manifest.json)
     weight: float = 1.0  # mixture weight; weights are normalised over data.shards
 
@@ -48,6 +46,11 @@ class DataConfig:
     log_sample_ids: bool = False  # debug: RUN/sample_ids/rankR.jsonl, the global positions each rank used per step
     on_corrupt: Literal["error", "skip"] = "error"  # skip: a sample touching a bad shard carries no loss, counted
     max_corrupt_fraction: float = 0.01  # with skip: stop (exit 2) once more than this share of samples was corrupt
+
+    @property
+    def reference(self) -> str:
+        """The shard set whose tokenizer and validation split a run uses: the first of `shards`."""
+        return self.shards[0].path
 
 
 @dataclass
@@ -84,26 +87,15 @@ class TrainConfig:
     beta2: float = 0.95  # AdamW beta2
     grad_clip: float = 1.0  # clip the global gradient norm (0 = off)
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # mixed precision mode
-    objective: Literal["mle", "filter", "conditional", "unlikelihood", "rwr", "awr"] = "mle"  # see README "Objectives"
+    objective: str = "mle"  # mle | filter | conditional | unlikelihood | rwr | awr (prefpretrain.objectives)
     log_every: int = 10  # steps between log lines / TensorBoard points
     max_bad_steps: int = 10  # stop after this many consecutive steps skipped for a non-finite loss/gradient
-    peak_flops: float = 0.0  # per-rank peak FLOP/s for MFU (0 = measure with a matmul probe at start)
+    peak_flops: float = 0.0  # per-rank peak FLOP/s for MFU (0 = a known GPU's datasheet peak, else a matmul probe)
     profile_at: int = 0  # torch.profiler over the steps after this one (0 = off); written to RUN/profile
     profile_steps: int = 3  # how many optimizer steps the profile covers
     compile: bool = False  # torch.compile the model (through DeepSpeed's engine.compile); same losses, faster on GPUs
     cross_entropy: Literal["torch", "chunked"] = "torch"  # chunked: token log-probs without an fp32 copy of the
     # logits (recomputed per chunk in the backward): less memory for large vocabularies, same values
-
-
-@dataclass
-class ObjectiveConfig:
-    threshold: float = 0.0  # score <= threshold is "aligned" (conditional); filter keeps docs with mean <= it
-    drop_prob: float = 0.1  # conditional: probability a control token is left out (seeded)
-    ul_alpha: float = 0.01  # unlikelihood: weight of -log(1 - p) on misaligned tokens (aligned ones get NLL)
-    beta: float = 1.0  # rwr/awr: temperature of the weights exp(reward / beta), exp(advantage / beta)
-    awr_alpha: float = 0.05  # awr: loss = alpha x weighted NLL + (1 - alpha) x value-head MSE
-    max_weight: float = 1000.0  # rwr/awr: weights are clamped to this
-    reward_scale: float = 0.0  # rwr/awr: reward = -score x scale; 0 = auto (1 / mean score of segments with score > 0)
 
 
 @dataclass
@@ -153,19 +145,11 @@ class EvalConfig:
 
 
 @dataclass
-class ShardConfig:
-    """How to build the shards (used by `prefpretrain run` when data.shards[0] has no manifest)."""
+class ShardConfig(ShardSettings):
+    """How to build the shards (used by `prefpretrain run` when data.shards[0] has no manifest); the same options
+    as `prefpretrain shard` (prefpretrain.data_shards.options)."""
 
     inputs: list[str] = field(default_factory=list)  # files, dirs, globs, or @stdlib
-    scorer: str = "pep8"  # pep8 | pep8_style | pii | classifier | lexical | field | none | module:function
-    scorer_params: dict[str, Any] = field(default_factory=dict)  # the scorer's options (see README)
-    segmenter: Literal["auto", "line", "sentence", "document"] = "auto"  # auto: line for code
-    vocab_size: int = 8192  # BPE vocabulary (when training a tokenizer)
-    tokenizer: str = "train"  # train | PATH to a tokenizer directory
-    val_fraction: float = 0.05  # share of documents held out for validation
-    shard_size_mb: float = 64.0  # bound on one tar shard
-    workers: int = 2  # scoring processes
-    max_files: int = 0  # keep only the first N input files (0 = all)
 
 
 @dataclass
@@ -175,7 +159,7 @@ class LaunchConfig:
 
 @dataclass
 class ContinualConfig:
-    """A continual update of an earlier run on new data (data.shards), with memory replay (README "Continual updates").
+    """A continual update of an earlier run on new data (data.shards), with memory replay (docs/continual.md).
 
     The learning rate is re-warmed and re-decayed with train.warmup_steps / train.schedule (fresh per run);
     the architecture and weights come from `from` (model.* size keys are ignored then).
@@ -234,122 +218,9 @@ class Config:
         return ga
 
 
-# ---------------------------------------------------------------- typed loading
-
-
-def _type_name(tp: Any) -> str:
-    origin = get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in get_args(tp))
-    if origin is not None:
-        return str(tp).replace("typing.", "").replace("prefpretrain.config.", "")
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    origin = get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, key)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        if value not in get_args(tp):
-            raise ConfigError(f"{key}: expected one of {_type_name(tp)}, got {value!r}")
-        return value
-    if origin is list:
-        (item,) = get_args(tp)
-        if not isinstance(value, list):
-            value = [value]
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is Any:
-        return value
-    if dataclasses.is_dataclass(tp):
-        if tp is ShardSetConfig and isinstance(value, str):
-            value = {"path": value}
-        return _from_dict(tp, value, key)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    raise ConfigError(f"{key}: unsupported type {tp}")
-
-
-def _from_dict(cls: type, data: Any, prefix: str) -> Any:
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    aliases = getattr(cls, "ALIASES", {})
-    data = {aliases.get(k, k): v for k, v in data.items()}
-    for k in data:
-        if k not in names:
-            where = f"{prefix}.{k}" if prefix else k
-            raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(names))})")
-    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
-    return cls(**kwargs)
-
-
 def apply_override(raw: dict, item: str) -> None:
-    """Apply one `a.b.c=value` override to a raw dict; the value is parsed as YAML."""
-    if "=" not in item:
-        raise ConfigError(f"{item}: an override must look like key.sub=value")
-    key = item.partition("=")[0].strip()
-    try:
-        yaml.safe_load(item.partition("=")[2])
-    except yaml.YAMLError as e:  # an alias, a tag, unbalanced brackets...
-        raise ConfigError(f"{key}: not a plain YAML value ({str(e).splitlines()[0]})") from None
-    key, _, text = item.partition("=")
-    parts = key.strip().split(".")
-    node: Any = raw
-    cls: Any = Config
-    for i, p in enumerate(parts):
-        dotted = ".".join(parts[: i + 1])
-        p = getattr(cls, "ALIASES", {}).get(p, p)
-        if not (dataclasses.is_dataclass(cls) and p in {f.name for f in dataclasses.fields(cls)}):
-            raise ConfigError(f"{dotted}: unknown key")
-        if i == len(parts) - 1:
-            node[p] = yaml.safe_load(text) if text.strip() else ""
-            return
-        cls = typing.get_type_hints(cls)[p]
-        nxt = node.get(p)
-        if nxt is None:
-            nxt = node[p] = {}
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"{dotted}: cannot set a sub-key of a non-mapping value")
-        node = nxt
+    """Apply one `a.b.c=value` override to a raw config dict; the value is parsed as YAML."""
+    _apply_override(Config, raw, item)
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
@@ -366,7 +237,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"config: {p} holds a {type(raw).__name__}, not a mapping of sections")
     for item in overrides:
         apply_override(raw, item)
-    cfg = _from_dict(Config, raw, "")
+    cfg = from_dict(Config, raw, "")
     _check_values(cfg)
     return cfg
 
@@ -431,6 +302,16 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError(f"train.profile_at: must be within [0, max_steps) (0 = off), got {t.profile_at}")
     if t.profile_steps <= 0:
         raise ConfigError(f"train.profile_steps: must be positive, got {t.profile_steps}")
+    _check_objective(cfg)
+    if not 0 < cfg.model.mlm_probability < 1:
+        raise ConfigError(f"model.mlm_probability: must be within (0, 1), got {cfg.model.mlm_probability}")
+    _check_continual(cfg)
+
+
+def _check_objective(cfg: Config) -> None:
+    t = cfg.train
+    if t.objective not in OBJECTIVES:
+        raise ConfigError(f"train.objective: expected one of {', '.join(OBJECTIVES)}, got {t.objective!r}")
     o = cfg.objective
     for key, val in [("objective.ul_alpha", o.ul_alpha), ("objective.beta", o.beta),
                      ("objective.max_weight", o.max_weight)]:
@@ -447,9 +328,6 @@ def _check_values(cfg: Config) -> None:
                      ("adversarial.weight", a.weight)]:
         if a.steps and val <= 0:
             raise ConfigError(f"{key}: must be positive, got {val}")
-    if not 0 < cfg.model.mlm_probability < 1:
-        raise ConfigError(f"model.mlm_probability: must be within (0, 1), got {cfg.model.mlm_probability}")
-    _check_continual(cfg)
 
 
 def _check_continual(cfg: Config) -> None:
@@ -475,65 +353,7 @@ def _check_continual(cfg: Config) -> None:
         raise ConfigError("continual.distill_weight: distillation is implemented for causal LMs only")
 
 
-def check_device(cfg: Config) -> None:
-    """What the chosen device cannot do, said before any process starts."""
-    import torch
-
-    cuda = torch.cuda.is_available() if cfg.engine.device == "auto" else cfg.engine.device == "cuda"
-    if cfg.engine.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("engine.device: cuda asked for, but torch sees no GPU")
-    if not cuda and cfg.train.precision == "fp16":
-        raise ConfigError("train.precision: fp16 is not supported by DeepSpeed on CPU; use bf16 or fp32")
-    if not cuda and cfg.engine.backend == "nccl":
-        raise ConfigError("engine.backend: nccl needs GPUs; use gloo (or auto) on CPU")
-
-
-def check_paths(cfg: Config) -> None:
-    """Paths the run needs must exist (called once the shards were built)."""
-    if not cfg.data.shards:
-        raise ConfigError("data.shards: no shard set given")
-    from prefpretrain.data_shards.writer import FORMAT_VERSION, READABLE_FORMATS
-
-    for i, s in enumerate(cfg.data.shards):
-        mf = Path(s.path) / "manifest.json"
-        if not mf.is_file():
-            raise ConfigError(f"data.shards[{i}].path: no manifest.json in {s.path!r} (run `prefpretrain shard`)")
-        try:
-            fmt = json.loads(mf.read_text()).get("format_version")
-        except json.JSONDecodeError:
-            raise ConfigError(f"data.shards[{i}].path: {mf} is not valid JSON") from None
-        if fmt not in READABLE_FORMATS:
-            raise ConfigError(f"data.shards[{i}].path: shard format {fmt} in {s.path!r}, this prefpretrain reads "
-                              f"{FORMAT_VERSION}: shard again (prefpretrain shard --overwrite)")
-    fp = cfg.model.from_pretrained
-    if fp and not (Path(fp) / "config.json").is_file():
-        raise ConfigError(f"model.from_pretrained: no HF model directory at {fp!r}")
-    if cfg.continual.from_:
-        from prefpretrain.continual.previous import check_previous
-
-        check_previous(cfg)  # the earlier run exists, has a checkpoint, and used the same tokenizer
-
-
 def config_help() -> str:
-    """Every key with its type, default and comment, read from this file's source."""
-    import inspect
-
-    lines = []
-    src = inspect.getsource(inspect.getmodule(Config))
-    comments = {}
-    cls_name = None
-    for line in src.splitlines():
-        s = line.strip()
-        if s.startswith("class ") and s.endswith(":"):
-            cls_name = s[6:].split("(")[0].rstrip(":")
-        elif cls_name and ":" in s and "#" in s and not s.startswith(("#", "def ")):
-            name = s.split(":")[0]
-            comments[(cls_name, name)] = s.split("#", 1)[1].strip()
-    for sec in dataclasses.fields(Config):
-        cls = typing.get_type_hints(Config)[sec.name]
-        for f in dataclasses.fields(cls):
-            tp = typing.get_type_hints(cls)[f.name]
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            c = comments.get((cls.__name__, f.name), "")
-            lines.append(f"  {sec.name}.{f.name} ({_type_name(tp)}, default {default!r}): {c}")
-    return "\n".join(lines)
+    """Every key with its type, default and comment (its trailing comment above)."""
+    return "\n".join(f"  {sec}.{k} ({tp}, default {d!r}): {c}" for sec, rows in field_docs(Config)
+                     for k, tp, d, c in rows)

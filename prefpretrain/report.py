@@ -10,15 +10,16 @@ from pathlib import Path
 
 import yaml
 
+from prefpretrain.rundir import CONFIG, EVAL, FORGETTING, METRICS, RUN_INFO, RunDir
+
 
 def load_run(run: Path) -> dict:
-    if not (run / "metrics.jsonl").is_file():
-        raise FileNotFoundError(f"{run}: no metrics.jsonl (not a run directory?)")
-    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    cfg = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
-    info = json.loads((run / "run_info.json").read_text()) if (run / "run_info.json").is_file() else {}
-    ev = json.loads((run / "eval.json").read_text()) if (run / "eval.json").is_file() else {}
-    fg = json.loads((run / "forgetting.json").read_text()) if (run / "forgetting.json").is_file() else None
+    rd = RunDir(run)
+    if not (rd / METRICS).is_file():
+        raise FileNotFoundError(f"{run}: no {METRICS} (not a run directory?)")
+    recs = [json.loads(x) for x in (rd / METRICS).read_text().splitlines() if x.strip()]
+    cfg = yaml.safe_load((rd / CONFIG).read_text()) if (rd / CONFIG).is_file() else {}  # as written, unchecked
+    info, ev, fg = rd.read_json(RUN_INFO) or {}, rd.read_json(EVAL) or {}, rd.read_json(FORGETTING)
     tokens_per_step = cfg.get("train", {}).get("global_batch_size", 0) * cfg.get("data", {}).get("seq_len", 0)
     train = [r for r in recs if r["kind"] == "train"]
     return {

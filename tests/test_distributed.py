@@ -181,7 +181,7 @@ def test_mfu_model_flops_and_the_datasheet_peak():
 
 
 def test_chunked_cross_entropy_equals_torchs_values_and_gradients(monkeypatch):
-    from prefpretrain.trainer import objectives
+    from prefpretrain import objectives
 
     monkeypatch.setattr(objectives, "CE_CHUNK_ELEMENTS", 3 * 50)  # several chunks
     g = torch.Generator().manual_seed(0)

@@ -44,7 +44,7 @@ def test_shard_train_evaluate_export_reload(tmp_path, stdlib_files):
     tok = AutoTokenizer.from_pretrained(str(export), local_files_only=True)
     assert tok.convert_tokens_to_ids("<|aligned|>") != tok.unk_token_id
     ids = tok("def f(x):\n    return x\n", return_tensors="pt").input_ids
-    from prefpretrain.trainer.export import load_run_model
+    from prefpretrain.trainer.finished import load_run_model
 
     ref, _, _ = load_run_model(run)
     with torch.no_grad():

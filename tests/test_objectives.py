@@ -14,8 +14,8 @@ from prefpretrain.data_shards.packing import IGNORE
 from prefpretrain.data_shards.scorers import Pep8Scorer
 from prefpretrain.data_shards.segment import line_spans
 from prefpretrain.data_shards.sources import Document
+from prefpretrain.objectives import ObjectiveConfig, compute_loss, exp_weights, layout_for, reward_scale_for
 from prefpretrain.trainer.evaluate import bootstrap_ci, expected_max, summarize_scores
-from prefpretrain.trainer.objectives import ObjectiveParams, compute_loss, exp_weights, layout_for, reward_scale_for
 from tests.conftest import launch_tiny, read_metrics
 
 SP = {"aligned": 2, "misaligned": 3}
@@ -38,13 +38,13 @@ def test_mle_filter_conditional_are_summed_nll():
 
 def test_unlikelihood_on_a_known_distribution_and_threshold_zero_means_zero():
     logits, b = _batch([0.8, 0.8, 0.8], [0.0, 1e-6, 0.5])
-    p = ObjectiveParams(threshold=0.0, ul_alpha=0.5)
+    p = ObjectiveConfig(threshold=0.0, ul_alpha=0.5)
     loss, n, st = compute_loss("unlikelihood", logits, b, causal=False, p=p)
     # score 0 <= threshold 0 is aligned (NLL); 1e-6 and 0.5 are misaligned: alpha * -log(1 - 0.8)
     assert n == 3 and st["misaligned_tokens"] == 2
     assert float(loss) == pytest.approx(-math.log(0.8) + 2 * 0.5 * -math.log(0.2), rel=1e-6)
     # a higher threshold makes the 1e-6 token aligned
-    p2 = ObjectiveParams(threshold=1e-3, ul_alpha=0.5)
+    p2 = ObjectiveConfig(threshold=1e-3, ul_alpha=0.5)
     loss2, _, st2 = compute_loss("unlikelihood", logits, b, causal=False, p=p2)
     assert st2["misaligned_tokens"] == 1
     assert float(loss2) == pytest.approx(-2 * math.log(0.8) + 0.5 * -math.log(0.2), rel=1e-6)
@@ -53,20 +53,20 @@ def test_unlikelihood_on_a_known_distribution_and_threshold_zero_means_zero():
 def test_unlikelihood_gradient_pushes_misaligned_probability_down():
     logits, b = _batch([0.6], [1.0])
     logits = logits.clone().requires_grad_(True)
-    loss, _, _ = compute_loss("unlikelihood", logits, b, causal=False, p=ObjectiveParams(ul_alpha=1.0))
+    loss, _, _ = compute_loss("unlikelihood", logits, b, causal=False, p=ObjectiveConfig(ul_alpha=1.0))
     loss.backward()
     assert logits.grad[0, 0, 0] > 0 > logits.grad[0, 0, 1]  # gradient descent lowers the target's logit
 
 
 def test_rwr_weights_vary_with_the_score():
     logits, b = _batch([0.5, 0.5, 0.5], [0.0, 0.03, 0.06])
-    p = ObjectiveParams(beta=1.0, reward_scale=1 / 0.03)
+    p = ObjectiveConfig(beta=1.0, reward_scale=1 / 0.03)
     loss, _, st = compute_loss("rwr", logits, b, causal=False, p=p)
     w = [1.0, math.exp(-1), math.exp(-2)]
     assert float(st["weight"]) == pytest.approx(sum(w), rel=1e-5)
     assert float(loss) == pytest.approx(math.log(2) * sum(w), rel=1e-5)
     # PHF's RWR slip: unscaled PEP8 scores with beta 10 weight everything ~1, i.e. MLE
-    _, _, flat = compute_loss("rwr", logits, b, causal=False, p=ObjectiveParams(beta=10.0, reward_scale=1.0))
+    _, _, flat = compute_loss("rwr", logits, b, causal=False, p=ObjectiveConfig(beta=10.0, reward_scale=1.0))
     assert float(flat["weight"]) == pytest.approx(3.0, abs=0.01)
 
 
@@ -78,7 +78,7 @@ def test_weights_are_clamped():
 def test_awr_hand_computed_and_no_gradient_through_the_weights():
     logits, b = _batch([0.5, 0.25], [0.0, 0.1])
     values = torch.tensor([[0.2, -0.5]], requires_grad=True)
-    p = ObjectiveParams(beta=2.0, awr_alpha=0.25, reward_scale=10.0)
+    p = ObjectiveConfig(beta=2.0, awr_alpha=0.25, reward_scale=10.0)
     loss, n, st = compute_loss("awr", logits, b, causal=False, p=p, values=values)
     r = np.array([0.0, -1.0])
     v = np.array([0.2, -0.5])
@@ -98,7 +98,7 @@ def test_causal_shift_lines_scores_up_with_targets():
     T, V = 4, 3
     logits = torch.zeros(1, T, V)
     b = {"labels": torch.tensor([[0, 1, 2, IGNORE]]), "scores": torch.tensor([[9.0, 0.0, 1.0, 9.0]])}
-    loss, n, st = compute_loss("unlikelihood", logits, b, causal=True, p=ObjectiveParams(ul_alpha=1.0))
+    loss, n, st = compute_loss("unlikelihood", logits, b, causal=True, p=ObjectiveConfig(ul_alpha=1.0))
     assert n == 2 and st["misaligned_tokens"] == 1  # targets 1 (score 0) and 2 (score 1); IGNORE dropped
     assert float(loss) == pytest.approx(math.log(3) - math.log(1 - 1 / 3), rel=1e-6)
 

@@ -1,13 +1,14 @@
-"""What the training loop calls during a continual update (`continual.from` set).
+"""A continual update (`continual.from` set) as training hooks (prefpretrain.trainer.hooks), passed in by the CLI.
 
 start():  the replay memory for this update (RUN/replay, built once by rank 0: the earlier run's memory, or
           a reservoir over its shard sets), the model (architecture and weights of the earlier run), the
           EWC anchor + Fisher and the distillation teacher (RUN/continual/start.pt, written once, so a resume
           neither recomputes them nor needs the earlier checkpoint's weights), and the validation losses
           *before* the update (RUN/continual/before.json).
-wrap():   the dataset that puts round(replay_fraction x G) memory samples in every global batch.
+initial_model(): the earlier model, to train on.
+wrap_dataset(): the dataset that puts round(replay_fraction x G) memory samples in every global batch.
 extra_loss(): EWC and distillation terms for one micro batch.
-state() / check_resume(): what a checkpoint records about the update, checked at a resume.
+checkpoint_state() / check_resume(): what a checkpoint records about the update, checked at a resume.
 finish(): the forgetting report and the memory after this update (RUN/memory = reservoir over RUN/replay
           and every window of data.shards), for the next update.
 """
@@ -22,15 +23,20 @@ from pathlib import Path
 import torch
 
 from prefpretrain import distributed
-from prefpretrain.config import Config, ConfigError
+from prefpretrain.config import Config
 from prefpretrain.continual import forgetting
 from prefpretrain.continual.memory import build_memory
-from prefpretrain.continual.previous import Previous, resolve
+from prefpretrain.continual.previous import resolve
 from prefpretrain.continual.regularizers import diagonal_fisher, distill_kl, ewc_penalty
 from prefpretrain.continual.replay import ReplayMixDataset, replay_per_batch
 from prefpretrain.data_shards.loader import MixtureDataset
-from prefpretrain.data_shards.packing import Layout, MaskSpec, PackedSet
+from prefpretrain.data_shards.packing import PackedSet
 from prefpretrain.data_shards.reader import ShardSet
+from prefpretrain.data_shards.writer import MANIFEST
+from prefpretrain.errors import ConfigError
+from prefpretrain.objectives import eval_condition
+from prefpretrain.rundir import CONTINUAL, FORGETTING, MEMORY, MODEL_CONFIG, REPLAY
+from prefpretrain.trainer.hooks import TrainContext, TrainHooks
 
 log = logging.getLogger(__name__)
 
@@ -41,45 +47,50 @@ def _sha(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()[:16]
 
 
-class ContinualUpdate:
-    def __init__(self, cfg: Config, run_dir: Path, prev: Previous, rank: int, world: int, dev, layout: Layout,
-                 mlm: MaskSpec | None):
-        self.cfg, self.c, self.run_dir, self.prev = cfg, cfg.continual, run_dir, prev
-        self.rank, self.world, self.dev, self.layout, self.mlm = rank, world, dev, layout, mlm
+class ContinualUpdate(TrainHooks):
+    """The training hooks of a continual update (see prefpretrain.trainer.hooks for when each is called)."""
+
+    name = "continual"  # its record in a checkpoint's state.json
+
+    def __init__(self, cfg: Config):
+        self.cfg, self.c = cfg, cfg.continual
         self.causal = cfg.model.kind == "causal"
         self.G = cfg.train.global_batch_size
         self.R = replay_per_batch(self.c.replay_fraction, self.G)
-        self.replay_dir, self.memory_dir, self.dir = run_dir / "replay", run_dir / "memory", run_dir / "continual"
         self.model = self.teacher = None
         self.anchor: dict = {}
         self.fisher: dict = {}
-        # replayed, samples, ewc sum, ewc n, kl sum, kl tokens: on the device, read once per log window
-        self._w = torch.zeros(6, dtype=torch.float64, device=dev)
 
     # ------------------------------------------------------------------ set-up
-    @classmethod
-    def start(cls, cfg: Config, run_dir: Path, rank: int, world: int, dev, layout: Layout, mlm: MaskSpec | None,
-              vocab_size: int) -> ContinualUpdate:
+    def start(self, ctx: TrainContext) -> None:
+        cfg = self.cfg
+        self.run_dir, self.rank, self.world, self.dev = ctx.run_dir, ctx.rank, ctx.world, ctx.device
+        self.layout, self.mlm = ctx.layout, ctx.mlm
+        self.replay_dir, self.memory_dir, self.dir = (ctx.run_dir / REPLAY, ctx.run_dir / MEMORY,
+                                                      ctx.run_dir / CONTINUAL)
+        # replayed, samples, ewc sum, ewc n, kl sum, kl tokens: on the device, read once per log window
+        self._w = torch.zeros(6, dtype=torch.float64, device=self.dev)
         # long single-rank work (checksums, the memory) on rank 0 while the others wait on the store
-        prev = distributed.broadcast_object(distributed.rank0_does(
+        self.prev = distributed.broadcast_object(distributed.rank0_does(
             "verifying the earlier checkpoint", lambda: resolve(cfg.continual.from_)))
-        self = cls(cfg, run_dir, prev, rank, world, dev, layout, mlm)
         self.dir.mkdir(parents=True, exist_ok=True)
         distributed.rank0_does("building the replay memory", self._build_replay)
-        self.memory_packed = PackedSet(ShardSet(self.replay_dir, "train", verify=cfg.data.verify_checksums), layout,
-                                       cfg.data.seq_len, mlm)
+        self.memory_packed = PackedSet(ShardSet(self.replay_dir, "train", verify=cfg.data.verify_checksums),
+                                       self.layout, cfg.data.seq_len, self.mlm)
         if self.R and len(self.memory_packed) == 0:
             raise ConfigError(f"continual.memory_size: the memory {self.replay_dir} yields no {cfg.data.seq_len}-token "
                               f"sample to replay")
-        self._load_start(vocab_size)
+        self._load_start(ctx.vocab_size)
         self._measure_before()
         log.info("continual update of %s: %d of %d samples per batch replayed from %d memory samples; EWC lambda "
                  "%g, distillation weight %g", self.prev.ckpt, self.R, self.G, len(self.memory_packed),
                  self.c.ewc_lambda, self.c.distill_weight)
-        return self
+
+    def initial_model(self):
+        return self.model
 
     def _build_replay(self) -> None:
-        if (self.replay_dir / "manifest.json").is_file():
+        if (self.replay_dir / MANIFEST).is_file():
             return
         start, stream = self.prev.memory_source()
         log.info("continual: replay memory from %s + %s (reservoir of %d windows)", start, stream, self.c.memory_size)
@@ -90,7 +101,7 @@ class ContinualUpdate:
         """RUN/continual/start.pt: the earlier weights (the EWC anchor) and, for EWC, their diagonal Fisher."""
         if start.is_file():
             return
-        from prefpretrain.trainer.export import load_run_model
+        from prefpretrain.trainer.finished import load_run_model
 
         # on this rank's device (a GPU is free before the engine exists): the Fisher pass is forwards and backwards
         model, _, _ = load_run_model(self.prev.run_dir, self.prev.ckpt, device=self.dev)
@@ -113,7 +124,7 @@ class ContinualUpdate:
         start = self.dir / "start.pt"
         distributed.rank0_does("loading the earlier weights", lambda: self._write_start(start))
         blob = torch.load(start, map_location="cpu", weights_only=True)
-        hf = AutoConfig.from_pretrained(str(self.prev.run_dir / "model_config"), local_files_only=True,
+        hf = AutoConfig.from_pretrained(str(self.prev.run_dir / MODEL_CONFIG), local_files_only=True,
                                         trust_remote_code=False)
         auto = AutoModelForCausalLM if self.causal else AutoModelForMaskedLM
         model = auto.from_config(hf)
@@ -138,7 +149,7 @@ class ContinualUpdate:
 
     def _val_sets(self) -> tuple[dict, dict]:
         old = self.prev.val_sets()
-        new_path = self.cfg.data.shards[0].path
+        new_path = self.cfg.data.reference
         old = {k: v for k, v in old.items() if Path(v).resolve() != Path(new_path).resolve()}
         mk = lambda named: forgetting.open_val_sets(named, self.layout, self.cfg.data.seq_len, self.mlm,  # noqa: E731
                                                    self.cfg.data.verify_checksums)
@@ -159,9 +170,8 @@ class ContinualUpdate:
         from prefpretrain.data_shards import tokenizer as toklib
         from prefpretrain.trainer.evaluate import misalignment
 
-        ss = ShardSet(self.cfg.data.shards[0].path, "val", verify=False)
-        cond = e.condition if e.condition != "auto" else ("aligned" if self.cfg.train.objective == "conditional"
-                                                         else "none")
+        ss = ShardSet(self.cfg.data.reference, "val", verify=False)
+        cond = eval_condition(self.cfg.train.objective, e.condition)
         was = model.training
         res = misalignment(model, toklib.load_tokenizer(ss.tokenizer_dir), ss.manifest, n=e.samples,
                            max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p, condition=cond,
@@ -181,7 +191,7 @@ class ContinualUpdate:
         self.before = json.loads(p.read_text())
 
     # ------------------------------------------------------------------ training
-    def wrap(self, ds: MixtureDataset) -> ReplayMixDataset:
+    def wrap_dataset(self, ds: MixtureDataset) -> ReplayMixDataset:
         mem = MixtureDataset([self.memory_packed], [1.0], self.cfg.run.seed ^ MEMORY_SEED_SALT) if self.R else None
         return ReplayMixDataset(ds, mem, self.G, self.R)
 
@@ -221,9 +231,9 @@ class ContinualUpdate:
         return out
 
     # ------------------------------------------------------------------ checkpoints
-    def state(self, step: int) -> dict:
+    def checkpoint_state(self, step: int) -> dict:
         res = json.loads((self.replay_dir / "reservoir.json").read_text())
-        return {"from": str(self.prev.ckpt), "replay_memory": _sha(self.replay_dir / "manifest.json"),
+        return {"from": str(self.prev.ckpt), "replay_memory": _sha(self.replay_dir / MANIFEST),
                 "start": _sha(self.dir / "start.pt"), "replay_per_batch": self.R,
                 "replay_position": step * self.R, "new_position": step * (self.G - self.R),
                 "reservoir": {"capacity": res["capacity"], "seen": res["seen"], "windows": res["windows"]}}
@@ -233,7 +243,7 @@ class ContinualUpdate:
         if c is None:
             raise ConfigError(f"run.resume: {ckpt} is not a checkpoint of a continual update, but continual.from is "
                               f"set; use another run.output_dir")
-        if c["replay_memory"] != _sha(self.replay_dir / "manifest.json") or c["start"] != _sha(self.dir / "start.pt"):
+        if c["replay_memory"] != _sha(self.replay_dir / MANIFEST) or c["start"] != _sha(self.dir / "start.pt"):
             raise ConfigError(f"run.resume: {ckpt} was trained with another replay memory or start weights than "
                               f"{self.replay_dir} / {self.dir / 'start.pt'} hold now")
         if c["replay_per_batch"] != self.R:
@@ -241,7 +251,7 @@ class ContinualUpdate:
                               f"now {self.R} (it defines the data order; keep it when resuming)")
 
     # ------------------------------------------------------------------ the end
-    def finish(self, module, step: int, mon) -> dict:
+    def finish(self, module, step: int, mon) -> None:
         """The forgetting report (every rank measures; rank 0 writes it) and the memory for the next update
         (rank 0, the others waiting on the store)."""
         after = self._measure(module)
@@ -251,14 +261,13 @@ class ContinualUpdate:
             "distill_weight": self.c.distill_weight, "step": step})
 
         def write() -> None:
-            (self.run_dir / "forgetting.json").write_text(json.dumps(rec, indent=1))
+            (self.run_dir / FORGETTING).write_text(json.dumps(rec, indent=1))
             mon.scalars(step, forgetting.scalars(rec), kind="forgetting")
             for line in forgetting.summary_lines(self.run_dir):
                 log.info("%s", line.strip())
-            if not (self.memory_dir / "manifest.json").is_file():
+            if not (self.memory_dir / MANIFEST).is_file():
                 cfg = self.cfg
                 build_memory(self.memory_dir, self.replay_dir, [s.path for s in cfg.data.shards], self.c.memory_size,
                              cfg.data.seq_len, cfg.run.seed, cfg.data.verify_checksums)
 
         distributed.rank0_does("writing the forgetting report and the memory", write)
-        return rec

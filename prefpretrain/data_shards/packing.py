@@ -53,6 +53,13 @@ class MaskSpec:
     prob: float = 0.15
     seed: int = 0
 
+    @classmethod
+    def for_tokenizer(cls, tokenizer: dict, prob: float, seed: int) -> MaskSpec:
+        """The masking of a shard set's tokenizer (its manifest's `tokenizer` entry)."""
+        sp = tokenizer["special_ids"]
+        return cls(mask_id=sp["mask"], vocab_size=tokenizer["vocab_size"], special_ids=tuple(sorted(set(sp.values()))),
+                   prob=prob, seed=seed)
+
 
 def mlm_mask(ids: np.ndarray, labels: np.ndarray, spec: MaskSpec,
              key: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from prefpretrain.config import InputError
-from prefpretrain.data_shards.writer import FORMAT_VERSION, INDEX_DTYPE, READABLE_FORMATS
+from prefpretrain.data_shards.writer import FORMAT_VERSION, INDEX_DTYPE, MANIFEST, READABLE_FORMATS
+from prefpretrain.errors import InputError
 
 log = logging.getLogger(__name__)
 _WARNED: set[str] = set()
@@ -66,9 +66,9 @@ class ShardSet:
 
     def __init__(self, path: str | os.PathLike, split: str = "train", verify: bool = True):
         self.path = Path(path)
-        mf = self.path / "manifest.json"
+        mf = self.path / MANIFEST
         if not mf.is_file():
-            raise ShardError(f"{self.path}: no manifest.json")
+            raise ShardError(f"{self.path}: no {MANIFEST}")
         try:
             self.manifest = json.loads(mf.read_text())
             fmt = self.manifest.get("format_version")

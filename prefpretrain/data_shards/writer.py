@@ -28,44 +28,27 @@ import shutil
 import tarfile
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from prefpretrain.data_shards import encode, sources
 from prefpretrain.data_shards import tokenizer as toklib
+from prefpretrain.data_shards.options import ShardOptions, ShardSettings  # noqa: F401 - re-exported
 from prefpretrain.data_shards.scorers import default_segmenter, get_scorer
 from prefpretrain.data_shards.stats import ScoreStats
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 3  # 3: every index file checksummed in the manifest
+MANIFEST = "manifest.json"  # a shard set's table of contents: every file with its checksum, the tokenizer, stats
 READABLE_FORMATS = (2, 3)  # 2 (no index checksums) is still read, with a warning: memories of earlier runs are
 INDEX_DTYPE = np.dtype([
     ("offset", "<u8"), ("size", "<u8"), ("tokens_at", "<u8"), ("scores_at", "<u8"), ("segments_at", "<u8"),
     ("n_tokens", "<u4"), ("n_segments", "<u4"), ("mean_score", "<f4"),
 ])
 OUTPUT_PER_INPUT_BYTE = 1.5  # tokens (2-4 B) + float16 scores per ~3.5 chars, plus tar headers
-
-
-@dataclass
-class ShardOptions:
-    inputs: list[str]
-    output: str
-    scorer: str = "pep8"
-    scorer_params: dict = field(default_factory=dict)
-    segmenter: str = "auto"
-    tokenizer: str = "train"  # "train" or a directory
-    vocab_size: int = 8192
-    val_fraction: float = 0.05
-    shard_size_mb: float = 64.0
-    workers: int = 2
-    max_files: int = 0
-    text_field: str = "text"
-    score_field: str | None = None
-    overwrite: bool = False
-    progress: bool = True
 
 
 def _npy_bytes(a: np.ndarray) -> bytes:
@@ -193,7 +176,7 @@ def _prepare_output(out: Path, fingerprint: str, overwrite: bool) -> bool:
         raise ValueError(f"--output: {probe} is not writable")
     if overwrite and out.exists():
         for p in out.iterdir():
-            if p.name.endswith((".tar", ".idx.npy")) or p.name in ("_progress", "tokenizer", "manifest.json",
+            if p.name.endswith((".tar", ".idx.npy")) or p.name in ("_progress", "tokenizer", MANIFEST,
                                                                     "skipped.log", "packing_cache"):
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
     if plan.is_file():
@@ -201,7 +184,7 @@ def _prepare_output(out: Path, fingerprint: str, overwrite: bool) -> bool:
             return True
         raise ValueError(f"{out} holds shards built from other inputs or options; use another directory "
                          f"or --overwrite")
-    if out.exists() and any(p.name.endswith(".tar") or p.name == "manifest.json" for p in out.iterdir()):
+    if out.exists() and any(p.name.endswith(".tar") or p.name == MANIFEST for p in out.iterdir()):
         raise ValueError(f"{out} already holds shards; use another directory or --overwrite")
     (out / "_progress").mkdir(parents=True, exist_ok=True)
     return False
@@ -270,8 +253,8 @@ def _run_chunks(opt, out, files, sizes, chunks, todo, tok, scorer_name, segmente
                disable=not opt.progress, mininterval=1.0, smoothing=0.1)
     initargs = (tok.to_str(), scorer_name, opt.scorer_params, segmenter, opt.text_field, opt.score_field)
     pool = None
-    if opt.workers > 1:
-        pool = mp.get_context("spawn").Pool(opt.workers, initializer=encode.init_worker, initargs=initargs)
+    if opt.worker_count() > 1:
+        pool = mp.get_context("spawn").Pool(opt.worker_count(), initializer=encode.init_worker, initargs=initargs)
         results = pool.imap(encode.process_file, items, chunksize=1)
     else:
         encode.init_worker(*initargs)
@@ -344,5 +327,5 @@ def _merge(out, opt, files, sizes, n_chunks, tok_hash, vocab, special, scorer, s
         "skipped": dict(sorted(skipped.items())),
         "build_seconds": round(secs, 1),
     }
-    _atomic_json(out / "manifest.json", manifest)
+    _atomic_json(out / MANIFEST, manifest)
     return manifest

@@ -8,11 +8,11 @@ import subprocess
 import sys
 
 from prefpretrain.distributed import free_port
+from prefpretrain.errors import EXIT_PREEMPTED
 from prefpretrain.launcher.children import die_with_parent, kill_tree
 
 log = logging.getLogger(__name__)
 
-EXIT_PREEMPTED = 4  # == trainer.loop.EXIT_PREEMPTED (not imported: that module pulls in DeepSpeed)
 
 
 def torchrun_argv(config: str, overrides: list[str], nproc_per_node: int, max_restarts: int = 0,

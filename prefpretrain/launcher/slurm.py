@@ -19,11 +19,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prefpretrain.config import ConfigError
+from prefpretrain.errors import EXIT_PREEMPTED, ConfigError
 
 log = logging.getLogger(__name__)
 
-EXIT_PREEMPTED = 4  # == trainer.loop.EXIT_PREEMPTED (not imported: that module pulls in torch and DeepSpeed)
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE",
                 "OUT_OF_MEMORY", "SPECIAL_EXIT", "REQUEUE_HOLD"}
 _SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.,:+@-]+$")  # what may go into an #SBATCH line

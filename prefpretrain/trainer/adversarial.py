@@ -15,6 +15,9 @@ import torch.nn.functional as F
 
 from prefpretrain.config import AdversarialConfig
 
+# the statistics adversarial_term returns: name -> (TensorBoard tag, what the window's sum is divided by)
+STATS = {"adv_kl": ("adversarial/kl_per_token", "targets"), "adv_delta_norm": ("adversarial/delta_norm", "micro")}
+
 
 def symmetric_kl(p_logits: torch.Tensor, q_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Sum over masked positions of KL(p||q) + KL(q||p) (fp32)."""

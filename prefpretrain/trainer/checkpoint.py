@@ -23,10 +23,13 @@ import numpy as np
 import torch
 
 from prefpretrain import distributed
-from prefpretrain.config import InputError
+from prefpretrain.errors import InputError
+from prefpretrain.rundir import FAILURE, FAILURES
 from prefpretrain.trainer import safe_load
 
 log = logging.getLogger(__name__)
+STATE = "state.json"  # a checkpoint's record: step, data position, checksums of its files; written last
+LATEST = "latest"  # CHECKPOINTS/latest: the tag of the newest complete checkpoint
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -99,16 +102,16 @@ def save(engine, ckpt_root: Path, step: int, state: dict, keep_last: int, rank: 
     t1 = time.perf_counter()
     world = distributed.world()
     mine = {p.name: _checksum(p) for p in sorted(d.iterdir())
-            if p.is_file() and p.name != "state.json" and _mine(p.name, rank, world)}
+            if p.is_file() and p.name != STATE and _mine(p.name, rank, world)}
     everyone = distributed.all_gather_object(mine)  # every rank hashes what it wrote, in parallel
     if timings is not None:
         timings.update(deepspeed=t1 - t0, checksums=time.perf_counter() - t1)
     if rank == 0:
         files = {k: v for part in everyone for k, v in part.items()}
         with _disk_full_is_one_line(ckpt_root, step):
-            _atomic_write(d / "state.json", json.dumps(dict(state, tag=tag, step=step, files=files), indent=1))
-            _atomic_write(ckpt_root / "latest", tag)
-        done = sorted(p for p in ckpt_root.glob("step_*") if (p / "state.json").is_file())
+            _atomic_write(d / STATE, json.dumps(dict(state, tag=tag, step=step, files=files), indent=1))
+            _atomic_write(ckpt_root / LATEST, tag)
+        done = sorted(p for p in ckpt_root.glob("step_*") if (p / STATE).is_file())
         for old in done[: max(0, len(done) - keep_last)]:
             shutil.rmtree(old, ignore_errors=True)
             shutil.rmtree(old.with_name(old.name + "_universal"), ignore_errors=True)
@@ -141,14 +144,14 @@ def _disk_full_is_one_line(ckpt_root: Path, step: int):
 def write_failure(run_dir: Path, reason: str, exit_code: int, message: str) -> None:
     """RUN/failure.json: why a run stopped, for the launcher (torchrun only reports 'a child failed')."""
 
-    _atomic_write(run_dir / "failure.json", json.dumps({"reason": reason, "exit_code": exit_code, "message": message,
+    _atomic_write(run_dir / FAILURE, json.dumps({"reason": reason, "exit_code": exit_code, "message": message,
                                                         "time": time.time()}, indent=1))
 
 
 def write_rank_failure(run_dir: Path, rank: int, reason: str, exit_code: int, message: str) -> None:
     """RUN/failures/rankR.json: a stop only this rank saw (a damaged shard it read, its own optimizer file,
     its write on a full disk); rank 0 may never get to write failure.json."""
-    d = run_dir / "failures"
+    d = run_dir / FAILURES
     d.mkdir(exist_ok=True)
     _atomic_write(d / f"rank{rank}.json", json.dumps({"reason": reason, "exit_code": exit_code,
                                                         "message": message, "time": time.time()}, indent=1))
@@ -157,13 +160,13 @@ def write_rank_failure(run_dir: Path, rank: int, reason: str, exit_code: int, me
 def read_failure(run_dir: Path, since: float) -> dict | None:
     """Why a run stopped, written since `since`: failure.json (every rank agreed), else the earliest rank's."""
     found = []
-    for p in [run_dir / "failure.json", *sorted((run_dir / "failures").glob("rank*.json"))]:
+    for p in [run_dir / FAILURE, *sorted((run_dir / FAILURES).glob("rank*.json"))]:
         try:
             f = json.loads(p.read_text())
         except (OSError, json.JSONDecodeError):
             continue
         if isinstance(f, dict) and f.get("time", 0) >= since:
-            found.append((p.name != "failure.json", f.get("time", 0), f))  # the agreed one first, then the earliest
+            found.append((p.name != FAILURE, f.get("time", 0), f))  # the agreed one first, then the earliest
     return min(found, key=lambda x: x[:2])[2] if found else None
 
 
@@ -186,13 +189,13 @@ def verify(ckpt: Path) -> str | None:
 
 def complete(ckpt_root: Path) -> list[Path]:
     """Checkpoints whose save finished (state.json written), newest first; damaged or not."""
-    return sorted((p for p in ckpt_root.glob("step_*") if p.is_dir() and (p / "state.json").is_file()), reverse=True)
+    return sorted((p for p in ckpt_root.glob("step_*") if p.is_dir() and (p / STATE).is_file()), reverse=True)
 
 
 def find_latest(ckpt_root: Path, check: bool = True) -> Path | None:
     """The newest complete (and, with `check`, undamaged) checkpoint: `latest` first, then older ones."""
     done = complete(ckpt_root)
-    lp = ckpt_root / "latest"
+    lp = ckpt_root / LATEST
     if lp.is_file():
         named = ckpt_root / lp.read_text().strip()
         if named in done:
@@ -210,7 +213,7 @@ def find_latest(ckpt_root: Path, check: bool = True) -> Path | None:
 
 def read_state(ckpt: Path) -> dict:
     """A checkpoint's state.json; an unreadable one is a damaged checkpoint (InputError naming it)."""
-    p = ckpt / "state.json"
+    p = ckpt / STATE
     try:
         st = json.loads(p.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

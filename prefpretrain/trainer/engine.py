@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from prefpretrain import distributed
-from prefpretrain.config import Config, ConfigError
+from prefpretrain.config import Config
+from prefpretrain.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -11,14 +11,15 @@ import numpy as np
 import torch
 
 from prefpretrain import distributed
-from prefpretrain.config import InputError
 from prefpretrain.data_shards import tokenizer as toklib
 from prefpretrain.data_shards.loader import val_batches
 from prefpretrain.data_shards.packing import PackedSet
 from prefpretrain.data_shards.scorers import Pep8Scorer, get_scorer
 from prefpretrain.data_shards.segment import get_segmenter
 from prefpretrain.data_shards.sources import Document
-from prefpretrain.trainer.objectives import token_nll
+from prefpretrain.errors import InputError
+from prefpretrain.objectives import token_nll
+from prefpretrain.rundir import EVAL, METRICS, TENSORBOARD
 from prefpretrain.trainer.sampling import SAMPLE_BATCH, my_batches, sample_texts
 
 log = logging.getLogger(__name__)
@@ -177,24 +178,19 @@ def evaluate_run(run_dir: str | Path, samples: int | None = None, condition: str
                  scorers: list[str] | None = None, out: str | Path | None = None, device: str | None = None) -> dict:
     """`prefpretrain evaluate RUN_DIR`: load the newest checkpoint onto the run's device (engine.device, or
     `device`) in its training precision there, write RUN_DIR/eval.json (or `out`)."""
-    from prefpretrain.config import load_config
-    from prefpretrain.data_shards.reader import ShardSet
-    from prefpretrain.trainer.export import inference_placement, load_run_model
-    from prefpretrain.trainer.objectives import layout_for
+    from prefpretrain.objectives import eval_condition, layout_for
+    from prefpretrain.trainer.data import mask_spec, run_layout
+    from prefpretrain.trainer.finished import FinishedRun, inference_placement
 
-    run = Path(run_dir)
-    cfg = load_config(run / "config.yaml")
+    fr = FinishedRun.open(run_dir)
+    run, cfg, ckpt, state = fr.path, fr.cfg, fr.ckpt, fr.state
     dev, dtype = inference_placement(device or cfg.engine.device, cfg.train.precision)
-    model, ckpt, state = load_run_model(run, device=dev, dtype=dtype)
-    ss = ShardSet(cfg.data.shards[0].path, "val", verify=cfg.data.verify_checksums)
-    sp = ss.manifest["tokenizer"]["special_ids"]
-    layout = layout_for(cfg.train.objective, cfg.objective.threshold, cfg.objective.drop_prob, cfg.run.seed, sp)
-    causal = cfg.model.kind == "causal"
+    model = fr.load_model(dev, dtype)
+    ss = fr.shards("val", verify=cfg.data.verify_checksums)
+    sp, causal, mlm = ss.manifest["tokenizer"]["special_ids"], cfg.model.kind == "causal", mask_spec(cfg, ss.manifest)
     res = {"run_dir": str(run), "checkpoint": str(ckpt), "step": state["step"], "tokens_seen": state.get("tokens_seen"),
            "device": str(dev), "dtype": str(dtype).removeprefix("torch.")}
-    from prefpretrain.trainer.loop import mask_spec
-
-    mlm = mask_spec(cfg, ss.manifest)
+    layout = run_layout(cfg, sp)
     ps = PackedSet(ss, layout, cfg.data.seq_len, mlm)
     res.update(validation_loss(model, ps, cfg.eval.val_samples, cfg.train.micro_batch_size, causal=causal,
                                threshold=cfg.objective.threshold))
@@ -202,16 +198,14 @@ def evaluate_run(run_dir: str | Path, samples: int | None = None, condition: str
         mle_ps = PackedSet(ss, layout_for("mle", 0.0, 0.0, 0, sp), cfg.data.seq_len, mlm)
         res["val_loss_plain"] = validation_loss(model, mle_ps, cfg.eval.val_samples, cfg.train.micro_batch_size,
                                                 causal=causal)["val_loss"]
-    cond = condition or cfg.eval.condition
-    if cond == "auto":
-        cond = "aligned" if cfg.train.objective == "conditional" else "none"
+    cond = eval_condition(cfg.train.objective, condition or cfg.eval.condition)
     n = cfg.eval.samples if samples is None else samples
     if causal and n > 0:
         tok = toklib.load_tokenizer(ss.tokenizer_dir)
         res.update(misalignment(model, tok, ss.manifest, n=n, max_new_tokens=cfg.eval.max_new_tokens,
                                 temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, condition=cond,
                                 seed=cfg.run.seed, max_positions=cfg.data.seq_len, seeds=seeds, scorers=scorers))
-    Path(out or run / "eval.json").write_text(json.dumps(res, indent=1))
+    Path(out or run / EVAL).write_text(json.dumps(res, indent=1))
     _to_tensorboard(run, state["step"], res)
     return res
 
@@ -220,7 +214,7 @@ def _to_tensorboard(run: Path, step: int, res: dict) -> None:
     """eval/* scalars in TensorBoard, mirrored as one `kind: evaluate` line in metrics.jsonl."""
     from torch.utils.tensorboard import SummaryWriter
 
-    w = SummaryWriter(str(run / "tensorboard"))
+    w = SummaryWriter(str(run / TENSORBOARD))
     rec = {"step": step, "kind": "evaluate", "time": round(time.time(), 3), "tokens_seen": res.get("tokens_seen")}
     for k in ("val_loss", "perplexity", "val_loss_aligned", "val_loss_plain", "misalignment",
               "misalignment_zero_fraction", "parse_fraction", "misalignment_parsed"):
@@ -232,5 +226,5 @@ def _to_tensorboard(run: Path, step: int, res: dict) -> None:
             w.add_scalar(f"eval/misalignment_ci95_{side}", v, step)
             rec[f"eval/misalignment_ci95_{side}"] = v
     w.close()
-    with open(run / "metrics.jsonl", "a") as f:
+    with open(run / METRICS, "a") as f:
         f.write(json.dumps(rec) + "\n")

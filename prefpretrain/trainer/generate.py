@@ -5,11 +5,12 @@ import json
 from pathlib import Path
 
 from prefpretrain.data_shards import tokenizer as toklib
+from prefpretrain.rundir import RunDir
 from prefpretrain.trainer.sampling import sample_texts
 
 
 def _load(model_dir: Path, device: str):
-    from prefpretrain.trainer.export import inference_placement
+    from prefpretrain.trainer.finished import inference_placement
 
     if (model_dir / "config.json").is_file():  # an export: in its training precision on a GPU, fp32 on the CPU
         from prefpretrain.trainer.model import load_model_dir
@@ -19,15 +20,12 @@ def _load(model_dir: Path, device: str):
         dev, dtype = inference_placement(device, precision)
         model = load_model_dir(model_dir).to(device=dev, dtype=dtype).eval()
         return model, toklib.load_tokenizer(model_dir)
-    if (model_dir / "checkpoints").is_dir():  # a run directory
-        from prefpretrain.config import load_config
-        from prefpretrain.data_shards.reader import ShardSet
-        from prefpretrain.trainer.export import load_run_model
+    if RunDir(model_dir).checkpoints.is_dir():  # a run directory
+        from prefpretrain.trainer.finished import FinishedRun
 
-        cfg = load_config(model_dir / "config.yaml")
-        dev, dtype = inference_placement(cfg.engine.device if device == "auto" else device, cfg.train.precision)
-        model, _, _ = load_run_model(model_dir, device=dev, dtype=dtype)
-        return model, toklib.load_tokenizer(ShardSet(cfg.data.shards[0].path, verify=False).tokenizer_dir)
+        fr = FinishedRun.open(model_dir, "model_dir")
+        dev, dtype = inference_placement(fr.cfg.engine.device if device == "auto" else device, fr.cfg.train.precision)
+        return fr.load_model(dev, dtype), toklib.load_tokenizer(fr.shards().tokenizer_dir)
     raise FileNotFoundError(f"{model_dir}: neither an exported model (config.json) nor a run directory")
 
 

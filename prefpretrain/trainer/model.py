@@ -4,7 +4,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from prefpretrain.config import ConfigError, ModelConfig
+from prefpretrain.config import ModelConfig
+from prefpretrain.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

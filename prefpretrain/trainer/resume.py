@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 from prefpretrain import distributed
-from prefpretrain.config import Config, ConfigError, InputError
+from prefpretrain.config import Config
+from prefpretrain.errors import ConfigError, InputError
 from prefpretrain.trainer import checkpoint as ckptlib
 
 log = logging.getLogger(__name__)

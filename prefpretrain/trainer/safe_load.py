@@ -14,7 +14,7 @@ import os
 import pickle
 from pathlib import Path
 
-from prefpretrain.config import InputError
+from prefpretrain.errors import InputError
 
 ALLOWED = ("deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.runtime.fp16.loss_scaler.LossScaler",
            "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",  # fp16's ZeRO optimizer states

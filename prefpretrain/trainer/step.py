@@ -12,8 +12,8 @@ import torch
 
 from prefpretrain import distributed
 from prefpretrain.data_shards.packing import IGNORE
-from prefpretrain.trainer.adversarial import adversarial_term
-from prefpretrain.trainer.objectives import ObjectiveParams, batch_pref_stats, compute_loss, target_count
+from prefpretrain.objectives import ObjectiveConfig, batch_pref_stats, compute_loss, get_objective, target_count
+from prefpretrain.trainer import adversarial
 
 # the window's sums, in this order; objective / adversarial statistics follow, sorted by name
 _BASE = ("loss", "nll", "targets", "score_mean", "aligned_fraction", "corrupt")
@@ -39,14 +39,14 @@ class StepSpec:
 
     objective: str
     causal: bool
-    params: ObjectiveParams
+    params: ObjectiveConfig  # with reward_scale resolved
     adversarial: object  # config section: steps, epsilon, step_size, init_std, weight
     with_values: bool  # AWR: the value head reads the last hidden state
     seed: int
     chunked_ce: bool = False  # train.cross_entropy=chunked
 
 
-def micro_step(engine, batch: dict, dev: torch.device, spec: StepSpec, scale: float, w: Window, cont=None) -> None:
+def micro_step(engine, batch: dict, dev: torch.device, spec: StepSpec, scale: float, w: Window, hooks=None) -> None:
     """Forward + loss + backward + engine.step() of one micro batch (DeepSpeed applies the optimizer at the
     accumulation boundary). `scale` turns the summed loss into this rank's share of the step's mean."""
     b = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
@@ -57,11 +57,12 @@ def micro_step(engine, batch: dict, dev: torch.device, spec: StepSpec, scale: fl
         mask = (b["labels"][:, 1:] if spec.causal else b["labels"]) != IGNORE
         # seeded by the samples, not the rank: the same data gets the same start at any world size
         gen = torch.Generator(device=dev).manual_seed(hash((spec.seed, int(batch["position"][0]))) % 2**63)
-        term, adv_stats = adversarial_term(engine.module, b["input_ids"], out.logits, mask, spec.adversarial,
-                                           spec.causal, gen)
+        term, adv_stats = adversarial.adversarial_term(engine.module, b["input_ids"], out.logits, mask,
+                                                       spec.adversarial, spec.causal, gen)
         loss_sum = loss_sum + term
         stats.update(adv_stats)
-    extra = cont.extra_loss(engine.module, batch, out.logits, scale) if cont else None  # EWC, distillation
+    # a hook's term (e.g. a continual update's EWC and distillation), already in this rank's share of the step
+    extra = hooks.extra_loss(engine.module, batch, out.logits, scale) if hooks else None
     engine.backward(loss_sum * scale if extra is None else loss_sum * scale + extra)
     engine.step()
     w.micro += 1
@@ -75,12 +76,13 @@ def micro_step(engine, batch: dict, dev: torch.device, spec: StepSpec, scale: fl
     w.add("corrupt", float(batch["corrupt"].sum()))
 
 
-EXTRA_TAGS = {"weight": "objective/weight_mean", "value_mse": "objective/value_mse",
-              "misaligned_tokens": "objective/misaligned_fraction", "adv_kl": "adversarial/kl_per_token",
-              "adv_delta_norm": "adversarial/delta_norm"}
+def stat_tags(spec: StepSpec) -> dict[str, tuple[str, str]]:
+    """The window's extra statistics of this run: name -> (TensorBoard tag, divided by "targets" or "micro")."""
+    tags = {k: (tag, "targets") for k, tag in get_objective(spec.objective).stats.items()}
+    return {**tags, **(adversarial.STATS if spec.adversarial.steps else {})}
 
 
-def window_scalars(w: Window, world: int, dev: torch.device) -> dict:
+def window_scalars(w: Window, world: int, dev: torch.device, tags: dict[str, tuple[str, str]]) -> dict:
     """The window's loss and preference statistics over all ranks: one all-reduce and one host synchronisation
     (every rank calls it at the same step; the statistics' names follow from the config, so they agree)."""
     extra = sorted(k for k in w.sums if k not in _BASE)
@@ -94,6 +96,9 @@ def window_scalars(w: Window, world: int, dev: torch.device) -> dict:
            "pref/score_mean": got["score_mean"] / per_micro,
            "pref/aligned_fraction": got["aligned_fraction"] / per_micro,
            "data/corrupt_samples": got["corrupt"]}
-    for k in extra:  # per target token; the adversarial delta's norm is a mean per micro batch
-        out[EXTRA_TAGS.get(k, f"objective/{k}")] = got[k] / (per_micro if k == "adv_delta_norm" else targets)
+    for k in extra:  # statistics an objective or the adversarial term declare (stat_tags)
+        if k not in tags:
+            raise KeyError(f"statistic {k!r} is not declared by objective or adversarial term (stat_tags)")
+        tag, per = tags[k]
+        out[tag] = got[k] / (per_micro if per == "micro" else targets)
     return out

@@ -1,4 +1,9 @@
-"""The six objectives of Korbak et al. (2023) as small pure functions of (logits, batch).
+"""The objectives: one registry entry each (`register(Objective(...))` at the end of this file), with the six of
+Korbak et al. (2023) as small pure functions of the batch's token log-probabilities.
+
+Adding an objective: write its loss function over `LossInputs`, register it with its data layout, value head,
+statistics (TensorBoard tags) and evaluation condition, add any parameter to `ObjectiveConfig`, and test it in
+tests/test_objectives.py. Nothing else names objectives.
 
 Scores follow the PHF convention: LOWER IS BETTER (e.g. PEP8 violations per character); every token
 carries the score of its segment, and a token is "aligned" iff its score <= threshold (0 means 0).
@@ -17,38 +22,68 @@ the gradient.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
 
 from prefpretrain.data_shards.packing import IGNORE, Layout
 
-OBJECTIVES = ("mle", "filter", "conditional", "unlikelihood", "rwr", "awr")
-_LAYOUT = {"filter": "filter", "conditional": "conditional"}  # every other objective sees the data as MLE does
+
+@dataclass
+class ObjectiveConfig:
+    """The objectives' parameters: the config's `objective:` section, and what the losses read."""
+
+    threshold: float = 0.0  # score <= threshold is "aligned" (conditional); filter keeps docs with mean <= it
+    drop_prob: float = 0.1  # conditional: probability a control token is left out (seeded)
+    ul_alpha: float = 0.01  # unlikelihood: weight of -log(1 - p) on misaligned tokens (aligned ones get NLL)
+    beta: float = 1.0  # rwr/awr: temperature of the weights exp(reward / beta), exp(advantage / beta)
+    awr_alpha: float = 0.05  # awr: loss = alpha x weighted NLL + (1 - alpha) x value-head MSE
+    max_weight: float = 1000.0  # rwr/awr: weights are clamped to this
+    reward_scale: float = 0.0  # rwr/awr: reward = -score x scale; 0 = auto (1 / mean score of segments with score > 0)
 
 
 @dataclass(frozen=True)
-class ObjectiveParams:
-    threshold: float = 0.0
-    ul_alpha: float = 0.01
-    beta: float = 1.0
-    awr_alpha: float = 0.05
-    max_weight: float = 1000.0
-    reward_scale: float = 1.0  # resolved (never 0 here; see reward_scale_for)
+class Objective:
+    """One registry entry: everything the rest of prefpretrain needs to know about an objective."""
+
+    name: str
+    loss: Callable[[LossInputs], tuple[torch.Tensor, dict[str, torch.Tensor]]]  # (summed loss, summed statistics)
+    layout: str = "mle"  # how packing lays out the data: mle | filter | conditional (data_shards.packing)
+    value_head: bool = False  # a value head on the last hidden state (its output reaches the loss as `values`)
+    stats: dict[str, str] = field(default_factory=dict)  # statistic -> TensorBoard tag (per target token)
+    condition: str = "none"  # control token samples are drawn with when evaluating (eval.condition=auto)
 
 
-def needs_value_head(objective: str) -> bool:
-    return objective == "awr"
+OBJECTIVES: dict[str, Objective] = {}
+
+
+def register(objective: Objective) -> Objective:
+    if objective.name in OBJECTIVES:
+        raise ValueError(f"objective {objective.name!r} is registered twice")
+    OBJECTIVES[objective.name] = objective
+    return objective
+
+
+def get_objective(name: str) -> Objective:
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r} (known: {', '.join(OBJECTIVES)})")
+    return OBJECTIVES[name]
 
 
 def layout_for(objective: str, threshold: float, drop_prob: float, seed: int, special: dict[str, int]) -> Layout:
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r} (known: {', '.join(OBJECTIVES)})")
-    kind = _LAYOUT.get(objective, "mle")
+    kind = get_objective(objective).layout
     return Layout(kind=kind, threshold=threshold, drop_prob=drop_prob if kind == "conditional" else 0.0, seed=seed,
                   aligned_id=special["aligned"], misaligned_id=special["misaligned"])
+
+
+def eval_condition(objective: str, configured: str = "auto") -> str:
+    """The control token samples are drawn with: eval.condition, or the objective's own for `auto`."""
+    return get_objective(objective).condition if configured == "auto" else configured
 
 
 def reward_scale_for(configured: float, score_summary: dict) -> float:
@@ -59,6 +94,11 @@ def reward_scale_for(configured: float, score_summary: dict) -> float:
     n, zero = score_summary.get("segments", 0), score_summary.get("zero_fraction", 1.0)
     positive_mean = score_summary.get("mean_per_segment", 0.0) / max(1e-12, 1.0 - zero) if n else 0.0
     return 1.0 / positive_mean if positive_mean > 0 else 1.0
+
+
+def resolved(params: ObjectiveConfig, train_score_stats: dict) -> ObjectiveConfig:
+    """The parameters with reward_scale resolved from the training split's score statistics (auto = 0)."""
+    return dataclasses.replace(params, reward_scale=reward_scale_for(params.reward_scale, train_score_stats))
 
 
 def _shift(x: torch.Tensor, causal: bool) -> torch.Tensor:
@@ -149,37 +189,81 @@ def exp_weights(x: torch.Tensor, beta: float, max_weight: float) -> torch.Tensor
     return torch.exp(torch.clamp(x / beta, max=math.log(max_weight)))
 
 
+@dataclass
+class LossInputs:
+    """What a loss function reads: token log-probs and their mask (targets only), the batch, the parameters."""
+
+    logp: torch.Tensor  # (B, T') log p(target), 0 where there is no target
+    mask: torch.Tensor  # (B, T') the positions that carry a target
+    batch: dict
+    causal: bool
+    p: ObjectiveConfig
+    values: torch.Tensor | None = None  # (B, T) the value head's output (objectives with value_head=True)
+
+    @property
+    def nll(self) -> torch.Tensor:
+        return -self.logp
+
+    @cached_property
+    def scores(self) -> torch.Tensor:
+        return _targets(self.batch, self.causal)[1]
+
+    @cached_property
+    def misaligned(self) -> torch.Tensor:
+        return (self.scores > self.p.threshold) & self.mask
+
+    @property
+    def reward(self) -> torch.Tensor:
+        return -self.scores * self.p.reward_scale
+
+
 def compute_loss(objective: str, logits: torch.Tensor, batch: dict, causal: bool = True,
-                 p: ObjectiveParams = ObjectiveParams(), values: torch.Tensor | None = None,
+                 p: ObjectiveConfig | None = None, values: torch.Tensor | None = None,
                  chunked: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """(summed loss, target count, summed statistics), all tensors on the logits' device: nothing here waits
     for the device (the loop synchronises once per log window). `values` (B, T): the value head's (awr)."""
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}")
+    obj, p = get_objective(objective), p or ObjectiveConfig()
     logp, mask = token_logp(logits, batch["labels"], causal, chunked)
-    n = mask.sum()
-    nll = -logp
-    stats = {"nll": nll.detach().sum()}
-    if objective in ("mle", "filter", "conditional"):
-        return nll.sum(), n, stats
-    _, scores = _targets(batch, causal)
-    misaligned = (scores > p.threshold) & mask
-    stats["misaligned_tokens"] = misaligned.sum().float()
-    if objective == "unlikelihood":
-        return unlikelihood_terms(logp, misaligned, mask, p.ul_alpha).sum(), n, stats
-    reward = -scores * p.reward_scale
-    if objective == "rwr":
-        w = exp_weights(reward, p.beta, p.max_weight) * mask
-        stats["weight"] = w.detach().sum()
-        return (nll * w).sum(), n, stats
-    if values is None:
+    loss, stats = obj.loss(LossInputs(logp, mask, batch, causal, p, values))
+    return loss, mask.sum(), {"nll": -logp.detach().sum(), **stats}
+
+
+# ---------------------------------------------------------------- the six objectives of Korbak et al. (2023)
+
+def nll_loss(x: LossInputs) -> tuple[torch.Tensor, dict]:
+    """mle, filter, conditional: summed NLL (they differ in the data the layout gives them)."""
+    return x.nll.sum(), {}
+
+
+def unlikelihood_loss(x: LossInputs) -> tuple[torch.Tensor, dict]:
+    return unlikelihood_terms(x.logp, x.misaligned, x.mask, x.p.ul_alpha).sum(), \
+        {"misaligned_tokens": x.misaligned.sum().float()}
+
+
+def rwr_loss(x: LossInputs) -> tuple[torch.Tensor, dict]:
+    w = exp_weights(x.reward, x.p.beta, x.p.max_weight) * x.mask
+    return (x.nll * w).sum(), {"misaligned_tokens": x.misaligned.sum().float(), "weight": w.detach().sum()}
+
+
+def awr_loss(x: LossInputs) -> tuple[torch.Tensor, dict]:
+    if x.values is None:
         raise ValueError("awr needs the value head's output")
-    v = _shift(values, causal).float()
-    w = exp_weights(reward - v.detach(), p.beta, p.max_weight) * mask
-    value_sq = (v - reward) ** 2 * mask
-    stats["weight"] = w.detach().sum()
-    stats["value_mse"] = value_sq.detach().sum()
-    return p.awr_alpha * (nll * w).sum() + (1 - p.awr_alpha) * value_sq.sum(), n, stats
+    v, r = _shift(x.values, x.causal).float(), x.reward
+    w = exp_weights(r - v.detach(), x.p.beta, x.p.max_weight) * x.mask
+    value_sq = (v - r) ** 2 * x.mask
+    loss = x.p.awr_alpha * (x.nll * w).sum() + (1 - x.p.awr_alpha) * value_sq.sum()
+    return loss, {"misaligned_tokens": x.misaligned.sum().float(), "weight": w.detach().sum(),
+                  "value_mse": value_sq.detach().sum()}
+
+
+_PREF = {"misaligned_tokens": "objective/misaligned_fraction"}
+_WEIGHTED = {**_PREF, "weight": "objective/weight_mean"}
+register(Objective("mle", nll_loss))
+register(Objective("filter", nll_loss, layout="filter"))
+register(Objective("conditional", nll_loss, layout="conditional", condition="aligned"))
+register(Objective("unlikelihood", unlikelihood_loss, stats=_PREF))
+register(Objective("rwr", rwr_loss, stats=_WEIGHTED))
+register(Objective("awr", awr_loss, value_head=True, stats={**_WEIGHTED, "value_mse": "objective/value_mse"}))
 
 
 def batch_pref_stats(batch: dict, threshold: float) -> dict:

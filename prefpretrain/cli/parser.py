@@ -1,0 +1,158 @@
+"""The command line: one sub-parser per command. `shard`'s options come from ShardSettings' fields."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from typing import Literal, get_args, get_origin
+
+from prefpretrain.config import config_help
+from prefpretrain.data_shards.options import ShardSettings
+from prefpretrain.typed import field_docs_of
+
+DESCRIPTION = "`prefpretrain <command>`: shard, train, launch, run, evaluate, export, generate, tensorboard, report."
+CONFIG_EPILOG = "config keys (override any as key.sub=value):\n"
+FMT = argparse.RawDescriptionHelpFormatter
+
+
+def _mapping(text: str) -> dict:
+    import yaml
+
+    try:
+        v = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise argparse.ArgumentTypeError(f"not YAML: {e}") from None
+    if not isinstance(v, dict):
+        raise argparse.ArgumentTypeError(f"expected a mapping, got {text!r}")
+    return v
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML run config, e.g. configs/demo.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=20 engine.zero_stage=3")
+
+
+def _add_settings(p: argparse.ArgumentParser, cls: type) -> None:
+    """A flag per field of dataclass `cls`: --field-name, typed, with the field's default and comment."""
+    hints, docs = typing.get_type_hints(cls), dict((k, c) for k, _, _, c in field_docs_of(cls))
+    for f in dataclasses.fields(cls):
+        tp, kw = hints[f.name], {"help": docs.get(f.name, "")}
+        if f.default_factory is not dataclasses.MISSING:  # a mapping: given as YAML
+            kw.update(type=_mapping, default=f.default_factory())
+        elif get_origin(tp) is Literal:
+            kw.update(choices=list(get_args(tp)), default=f.default)
+        else:
+            kw.update(type=next(a for a in (get_args(tp) or (tp,)) if a is not type(None)), default=f.default)
+        p.add_argument(f"--{f.name.replace('_', '-')}", **kw)
+
+
+def _shard(sub) -> None:
+    p = sub.add_parser("shard", help="score, tokenize and write WebDataset shards", formatter_class=FMT)
+    p.add_argument("--input", nargs="+", required=True, help="files, directories, globs, or @stdlib")
+    p.add_argument("--output", required=True, help="output shard directory")
+    _add_settings(p, ShardSettings)
+    p.add_argument("--seq-len", type=int, default=0,
+                   help="report how many packed samples of this length each split gives (packing itself "
+                        "happens at train start, per objective; see data.seq_len)")
+    p.add_argument("--overwrite", action="store_true", help="replace shards already in --output (default: resume "
+                                                             "an interrupted run with the same inputs and options)")
+
+
+def _launch(sub) -> None:
+    p = sub.add_parser("launch", help="start ranks with torchrun: this machine, several by hand, or a SLURM job",
+                       formatter_class=FMT, epilog=CONFIG_EPILOG + config_help())
+    _add_config_args(p)
+    p.add_argument("--nproc-per-node", type=int, default=None,
+                   help="ranks per machine (default launch.nproc_per_node; with --slurm and GPUs: --gpus-per-node)")
+    p.add_argument("--max-restarts", type=int, default=0, help="torchrun elastic restarts")
+    p.add_argument("--nnodes", type=int, default=None, help="machines in the job (run this command on each)")
+    p.add_argument("--node-rank", type=int, default=None,
+                   help="this machine's index, 0..nnodes-1 (default 0, or SLURM_NODEID inside a SLURM job step)")
+    p.add_argument("--rdzv-endpoint", default=None,
+                   help="HOST:PORT every node can reach (the first node's address); needed with --nnodes > 1")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the command line of every node (with --slurm: the sbatch script) and start nothing")
+    p.add_argument("--launcher", choices=["torchrun", "accelerate"], default="torchrun",
+                   help="process launcher: torchrun (default), or `accelerate launch` with a generated config "
+                        "(GPU only: on CPU Accelerate starts one process per machine)")
+    _slurm(p.add_argument_group("SLURM (--slurm): write RUN/slurm/job.sbatch, and submit it with --submit"))
+
+
+def _slurm(g) -> None:
+    g.add_argument("--slurm", action="store_true", help="make a SLURM batch job: one srun task (a torchrun) per node")
+    g.add_argument("--nodes", type=int, default=None, help="nodes of the job (default 1)")
+    g.add_argument("--gpus-per-node", type=int, default=None,
+                   help="GPUs per node, one rank each (0: --nproc-per-node CPU ranks per node; default 0)")
+    g.add_argument("--cpus-per-task", type=int, default=None,
+                   help="CPUs per node's task (default: one per rank without GPUs, --cpus-per-gpu x GPUs with them)")
+    g.add_argument("--cpus-per-gpu", type=int, default=None,
+                   help="with GPUs: CPUs per GPU, not with --cpus-per-task (default: the partition's DefCpuPerGPU, "
+                        "else the fewest CPUs per GPU of its nodes; 8 when no SLURM controller answers)")
+    g.add_argument("--partition", default=None, help="SLURM partition (default: the cluster's default one)")
+    g.add_argument("--time", default=None, help="time limit, e.g. 04:00:00 (default: the partition's)")
+    g.add_argument("--account", default=None, help="SLURM account to charge")
+    g.add_argument("--signal-grace", type=int, default=None,
+                   help="seconds before the time limit at which SLURM sends SIGUSR1 (checkpoint, requeue; default 180)")
+    g.add_argument("--submit", action="store_true", help="submit the script with sbatch and print the job id")
+    g.add_argument("--wait", action="store_true",
+                   help="with --submit: follow the job (through requeues) to its end and exit with its status")
+
+
+def _evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="validation loss, perplexity, misalignment -> RUN_DIR/eval.json")
+    p.add_argument("run_dir")
+    p.add_argument("--samples", type=int, default=None,
+                   help="samples per seed for the misalignment score (default eval.samples)")
+    p.add_argument("--seeds", type=int, default=1, help="sampling seeds; the samples of all seeds are pooled")
+    p.add_argument("--condition", choices=["auto", "aligned", "misaligned", "none"], default=None,
+                   help="control token for conditional models (default eval.condition)")
+    p.add_argument("--scorer", default=None,
+                   help="score the samples with this scorer instead of the shards' (e.g. pep8_style); a comma "
+                        "list scores the same samples with each (the first gives the headline numbers)")
+    p.add_argument("--out", default=None, help="where to write the results (default RUN_DIR/eval.json)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
+                   help="where to run the model (default: the run's engine.device; in its precision on a GPU)")
+
+
+def _generate(sub) -> None:
+    p = sub.add_parser("generate", help="print samples from an exported model or a run directory")
+    p.add_argument("model_dir", help="a `prefpretrain export` directory or a run directory")
+    p.add_argument("--prompt", default="", help="text to continue")
+    p.add_argument("--n", type=int, default=1, help="number of samples")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--condition", choices=["aligned", "misaligned", "none"], default="none",
+                   help="conditional models: control token to prefix and re-insert after each newline")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where to sample (auto: a GPU if torch sees one, else the CPU)")
+
+
+def _runs(sub) -> None:
+    p = sub.add_parser("export", help="newest checkpoint -> HF directory (safetensors + tokenizer)")
+    p.add_argument("run_dir")
+    p.add_argument("out_dir")
+    p = sub.add_parser("tensorboard", help="serve the runs' TensorBoard events (127.0.0.1 by default)")
+    p.add_argument("run_dirs", nargs="+")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=int, default=6006)
+    p = sub.add_parser("report", help="PNG plots and a markdown table comparing runs")
+    p.add_argument("run_dirs", nargs="+")
+    p.add_argument("--out", required=True, help="output directory (report.md + PNGs)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="prefpretrain", description=DESCRIPTION, formatter_class=FMT)
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = ap.add_subparsers(dest="command", required=True)
+    _shard(sub)
+    _add_config_args(sub.add_parser("train", help="train one rank (alone, or under torchrun / srun)",
+                                    formatter_class=FMT, epilog=CONFIG_EPILOG + config_help()))
+    _launch(sub)
+    _add_config_args(sub.add_parser("run", help="the whole pipeline: shard (if needed) -> launch -> evaluate -> "
+                                    "export", formatter_class=FMT, epilog=CONFIG_EPILOG + config_help()))
+    _evaluate(sub)
+    _runs(sub)
+    _generate(sub)
+    return ap
