@@ -1,12 +1,13 @@
 # Two commands on a fresh machine:
 #   make demo   set up .venv and run the embedded default (configs/demo.yaml) end to end
-#   make test   set up .venv and run the whole test suite
+#   make test   set up .venv and run the whole test suite (what CI runs)
+#   make test-fast   the quick tier: unit tests only, no processes started (for the edit-test loop)
 PY      := .venv/bin/python
 PIP     := .venv/bin/pip
 STAMP   := .venv/.installed
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test test-fast lint clean
 
 setup: $(STAMP)
 
@@ -21,6 +22,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -ra -m "not dist and not slurm and not cli" tests
 
 lint: $(STAMP)
 	$(PY) -m ruff check prefpretrain tests bench

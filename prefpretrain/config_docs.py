@@ -12,17 +12,16 @@ import argparse
 import ast
 import dataclasses
 import inspect
-import io
 import json
 import sys
 import textwrap
-import tokenize
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 from prefpretrain.config import Config
+from prefpretrain.typed import dataclass_mro, field_comments
 
 REGENERATE = "python -m prefpretrain.config_docs > docs/configuration.md"
 
@@ -43,50 +42,9 @@ the settings work together.
 """
 
 
-def _comments(source: str) -> dict[int, str]:
-    """Line number (1-based) -> the text of the comment on that line."""
-    out = {}
-    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-        if tok.type == tokenize.COMMENT:
-            out[tok.start[0]] = tok.string.lstrip("#").strip()
-    return out
-
-
-def _own_comments(cls: type) -> dict[str, str]:
-    """The fields one class body declares -> their trailing comments (continued by comment-only lines below)."""
-    source = textwrap.dedent(inspect.getsource(cls))
-    lines = source.splitlines()
-    comments = _comments(source)
-    (node,) = ast.parse(source).body
-    out = {}
-    for stmt in node.body:
-        if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
-            continue
-        parts = [comments[n] for n in range(stmt.lineno, stmt.end_lineno + 1) if n in comments]
-        n = stmt.end_lineno + 1
-        while n <= len(lines) and lines[n - 1].strip().startswith("#"):
-            parts.append(comments[n])
-            n += 1
-        out[stmt.target.id] = " ".join(p for p in parts if p)
-    return out
-
-
-def _dataclass_mro(cls: type) -> list[type]:
-    """The dataclasses a class's fields come from, base classes first."""
-    return [c for c in reversed(cls.__mro__) if dataclasses.is_dataclass(c) and "__dataclass_fields__" in vars(c)]
-
-
-def field_comments(cls: type) -> dict[str, str]:
-    """Field name -> its description, also for fields inherited from a base dataclass (the subclass wins)."""
-    out: dict[str, str] = {}
-    for c in _dataclass_mro(cls):
-        out.update({k: v for k, v in _own_comments(c).items() if v or k not in out})
-    return out
-
-
 def defined_in(cls: type) -> str:
     """"`Name` in `path.py`", with the base dataclasses its fields also come from."""
-    where = [f"`{c.__name__}` in `{c.__module__.replace('.', '/')}.py`" for c in reversed(_dataclass_mro(cls))]
+    where = [f"`{c.__name__}` in `{c.__module__.replace('.', '/')}.py`" for c in reversed(dataclass_mro(cls))]
     return where[0] + (f" (fields also from {', '.join(where[1:])})" if len(where) > 1 else "")
 
 

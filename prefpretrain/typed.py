@@ -5,8 +5,12 @@ Generic: nothing here knows prefpretrain's config sections (prefpretrain.config 
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import inspect
+import io
+import textwrap
+import tokenize
 import types
 import typing
 from collections.abc import Iterator
@@ -136,20 +140,50 @@ def apply_override(root: type, raw: dict, item: str) -> None:
         node = nxt
 
 
-def _comments(cls: type) -> dict[str, str]:
-    """field name -> its trailing `# comment` in the source of the class (or of the dataclass it extends)."""
+def _comments(source: str) -> dict[int, str]:
+    """Line number (1-based) -> the text of the comment on that line."""
+    out = {}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            out[tok.start[0]] = tok.string.lstrip("#").strip()
+    return out
+
+
+def _own_comments(cls: type) -> dict[str, str]:
+    """The fields one class body declares -> their trailing comments (continued by comment-only lines below)."""
+    source = textwrap.dedent(inspect.getsource(cls))
+    lines = source.splitlines()
+    comments = _comments(source)
+    (node,) = ast.parse(source).body
+    out = {}
+    for stmt in node.body:
+        if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
+            continue
+        parts = [comments[n] for n in range(stmt.lineno, stmt.end_lineno + 1) if n in comments]
+        n = stmt.end_lineno + 1
+        while n <= len(lines) and lines[n - 1].strip().startswith("#"):
+            parts.append(comments[n])
+            n += 1
+        out[stmt.target.id] = " ".join(p for p in parts if p)
+    return out
+
+
+def dataclass_mro(cls: type) -> list[type]:
+    """The dataclasses a class's fields come from, base classes first."""
+    return [c for c in reversed(cls.__mro__) if dataclasses.is_dataclass(c) and "__dataclass_fields__" in vars(c)]
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """Field name -> its description, also for fields inherited from a base dataclass (the subclass wins)."""
     out: dict[str, str] = {}
-    for c in reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]):
-        for line in inspect.getsource(c).splitlines():
-            s = line.strip()
-            if ":" in s and "#" in s and not s.startswith(("#", "def ", "class ", "return ")):
-                out[s.split(":")[0].strip()] = s.split("#", 1)[1].strip()
+    for c in dataclass_mro(cls):
+        out.update({k: v for k, v in _own_comments(c).items() if v or k not in out})
     return out
 
 
 def field_docs_of(cls: type) -> list[tuple[str, str, Any, str]]:
     """[(field, type name, default, comment)] of one dataclass (no default: dataclasses.MISSING)."""
-    comments, hints, rows = _comments(cls), typing.get_type_hints(cls), []
+    comments, hints, rows = field_comments(cls), typing.get_type_hints(cls), []
     for f in dataclasses.fields(cls):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         rows.append((f.name, type_name(hints[f.name]), default, comments.get(f.name, "")))

@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny real shard set (stdlib code scored by pycodestyle) and CLI runners."""
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -12,6 +13,25 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+# What a test needs, said by markers (pyproject.toml): `dist` starts several ranks, `slurm` a local SLURM cluster,
+# `cli` prefpretrain commands as processes; unmarked tests are the quick tier (`make test-fast`). A fixture that
+# starts ranks or a cluster marks every test that uses it; a test that runs commands must say so itself.
+FIXTURE_NEEDS = {"slurm": "slurm", "uninterrupted": "slurm", "two_runs": "dist", "old_run": "dist"}
+STARTS_COMMANDS = ("run_cli(", "launch_tiny(")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for fixture, mark in FIXTURE_NEEDS.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(getattr(pytest.mark, mark))
+        marks = {m.name for m in item.iter_markers()}
+        fn = getattr(item, "function", None)
+        if fn is not None and not marks & {"dist", "slurm", "cli"} and any(
+                s in inspect.getsource(fn) for s in STARTS_COMMANDS):
+            raise pytest.UsageError(f"{item.nodeid} runs prefpretrain commands: mark it cli (or dist / slurm)")
 
 
 def cli_env() -> dict[str, str]:

@@ -58,6 +58,7 @@ def test_threshold_zero_is_kept_as_zero():
     (["train", "configs/missing.yaml"], "config: file not found"),
     (["launch", "configs/demo.yaml", "--nproc-per-node", "3"], "train.global_batch_size: 16 is not divisible"),
 ])
+@pytest.mark.cli
 def test_cli_config_errors_are_one_line_exit_2(args, needle):
     r = run_cli(*args, timeout=120)
     assert r.returncode == 2, r.stderr
@@ -67,6 +68,7 @@ def test_cli_config_errors_are_one_line_exit_2(args, needle):
     assert "process group" not in r.stderr.lower()
 
 
+@pytest.mark.cli
 def test_help_lists_config_keys():
     r = run_cli("train", "--help", timeout=120)
     assert r.returncode == 0
@@ -76,6 +78,7 @@ def test_help_lists_config_keys():
         assert run_cli(cmd, "--help", timeout=120).returncode == 0
 
 
+@pytest.mark.cli
 def test_cli_missing_pretrained_dir(tiny_shards):
     r = run_cli("train", "configs/demo.yaml", f"data.shards=[{tiny_shards}]", "model.from_pretrained=/no/such/dir",
                 timeout=120)

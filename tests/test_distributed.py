@@ -222,6 +222,7 @@ def test_samples_do_not_depend_on_how_many_ranks_draw_them():
     assert torch.equal(top_p_probs(logits, 0.7), torch.where(probs >= nucleus_floor(probs, 0.7)[:, None], probs, 0.0))
 
 
+@pytest.mark.cli
 def test_a_cuda_request_without_a_gpu_is_one_line(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
@@ -233,6 +234,7 @@ def test_a_cuda_request_without_a_gpu_is_one_line(tmp_path):
     assert Path(tmp_path).is_dir()
 
 
+@pytest.mark.cli
 def test_weights_only_loading_takes_every_deepspeed_type_a_checkpoint_holds(tmp_path):
     """fp16's dynamic loss scaler is pickled into ZeRO optimizer states (GPU only, so no CPU run writes one):
     it must load under the forced weights-only setting, and a planted global must not."""

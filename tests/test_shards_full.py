@@ -28,6 +28,7 @@ def _shard_files(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name.endswith((".tar", ".idx.npy"))}
 
 
+@pytest.mark.cli
 def test_interrupted_shard_run_resumes_to_the_same_bytes(tmp_path):
     files = sorted(str(p) for p in stdlib_root().glob("*.py"))[:70]
     args = ["--input", *files, "--scorer", "pep8", "--vocab-size", "400", "--workers", "1", "--shard-size-mb", "0.15"]
@@ -208,6 +209,7 @@ def test_sentence_segments_for_prose(tmp_path):
     assert segs == ["Dr. Smith arrived at 9 a.m. on Monday.", " He left early!", " Why?\n", "New line here.\n"]
 
 
+@pytest.mark.cli
 def test_shard_progress_and_workers_flag_exist():
     r = subprocess.run([sys.executable, "-m", "prefpretrain", "shard", "--help"], capture_output=True, text=True,
                        env=cli_env(), cwd=ROOT)
@@ -353,6 +355,7 @@ def test_zero_token_work_and_too_many_corrupt_samples_stop_the_run(tmp_path, std
     assert r.returncode == 2 and "data.seq_len: a causal model needs at least 2 tokens" in r.stderr
 
 
+@pytest.mark.cli
 def test_damaged_inputs_and_bad_requests_are_one_line(tmp_path, stdlib_files):
     """Damaged .gz / .zst inputs are counted as unreadable; an output that is a file, an override that is a YAML
     alias or tag, a config that is a list and a rank count below 1 are one line and exit 2."""

@@ -13,8 +13,6 @@ import pytest
 from tests.conftest import ROOT, cli_env, read_metrics, run_cli, tiny_overrides
 from tests.slurm_cluster import SlurmCluster, ensure_installed
 
-pytestmark = pytest.mark.slurm
-
 # long enough for a signal to land mid-run, short enough for CI; no periodic checkpoints, so a resume
 # can only come from the pre-emption checkpoint
 KW = {"train.log_every": 1, "train.precision": "fp32", "train.max_steps": 200, "eval.every_steps": 0,

@@ -8,9 +8,8 @@ import pytest
 
 from tests.conftest import launch_tiny, read_metrics, run_cli
 
-pytestmark = pytest.mark.dist
 
-
+@pytest.mark.dist
 def test_two_ranks_train_one_model(tiny_shards, tmp_path):
     run = tmp_path / "run"
     launch_tiny(tiny_shards, run, **{"train.max_steps": 12, "train.log_every": 1, "train.lr": "1.0e-2"})
@@ -29,6 +28,7 @@ def test_two_ranks_train_one_model(tiny_shards, tmp_path):
     assert json.loads((run / "deepspeed_config.json").read_text())["zero_optimization"]["stage"] == 2
 
 
+@pytest.mark.dist
 def test_world_size_does_not_change_the_training(tiny_shards, tmp_path):
     """Same global batch and order: 1 rank x accumulation 2 == 2 ranks x accumulation 1."""
     kw = {"train.max_steps": 4, "train.log_every": 1, "checkpoint.every_steps": 0, "eval.every_steps": 0}
@@ -40,6 +40,7 @@ def test_world_size_does_not_change_the_training(tiny_shards, tmp_path):
     assert a == pytest.approx(b, abs=2e-4)
 
 
+@pytest.mark.dist
 def test_resume_from_checkpoint_is_exact(tiny_shards, tmp_path):
     kw = {"train.max_steps": 6, "train.log_every": 1, "checkpoint.every_steps": 3, "checkpoint.keep_last": 5}
     full = tmp_path / "full"
@@ -60,6 +61,7 @@ def test_resume_from_checkpoint_is_exact(tiny_shards, tmp_path):
     assert state["data_position"] == 6 * 4 and state["world_size"] == 2
 
 
+@pytest.mark.dist
 def test_masked_lm_trains_and_exports(tiny_shards, tmp_path):
     run = tmp_path / "bert"
     launch_tiny(tiny_shards, run, nproc=1, **{"model.kind": "masked", "model.arch": "bert", "train.objective": "mle",
@@ -73,6 +75,7 @@ def test_masked_lm_trains_and_exports(tiny_shards, tmp_path):
     assert type(AutoModelForMaskedLM.from_pretrained(str(tmp_path / "export"))).__name__ == "BertForMaskedLM"
 
 
+@pytest.mark.dist
 def test_two_nodes_by_hand_rendezvous_and_train_one_model(tiny_shards, tmp_path):
     """Two `launch --nnodes 2 --node-rank R --rdzv-endpoint` agents (here on one host) form one job."""
     import subprocess
@@ -94,6 +97,7 @@ def test_two_nodes_by_hand_rendezvous_and_train_one_model(tiny_shards, tmp_path)
     assert len(read_metrics(run)) == 6
 
 
+@pytest.mark.cli
 def test_launch_dry_run_prints_every_node_and_refuses_bad_requests():
     r = run_cli("launch", "configs/demo.yaml", "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint",
                 "n1:29500", "--dry-run", "train.max_steps=5")
@@ -108,6 +112,7 @@ def test_launch_dry_run_prints_every_node_and_refuses_bad_requests():
     assert r.returncode == 2 and "is not divisible by micro_batch_size x world size = 8 x 6" in r.stderr
 
 
+@pytest.mark.cli
 def test_accelerate_launcher_config_is_valid_for_accelerate_and_refused_on_cpu(tmp_path):
     """`--launcher accelerate`: the generated config loads with Accelerate's own loader, its argv parses with
     Accelerate's own launch parser, and on CPU (where `accelerate launch` starts one process) it is refused."""
