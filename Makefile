@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(PY) -m prefpretrain run configs/demo.yaml
 
 test: $(STAMP)
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra -n 2 --dist loadgroup tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -ra -m "not dist and not slurm and not cli" tests

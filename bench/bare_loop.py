@@ -18,9 +18,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from prefpretrain.config import load_config
 from prefpretrain.data_shards.loader import MixtureDataset, rank_positions
 from prefpretrain.data_shards.packing import PackedSet
-from prefpretrain.objectives import layout_for, token_nll
+from prefpretrain.losses import token_nll
+from prefpretrain.objectives import layout_for
+from prefpretrain.trainer.data import open_data
 from prefpretrain.trainer.flops import matmul_peak
-from prefpretrain.trainer.loop import open_data
 from prefpretrain.trainer.model import build_model, count_params
 
 

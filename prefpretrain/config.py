@@ -311,7 +311,7 @@ def _check_values(cfg: Config) -> None:
 def _check_objective(cfg: Config) -> None:
     t = cfg.train
     if t.objective not in OBJECTIVES:
-        raise ConfigError(f"train.objective: expected one of {', '.join(OBJECTIVES)}, got {t.objective!r}")
+        raise ConfigError(f"train.objective: expected one of {' | '.join(map(repr, OBJECTIVES))}, got {t.objective!r}")
     o = cfg.objective
     for key, val in [("objective.ul_alpha", o.ul_alpha), ("objective.beta", o.beta),
                      ("objective.max_weight", o.max_weight)]:

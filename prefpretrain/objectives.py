@@ -3,7 +3,8 @@ Korbak et al. (2023) as small pure functions of the batch's token log-probabilit
 
 Adding an objective: write its loss function over `LossInputs`, register it with its data layout, value head,
 statistics (TensorBoard tags) and evaluation condition, add any parameter to `ObjectiveConfig`, and test it in
-tests/test_objectives.py. Nothing else names objectives.
+tests/test_objectives.py. Nothing else names objectives. This module does not import torch (the config reads its
+registry): losses use tensor methods; token log-probs and `compute_loss` are prefpretrain.losses'.
 
 Scores follow the PHF convention: LOWER IS BETTER (e.g. PEP8 violations per character); every token
 carries the score of its segment, and a token is "aligned" iff its score <= threshold (0 means 0).
@@ -27,11 +28,12 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
+from prefpretrain.data_shards.packing import Layout
 
-from prefpretrain.data_shards.packing import IGNORE, Layout
+if TYPE_CHECKING:  # tensors flow through here; torch itself is imported by prefpretrain.losses (the config is not)
+    import torch
 
 
 @dataclass
@@ -101,7 +103,7 @@ def resolved(params: ObjectiveConfig, train_score_stats: dict) -> ObjectiveConfi
     return dataclasses.replace(params, reward_scale=reward_scale_for(params.reward_scale, train_score_stats))
 
 
-def _shift(x: torch.Tensor, causal: bool) -> torch.Tensor:
+def shift_to_targets(x: torch.Tensor, causal: bool) -> torch.Tensor:
     """The part of a per-position tensor that lines up with the targets (causal: predicting t+1)."""
     return x[:, :-1] if causal else x
 
@@ -112,81 +114,15 @@ def _targets(batch: dict, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return labels, scores.float()
 
 
-class _ChunkedLogp(torch.autograd.Function):
-    """log p(target) per row of (N, V) logits, in fp32, without an fp32 copy of the logits: the forward keeps
-    one log-sum-exp per row, the backward recomputes the softmax chunk by chunk and writes the gradient in the
-    logits' own dtype (d log p_y / d z_j = 1[j = y] - p_j)."""
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, chunk: int) -> torch.Tensor:
-        lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-        for a in range(0, logits.shape[0], chunk):
-            lse[a: a + chunk] = torch.logsumexp(logits[a: a + chunk].float(), dim=-1)
-        ctx.save_for_backward(logits, target, lse)
-        ctx.chunk = chunk
-        return logits.gather(1, target[:, None]).squeeze(1).float() - lse
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        logits, target, lse = ctx.saved_tensors
-        grad = torch.empty_like(logits)
-        for a in range(0, logits.shape[0], ctx.chunk):
-            gi = g[a: a + ctx.chunk, None].float()
-            part = logits[a: a + ctx.chunk].to(torch.float32, copy=True)  # one fp32 temporary per chunk
-            part.sub_(lse[a: a + ctx.chunk, None]).exp_().mul_(-gi)
-            grad[a: a + ctx.chunk] = part.scatter_add_(1, target[a: a + ctx.chunk, None], gi)
-        return grad, None, None
-
-
-CE_CHUNK_ELEMENTS = 1 << 26  # logits elements per chunk of the chunked cross-entropy (256 MB in fp32)
-
-
-def token_logp(logits: torch.Tensor, labels: torch.Tensor, causal: bool = True,
-               chunked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(target) per target position (fp32; 0 where there is no target) and the target mask.
-
-    `chunked` (train.cross_entropy=chunked): the same values and gradients without the fp32 copy of the logits
-    and their saved log-softmax (for a 32 k vocabulary and 16 k tokens, ~4 GB less at the peak)."""
-    if not chunked:
-        logits = _shift(logits, causal)
-        if causal:
-            labels = labels[:, 1:]
-        mask = labels != IGNORE
-        logp = -F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.clamp_min(0).reshape(-1),
-                                reduction="none").view(labels.shape)
-        return logp * mask, mask
-    if causal:  # targets shifted onto the logits' own positions (no sliced copy of the logits)
-        labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE)], dim=1)
-    mask = labels != IGNORE
-    V = logits.size(-1)
-    logp = _ChunkedLogp.apply(logits.reshape(-1, V), labels.clamp_min(0).reshape(-1),
-                              max(1, CE_CHUNK_ELEMENTS // V)).view(labels.shape)
-    logp = logp * mask
-    return (logp[:, :-1], mask[:, :-1]) if causal else (logp, mask)
-
-
-def token_nll(logits: torch.Tensor, labels: torch.Tensor, causal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token negative log-likelihood (fp32) and the mask of tokens that count."""
-    logp, mask = token_logp(logits, labels, causal)
-    return -logp, mask
-
-
-def target_count(batch: dict, causal: bool = True) -> int:
-    """Tokens that carry a loss in a batch (what a step's loss is averaged over)."""
-    labels = batch["labels"][:, 1:] if causal else batch["labels"]
-    return int((labels != IGNORE).sum())
-
-
 def unlikelihood_terms(logp: torch.Tensor, misaligned: torch.Tensor, mask: torch.Tensor, alpha: float) -> torch.Tensor:
     """Per-token loss: -log p on aligned targets, alpha * -log(1 - p) on misaligned ones."""
-    p = logp.exp()
-    ul = -torch.log1p(-p.clamp(max=1 - 1e-6))
-    return torch.where(misaligned, alpha * ul, -logp) * mask
+    ul = -(-logp.exp().clamp(max=1 - 1e-6)).log1p()
+    return (alpha * ul).where(misaligned, -logp) * mask
 
 
 def exp_weights(x: torch.Tensor, beta: float, max_weight: float) -> torch.Tensor:
     """min(exp(x / beta), max_weight), computed without overflow."""
-    return torch.exp(torch.clamp(x / beta, max=math.log(max_weight)))
+    return (x / beta).clamp(max=math.log(max_weight)).exp()
 
 
 @dataclass
@@ -217,17 +153,6 @@ class LossInputs:
         return -self.scores * self.p.reward_scale
 
 
-def compute_loss(objective: str, logits: torch.Tensor, batch: dict, causal: bool = True,
-                 p: ObjectiveConfig | None = None, values: torch.Tensor | None = None,
-                 chunked: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """(summed loss, target count, summed statistics), all tensors on the logits' device: nothing here waits
-    for the device (the loop synchronises once per log window). `values` (B, T): the value head's (awr)."""
-    obj, p = get_objective(objective), p or ObjectiveConfig()
-    logp, mask = token_logp(logits, batch["labels"], causal, chunked)
-    loss, stats = obj.loss(LossInputs(logp, mask, batch, causal, p, values))
-    return loss, mask.sum(), {"nll": -logp.detach().sum(), **stats}
-
-
 # ---------------------------------------------------------------- the six objectives of Korbak et al. (2023)
 
 def nll_loss(x: LossInputs) -> tuple[torch.Tensor, dict]:
@@ -248,7 +173,7 @@ def rwr_loss(x: LossInputs) -> tuple[torch.Tensor, dict]:
 def awr_loss(x: LossInputs) -> tuple[torch.Tensor, dict]:
     if x.values is None:
         raise ValueError("awr needs the value head's output")
-    v, r = _shift(x.values, x.causal).float(), x.reward
+    v, r = shift_to_targets(x.values, x.causal).float(), x.reward
     w = exp_weights(r - v.detach(), x.p.beta, x.p.max_weight) * x.mask
     value_sq = (v - r) ** 2 * x.mask
     loss = x.p.awr_alpha * (x.nll * w).sum() + (1 - x.p.awr_alpha) * value_sq.sum()
@@ -264,14 +189,3 @@ register(Objective("conditional", nll_loss, layout="conditional", condition="ali
 register(Objective("unlikelihood", unlikelihood_loss, stats=_PREF))
 register(Objective("rwr", rwr_loss, stats=_WEIGHTED))
 register(Objective("awr", awr_loss, value_head=True, stats={**_WEIGHTED, "value_mse": "objective/value_mse"}))
-
-
-def batch_pref_stats(batch: dict, threshold: float) -> dict:
-    """Preference statistics of the tokens in a batch (for TensorBoard)."""
-    scores = batch["scores"].float()
-    not_ctrl = ~batch["control"]
-    s = scores[not_ctrl]
-    return {
-        "score_mean": float(s.mean()) if s.numel() else 0.0,
-        "aligned_fraction": float((s <= threshold).float().mean()) if s.numel() else 0.0,
-    }

@@ -20,13 +20,21 @@ ROOT = Path(__file__).resolve().parents[1]
 # starts ranks or a cluster marks every test that uses it; a test that runs commands must say so itself.
 FIXTURE_NEEDS = {"slurm": "slurm", "uninterrupted": "slurm", "two_runs": "dist", "old_run": "dist"}
 STARTS_COMMANDS = ("run_cli(", "launch_tiny(")
+# `make test` runs the tests on 2 workers (pytest-xdist, --dist loadgroup): the tests that share an expensive
+# fixture (one SLURM cluster, one earlier run) stay on one worker, which builds it once
+SHARED_FIXTURES = {"slurm": "slurm", "uninterrupted": "slurm", "old_run": "continual", "two_runs": "monitoring"}
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
+        names = getattr(item, "fixturenames", ())
         for fixture, mark in FIXTURE_NEEDS.items():
-            if fixture in getattr(item, "fixturenames", ()):
+            if fixture in names:
                 item.add_marker(getattr(pytest.mark, mark))
+        for fixture, group in SHARED_FIXTURES.items():
+            if fixture in names:
+                item.add_marker(pytest.mark.xdist_group(group))
+                break
         marks = {m.name for m in item.iter_markers()}
         fn = getattr(item, "function", None)
         if fn is not None and not marks & {"dist", "slurm", "cli"} and any(

@@ -181,18 +181,18 @@ def test_mfu_model_flops_and_the_datasheet_peak():
 
 
 def test_chunked_cross_entropy_equals_torchs_values_and_gradients(monkeypatch):
-    from prefpretrain import objectives
+    from prefpretrain import losses
 
-    monkeypatch.setattr(objectives, "CE_CHUNK_ELEMENTS", 3 * 50)  # several chunks
+    monkeypatch.setattr(losses, "CE_CHUNK_ELEMENTS", 3 * 50)  # several chunks
     g = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 50, (2, 7), generator=g)
-    labels[0, 3] = objectives.IGNORE
+    labels[0, 3] = losses.IGNORE
     for causal in (True, False):
         for dtype in (torch.float32, torch.bfloat16):
             base = torch.randn(2, 7, 50, generator=g).to(dtype)
             a, b = base.clone().requires_grad_(True), base.clone().requires_grad_(True)
-            la, ma = objectives.token_logp(a, labels, causal)
-            lb, mb = objectives.token_logp(b, labels, causal, chunked=True)
+            la, ma = losses.token_logp(a, labels, causal)
+            lb, mb = losses.token_logp(b, labels, causal, chunked=True)
             assert torch.equal(ma, mb) and torch.allclose(la, lb, atol=1e-5)
             w = torch.rand(la.shape, generator=g)
             (la * w).sum().backward()

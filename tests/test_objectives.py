@@ -14,7 +14,8 @@ from prefpretrain.data_shards.packing import IGNORE
 from prefpretrain.data_shards.scorers import Pep8Scorer
 from prefpretrain.data_shards.segment import line_spans
 from prefpretrain.data_shards.sources import Document
-from prefpretrain.objectives import ObjectiveConfig, compute_loss, exp_weights, layout_for, reward_scale_for
+from prefpretrain.losses import compute_loss
+from prefpretrain.objectives import ObjectiveConfig, exp_weights, layout_for, reward_scale_for
 from prefpretrain.trainer.evaluate import bootstrap_ci, expected_max, summarize_scores
 from tests.conftest import launch_tiny, read_metrics
 

@@ -11,7 +11,7 @@ LAYERS = [
     ("base", ["prefpretrain", "prefpretrain.errors", "prefpretrain.logs", "prefpretrain.typed",
               "prefpretrain.distributed"]),
     ("data", ["prefpretrain.data_shards"]),
-    ("objectives", ["prefpretrain.objectives"]),
+    ("objectives", ["prefpretrain.objectives", "prefpretrain.losses"]),
     ("config", ["prefpretrain.config", "prefpretrain.rundir", "prefpretrain.config_docs"]),
     ("trainer", ["prefpretrain.trainer"]),
     ("continual", ["prefpretrain.continual"]),

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from prefpretrain.data_shards.packing import IGNORE
-from prefpretrain.objectives import token_nll
+from prefpretrain.losses import token_nll
 
 
 def diagonal_fisher(model, samples: list[dict], causal: bool = True) -> dict[str, torch.Tensor]:

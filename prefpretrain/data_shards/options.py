@@ -23,7 +23,7 @@ class ShardSettings:
 
     def worker_count(self) -> int:
         """`workers`, or one per CPU this process may run on."""
-        return self.workers or len(os.sched_getaffinity(0))
+        return self.workers or os.cpu_count() or 1
 
 
 @dataclass(kw_only=True)

@@ -66,9 +66,9 @@ class TrainData:
         return self.manifest["tokenizer"]["vocab_size"]
 
 
-def training_data(cfg: Config) -> TrainData:
-    """Everything opened, checked and packed; an objective or a split that leaves no sample is one line."""
-    sets, val_set, manifest = open_data(cfg)
+def training_data(cfg: Config, sets: list[ShardSet], val_set: ShardSet, manifest: dict) -> TrainData:
+    """The opened shard sets (open_data) packed and checked; an objective or a split that leaves no sample is
+    one line."""
     L, sp = cfg.data.seq_len, manifest["tokenizer"]["special_ids"]
     layout, mlm = run_layout(cfg, sp), mask_spec(cfg, manifest)
     packed = [PackedSet(s, layout, L, mlm, cfg.data.on_corrupt == "skip") for s in sets]

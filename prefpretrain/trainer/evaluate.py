@@ -18,7 +18,7 @@ from prefpretrain.data_shards.scorers import Pep8Scorer, get_scorer
 from prefpretrain.data_shards.segment import get_segmenter
 from prefpretrain.data_shards.sources import Document
 from prefpretrain.errors import InputError
-from prefpretrain.objectives import token_nll
+from prefpretrain.losses import token_nll
 from prefpretrain.rundir import EVAL, METRICS, TENSORBOARD
 from prefpretrain.trainer.sampling import SAMPLE_BATCH, my_batches, sample_texts
 

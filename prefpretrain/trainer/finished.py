@@ -11,7 +11,7 @@ import torch
 from prefpretrain import distributed
 from prefpretrain.config import Config
 from prefpretrain.data_shards.reader import ShardSet
-from prefpretrain.errors import ConfigError
+from prefpretrain.errors import InputError
 from prefpretrain.rundir import CHECKPOINTS, MODEL_CONFIG, RunDir
 from prefpretrain.trainer import checkpoint as ckptlib
 
@@ -32,16 +32,16 @@ class FinishedRun:
             ckpt, run = p, RunDir(p.parent.parent)
             problem = ckptlib.verify(ckpt) if check else None
             if problem:
-                raise ConfigError(f"{key}: {ckpt} is damaged ({problem})")
+                raise InputError(f"{key}: {ckpt} is damaged ({problem})")
         elif RunDir(p).checkpoints.is_dir():
             run = RunDir(p)
             ckpt = ckptlib.find_latest(run.checkpoints, check)
             if ckpt is None:
-                raise ConfigError(f"{key}: {path!r} has no complete checkpoint")
+                raise InputError(f"{key}: {path!r} has no complete checkpoint")
         else:
-            raise ConfigError(f"{key}: {path!r} is neither a run directory nor a checkpoint directory")
+            raise InputError(f"{key}: {path!r} is neither a run directory nor a checkpoint directory")
         if not run.is_run():
-            raise ConfigError(f"{key}: {run.path} has no config.yaml / model_config (not a prefpretrain run?)")
+            raise InputError(f"{key}: {run.path} has no config.yaml / model_config (not a prefpretrain run?)")
         return cls(run, run.config(), ckpt, ckptlib.read_state(ckpt))
 
     @property

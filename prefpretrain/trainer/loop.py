@@ -18,9 +18,17 @@ import torch
 from prefpretrain import distributed
 from prefpretrain.config import Config
 from prefpretrain.data_shards.loader import train_loader
-from prefpretrain.errors import EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_REFUSED, InputError, Preempted, TrainingDiverged
+from prefpretrain.errors import (
+    EXIT_DIVERGED,
+    EXIT_PREEMPTED,
+    EXIT_REFUSED,
+    ConfigError,
+    InputError,
+    Preempted,
+    TrainingDiverged,
+)
 from prefpretrain.logs import setup_logging
-from prefpretrain.objectives import target_count
+from prefpretrain.losses import target_count
 from prefpretrain.trainer import checkpoint as ckptlib
 from prefpretrain.trainer import session as sessionlib
 from prefpretrain.trainer.evaluate import validation_loss
@@ -36,6 +44,10 @@ log = logging.getLogger(__name__)
 
 
 def train(cfg: Config, hooks: Sequence[TrainHooks] = ()) -> dict:
+    """Train one rank. `hooks` extend the run (prefpretrain.trainer.hooks); a continual update is one, and a
+    config that asks for one (continual.from) without it is refused rather than trained from scratch."""
+    if cfg.continual.from_ and "continual" not in {h.name for h in hooks}:
+        raise ConfigError("continual.from: set, but no continual-update hook was passed to train()")
     Preemption.install()
     info = distributed.setup(cfg.engine.backend, cfg.engine.device, cfg.engine.timeout_s)
     setup_logging(info.rank)
@@ -56,6 +68,7 @@ def train(cfg: Config, hooks: Sequence[TrainHooks] = ()) -> dict:
 
 def _train(s: Session) -> dict:
     cfg, t, world = s.cfg, s.cfg.train, s.info.world_size
+    val = evaluate(s) if cfg.eval.at_start else {}
     it = iter(train_loader(s.data.ds, s.step, t.max_steps, t.micro_batch_size, t.global_batch_size, s.info.rank,
                            world, cfg.data.num_workers, pin_memory=s.info.device.type == "cuda"))
     diverging, early = DivergenceGuard(t.max_bad_steps), EarlyStopping(cfg.eval.early_stop_patience,
@@ -63,7 +76,7 @@ def _train(s: Session) -> dict:
     eval_due, save_due = Every(cfg.eval.every_steps, t.max_steps), Every(cfg.checkpoint.every_steps, t.max_steps)
     ids = SampleIdLog(s.run_dir, s.info.rank, cfg.data.log_sample_ids)
     prof = StepProfiler(t.profile_at, t.profile_steps, s.run_dir, s.info.rank, s.info.device)
-    w, tags, val = Window(), stat_tags(s.spec), evaluate(s) if cfg.eval.at_start else {}
+    w, tags = Window(), stat_tags(s.spec)
     s.engine.train()
     while s.step < t.max_steps:
         prof.before_step(s.step)

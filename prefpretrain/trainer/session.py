@@ -17,7 +17,7 @@ from prefpretrain.config import Config
 from prefpretrain.objectives import get_objective, resolved
 from prefpretrain.rundir import CHECKPOINTS, MODEL_CONFIG
 from prefpretrain.trainer import checkpoint as ckptlib
-from prefpretrain.trainer.data import DataQuality, TrainData, training_data
+from prefpretrain.trainer.data import DataQuality, TrainData, open_data, training_data
 from prefpretrain.trainer.engine import build_engine, local_param_elements, partitioned_build
 from prefpretrain.trainer.flops import flops_per_token, peak_flops
 from prefpretrain.trainer.hooks import HookList, TrainContext
@@ -64,7 +64,8 @@ def _build_model(cfg: Config, info, data: TrainData, hooks: HookList):
     np.random.seed(cfg.run.seed % 2**32)
     dev, L = info.device, cfg.data.seq_len
     with partitioned_build(cfg, info.world_size) if cfg.engine.zero3_init == "partitioned" else nullcontext():
-        model = hooks.initial_model() or build_model(cfg.model, data.vocab_size, L, data.special,
+        model = hooks.initial_model()
+        model = model if model is not None else build_model(cfg.model, data.vocab_size, L, data.special,
                                                      cuda=dev.type == "cuda", precision=cfg.train.precision)
     facts = {"built_local": local_param_elements(model)}
     if get_objective(cfg.train.objective).value_head and not hasattr(model, "value_head"):
@@ -79,9 +80,11 @@ def _build_model(cfg: Config, info, data: TrainData, hooks: HookList):
 
 def start(cfg: Config, info, hooks: HookList) -> Session:
     rank, world, run_dir = info.rank, info.world_size, Path(cfg.run.output_dir)
-    data = training_data(cfg)
-    check_agreement(world, {"config_hash": cfg.hash(), "tokenizer_hash": data.tokenizer_hash,
-                            "shards": [s.manifest["splits"]["train"]["shards"][0]["sha256"] for s in data.sets]})
+    sets, val_set, manifest = open_data(cfg)
+    # before any rank can refuse alone: ranks that read another config or other shards would wait on each other
+    check_agreement(world, {"config_hash": cfg.hash(), "tokenizer_hash": sets[0].tokenizer_hash,
+                            "shards": [s.manifest["splits"]["train"]["shards"][0]["sha256"] for s in sets]})
+    data = training_data(cfg, sets, val_set, manifest)
     hooks.start(TrainContext(cfg, run_dir, rank, world, info.device, data.layout, data.mlm, data.vocab_size))
     data.ds = hooks.wrap_dataset(data.ds)
     model, facts = _build_model(cfg, info, data, hooks)

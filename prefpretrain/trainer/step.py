@@ -12,7 +12,8 @@ import torch
 
 from prefpretrain import distributed
 from prefpretrain.data_shards.packing import IGNORE
-from prefpretrain.objectives import ObjectiveConfig, batch_pref_stats, compute_loss, get_objective, target_count
+from prefpretrain.losses import batch_pref_stats, compute_loss, target_count
+from prefpretrain.objectives import ObjectiveConfig, get_objective
 from prefpretrain.trainer import adversarial
 
 # the window's sums, in this order; objective / adversarial statistics follow, sorted by name
