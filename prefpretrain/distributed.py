@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +25,9 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from prefpretrain import host
+from prefpretrain.host import free_port  # noqa: F401 - the ranks' rendezvous port (and the tests')
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -116,7 +118,7 @@ def threads_for(p: Placement, affinity: int, env: Mapping[str, str]) -> int:
 
 def use_cuda(device: str) -> bool:
     """engine.device -> whether to compute on CUDA (auto: when torch sees a GPU)."""
-    return torch.cuda.is_available() if device == "auto" else device == "cuda"
+    return host.use_cuda(device)
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -128,12 +130,6 @@ def pick_device(device: str = "auto") -> torch.device:
     if p.launcher != "torchrun":
         return torch.device("cuda", 0)
     return torch.device("cuda", device_index(p, torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES")))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def slurm_facts() -> dict | None:

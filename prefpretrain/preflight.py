@@ -13,11 +13,11 @@ from prefpretrain.config import Config, load_config
 from prefpretrain.errors import ConfigError
 
 
-def cuda_wanted(device: str) -> bool:
+def cuda_wanted(device: str | None) -> bool:
     """Whether `engine.device` / `--device` means a GPU here (auto: one that torch sees)."""
-    import torch
+    from prefpretrain.host import use_cuda
 
-    return torch.cuda.is_available() if device in ("auto", None) else device == "cuda"
+    return use_cuda(device or "auto")
 
 
 def check_device(cfg: Config) -> None:
@@ -31,16 +31,13 @@ def check_device(cfg: Config) -> None:
 
 
 def check_gpu_if_asked(device: str | None, key: str = "--device") -> None:
-    if device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError(f"{key}: cuda asked for, but torch sees no GPU")
+    if device == "cuda" and not cuda_wanted("auto"):
+        raise ConfigError(f"{key}: cuda asked for, but torch sees no GPU")
 
 
 def check_engine(cfg: Config, world: int) -> None:
     """The DeepSpeed config the options imply, with engine.deepspeed merged (conflicts are one line, here)."""
-    from prefpretrain.trainer.engine import ds_config
+    from prefpretrain.trainer.dsconfig import ds_config
 
     cfg.grad_accum_for(world)
     check_device(cfg)

@@ -1,4 +1,5 @@
-"""The run directory, declared: every file and folder a run writes, named once.
+"""The run directory, declared: every file and folder a run writes, named once (no dependencies: every layer
+may name them).
 
     config.yaml          the resolved config (what `train` ran with; later commands read it back)
     run_info.json        world size, hosts, versions, git commit, model facts; earlier starts under `history`
@@ -23,11 +24,10 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
-
-from prefpretrain.config import Config, load_config
-from prefpretrain.errors import ConfigError
 
 CONFIG = "config.yaml"
 RUN_INFO = "run_info.json"
@@ -74,12 +74,45 @@ class RunDir:
         """Written by `train`: a config and a model config (checkpoints may still be missing)."""
         return (self.path / CONFIG).is_file() and self.model_config.is_dir()
 
-    def config(self) -> Config:
-        """The config the run trained with."""
-        if not (self.path / CONFIG).is_file():
-            raise ConfigError(f"{self.path}: no {CONFIG} (not a prefpretrain run directory?)")
-        return load_config(self.path / CONFIG)
-
     def read_json(self, name: str) -> dict | None:
         p = self.path / name
         return json.loads(p.read_text()) if p.is_file() else None
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write, fsync, rename: a reader sees the old file or the whole new one."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_failure(run_dir: Path, reason: str, exit_code: int, message: str) -> None:
+    """RUN/failure.json: why a run stopped, for the launcher (torchrun only reports 'a child failed')."""
+
+    atomic_write(run_dir / FAILURE, json.dumps({"reason": reason, "exit_code": exit_code, "message": message,
+                                                        "time": time.time()}, indent=1))
+
+
+def write_rank_failure(run_dir: Path, rank: int, reason: str, exit_code: int, message: str) -> None:
+    """RUN/failures/rankR.json: a stop only this rank saw (a damaged shard it read, its own optimizer file,
+    its write on a full disk); rank 0 may never get to write failure.json."""
+    d = run_dir / FAILURES
+    d.mkdir(exist_ok=True)
+    atomic_write(d / f"rank{rank}.json", json.dumps({"reason": reason, "exit_code": exit_code,
+                                                        "message": message, "time": time.time()}, indent=1))
+
+
+def read_failure(run_dir: Path, since: float) -> dict | None:
+    """Why a run stopped, written since `since`: failure.json (every rank agreed), else the earliest rank's."""
+    found = []
+    for p in [run_dir / FAILURE, *sorted((run_dir / FAILURES).glob("rank*.json"))]:
+        try:
+            f = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(f, dict) and f.get("time", 0) >= since:
+            found.append((p.name != FAILURE, f.get("time", 0), f))  # the agreed one first, then the earliest
+    return min(found, key=lambda x: x[:2])[2] if found else None

@@ -40,6 +40,9 @@ def pytest_collection_modifyitems(config, items):
         if fn is not None and not marks & {"dist", "slurm", "cli"} and any(
                 s in inspect.getsource(fn) for s in STARTS_COMMANDS):
             raise pytest.UsageError(f"{item.nodeid} runs prefpretrain commands: mark it cli (or dist / slurm)")
+    # the long tests first, the quick ones last: on 2 workers the quick ones fill the gaps at the end
+    cost = {"slurm": 0, "dist": 1, "cli": 2}
+    items.sort(key=lambda it: min((cost[m.name] for m in it.iter_markers() if m.name in cost), default=3))
 
 
 def cli_env() -> dict[str, str]:
@@ -91,6 +94,23 @@ def tiny_shards(tmp_path_factory, stdlib_files) -> Path:
     build_shards(ShardOptions(inputs=stdlib_files, output=str(out), scorer="pep8", vocab_size=512,
                               val_fraction=0.2, workers=1, progress=False))
     return out
+
+
+@pytest.fixture(scope="session")
+def shared_run(tmp_path_factory, tiny_shards):
+    """`shared_run(nproc, **overrides)`: a finished launch_tiny run on tiny_shards, made once per worker for each
+    distinct configuration and shared by the tests that need the same one (they read it; to change it, copy it).
+    Tests sharing one are put in one xdist group."""
+    cache: dict = {}
+
+    def get(nproc: int = 2, **kw) -> Path:
+        key = (nproc, tuple(sorted((k, str(v)) for k, v in kw.items())))
+        if key not in cache:
+            cache[key] = tmp_path_factory.mktemp("shared") / "run"
+            launch_tiny(tiny_shards, cache[key], nproc, **kw)
+        return cache[key]
+
+    return get
 
 
 def launch_tiny(shards: Path, run_dir: Path, nproc: int = 2, expect: int = 0, timeout: int = 600,

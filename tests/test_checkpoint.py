@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -114,9 +115,13 @@ def test_killed_worker_restarts_and_gives_the_same_result(tiny_shards, tmp_path)
     assert _last_ids(run) == _last_ids(ref)
 
 
-def test_an_incomplete_checkpoint_is_never_used(tiny_shards, tmp_path):
+SIX = dict(KW, **{"train.max_steps": 6, "checkpoint.every_steps": 3})
+
+
+@pytest.mark.xdist_group("six_steps")
+def test_an_incomplete_checkpoint_is_never_used(tmp_path, shared_run):
     run = tmp_path / "run"
-    launch_tiny(tiny_shards, run, 2, **dict(KW, **{"train.max_steps": 6, "checkpoint.every_steps": 3}))
+    shutil.copytree(shared_run(2, **SIX), run)  # (a copy of the run the damaged-checkpoint test also uses)
     ck = run / "checkpoints"
     # a crash in the middle of saving step 6: DeepSpeed's files are there, our state.json is not
     (ck / "step_00000006" / "state.json").unlink()
@@ -127,9 +132,10 @@ def test_an_incomplete_checkpoint_is_never_used(tiny_shards, tmp_path):
     assert r.returncode == 0 and json.loads((run / "eval.json").read_text())["step"] == 3
 
 
-def test_a_damaged_checkpoint_is_detected_and_the_previous_one_used(tiny_shards, tmp_path):
+@pytest.mark.xdist_group("six_steps")
+def test_a_damaged_checkpoint_is_detected_and_the_previous_one_used(tiny_shards, tmp_path, shared_run):
     run = tmp_path / "run"
-    launch_tiny(tiny_shards, run, 2, **dict(KW, **{"train.max_steps": 6, "checkpoint.every_steps": 3}))
+    shutil.copytree(shared_run(2, **SIX), run)
     ck = run / "checkpoints"
     state = json.loads((ck / "step_00000006" / "state.json").read_text())
     assert {"mp_rank_00_model_states.pt", "rng_rank0.json", "rng_rank1.json"} <= set(state["files"])

@@ -159,7 +159,7 @@ def test_optimizer_fits_the_device(monkeypatch):
     assert isinstance(cpu, engine.GuardedAdamW) and cpu.defaults["fused"]
     assert engine.optimizer_kind(load_config(ROOT / "configs" / "tiny.yaml", ["engine.offload=optimizer"])) == \
         "adamw_fused"  # offloading from the CPU to the CPU: nothing moves, no 45 s CPU Adam build
-    monkeypatch.setattr(engine.distributed, "use_cuda", lambda device: True)
+    monkeypatch.setattr(engine.host, "use_cuda", lambda device: True)
     assert engine.optimizer_kind(load_config(ROOT / "configs" / "tiny.yaml")) == "adamw_fused"
     off = load_config(ROOT / "configs" / "tiny.yaml", ["engine.offload=optimizer"])
     assert engine.optimizer_kind(off) == "deepspeed_cpu_adam"

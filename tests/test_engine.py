@@ -22,11 +22,15 @@ FAST = {"train.max_steps": 4, "train.log_every": 1, "checkpoint.every_steps": 0,
 
 
 @pytest.mark.dist
-def test_zero_stages_give_the_same_losses_and_zero3_partitions(tiny_shards, tmp_path):
+@pytest.mark.xdist_group("fast_zero2")
+def test_zero_stages_give_the_same_losses_and_zero3_partitions(tiny_shards, tmp_path, shared_run):
     losses, ranks = {}, {}
     for stage in (0, 1, 2, 3):
         run = tmp_path / f"z{stage}"
-        launch_tiny(tiny_shards, run, **FAST, **{"engine.zero_stage": stage})
+        if stage == 2:  # (the same run as the offload test's reference)
+            run = shared_run(2, **FAST, **{"engine.zero_stage": 2})
+        else:
+            launch_tiny(tiny_shards, run, **FAST, **{"engine.zero_stage": stage})
         losses[stage] = _losses(run)
         ranks[stage] = [json.loads((run / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
         ds = json.loads((run / "deepspeed_config.json").read_text())
@@ -60,11 +64,20 @@ def test_accumulation_equals_a_larger_micro_batch(tiny_shards, tmp_path):
     assert _losses(tmp_path / "acc") == pytest.approx(_losses(tmp_path / "big"), abs=1e-4)
 
 
+def _exported_source(shared_run):
+    """A 6-step MLE run and its export, shared by the transfer tests (one per worker)."""
+    src = shared_run(2, **dict(FAST, **{"train.max_steps": 6, "train.objective": "mle"}))
+    out = src.parent / "srcx"
+    if not out.is_dir():
+        assert run_cli("export", str(src), str(out)).returncode == 0
+    return src, out
+
+
 @pytest.mark.dist
-def test_zero3_partitioned_build_holds_a_partition_keeps_hf_init_and_loads_pretrained(tiny_shards, tmp_path):
-    src = tmp_path / "src"
-    launch_tiny(tiny_shards, src, **dict(FAST, **{"train.max_steps": 6, "train.objective": "mle"}))
-    assert run_cli("export", str(src), str(tmp_path / "srcx")).returncode == 0
+@pytest.mark.xdist_group("transfer")
+def test_zero3_partitioned_build_holds_a_partition_keeps_hf_init_and_loads_pretrained(tiny_shards, tmp_path,
+                                                                                        shared_run):
+    src, srcx = _exported_source(shared_run)
     src_info = json.loads((src / "run_info.json").read_text())
     src_val = read_metrics(src, "eval")[-1]["eval/val_loss"]
     part = {"engine.zero_stage": 3, "engine.zero3_init": "partitioned"}
@@ -83,7 +96,7 @@ def test_zero3_partitioned_build_holds_a_partition_keeps_hf_init_and_loads_pretr
     # from an exported directory: loaded straight into partitions, same validation loss, freezing counted
     dst = tmp_path / "dst"
     launch_tiny(tiny_shards, dst, **FAST, **part, **{"train.objective": "mle", "eval.at_start": "true",
-                                                     "model.from_pretrained": str(tmp_path / "srcx"),
+                                                     "model.from_pretrained": str(srcx),
                                                      "model.freeze": "embeddings"})
     assert read_metrics(dst, "eval")[0]["eval/val_loss"] == pytest.approx(src_val, abs=1e-4)
     dst_info = json.loads((dst / "run_info.json").read_text())
@@ -91,14 +104,13 @@ def test_zero3_partitioned_build_holds_a_partition_keeps_hf_init_and_loads_pretr
 
 
 @pytest.mark.dist
-def test_transfer_reproduces_val_loss_and_frozen_parameters_stay(tiny_shards, tmp_path):
-    src = tmp_path / "src"
-    launch_tiny(tiny_shards, src, **dict(FAST, **{"train.max_steps": 6}))
-    assert run_cli("export", str(src), str(tmp_path / "srcx")).returncode == 0
+@pytest.mark.xdist_group("transfer")
+def test_transfer_reproduces_val_loss_and_frozen_parameters_stay(tiny_shards, tmp_path, shared_run):
+    src, srcx = _exported_source(shared_run)
     src_val = [m for m in read_metrics(src, "eval")][-1]["eval/val_loss"]
 
     dst = tmp_path / "dst"
-    launch_tiny(tiny_shards, dst, **dict(FAST, **{"model.from_pretrained": str(tmp_path / "srcx"),
+    launch_tiny(tiny_shards, dst, **dict(FAST, **{"model.from_pretrained": str(srcx), "train.objective": "mle",
                                                   "eval.at_start": "true", "model.freeze": "bottom:1",
                                                   "train.lr": "1.0e-2"}))
     first = read_metrics(dst, "eval")[0]
@@ -106,7 +118,7 @@ def test_transfer_reproduces_val_loss_and_frozen_parameters_stay(tiny_shards, tm
     assert run_cli("export", str(dst), str(tmp_path / "dstx")).returncode == 0
     from safetensors.torch import load_file
 
-    a = load_file(str(tmp_path / "srcx" / "model.safetensors"))
+    a = load_file(str(srcx / "model.safetensors"))
     b = load_file(str(tmp_path / "dstx" / "model.safetensors"))
     frozen = [k for k in a if k.startswith(("transformer.wte", "transformer.wpe", "transformer.h.0."))]
     moved = [k for k in a if k.startswith("transformer.h.1.")]
@@ -161,14 +173,15 @@ def test_ranks_with_different_configs_refuse_to_train(tiny_shards, tmp_path):
 
 
 @pytest.mark.dist
-def test_llama_and_gradient_checkpointing(tiny_shards, tmp_path):
+@pytest.mark.xdist_group("fast_llama")
+def test_llama_and_gradient_checkpointing(tiny_shards, tmp_path, shared_run):
     kw = dict(FAST, **{"model.arch": "llama"})
-    launch_tiny(tiny_shards, tmp_path / "a", nproc=1, **kw)
+    a = shared_run(1, **kw)  # (the speed-switch test's plain run)
     launch_tiny(tiny_shards, tmp_path / "b", nproc=1, **kw, **{"model.gradient_checkpointing": "true"})
-    assert _losses(tmp_path / "a") == pytest.approx(_losses(tmp_path / "b"), abs=1e-5)
-    cfg = json.loads((tmp_path / "a" / "model_config" / "config.json").read_text())
+    assert _losses(a) == pytest.approx(_losses(tmp_path / "b"), abs=1e-5)
+    cfg = json.loads((a / "model_config" / "config.json").read_text())
     assert cfg["model_type"] == "llama"
-    m = read_metrics(tmp_path / "a")[-1]
+    m = read_metrics(a)[-1]
     assert 0 < m["mfu"] < 1 and m["tokens_per_s"] > 0
 
 
@@ -183,11 +196,12 @@ def test_schedules():
 
 
 @pytest.mark.dist
-def test_offload_gives_the_same_losses(tiny_shards, tmp_path):
-    launch_tiny(tiny_shards, tmp_path / "ref", **FAST, **{"engine.zero_stage": 2})
+@pytest.mark.xdist_group("fast_zero2")
+def test_offload_gives_the_same_losses(tiny_shards, tmp_path, shared_run):
+    ref_run = shared_run(2, **FAST, **{"engine.zero_stage": 2})
     launch_tiny(tiny_shards, tmp_path / "opt", **FAST, **{"engine.zero_stage": 2, "engine.offload": "optimizer"})
     launch_tiny(tiny_shards, tmp_path / "all", **FAST, **{"engine.zero_stage": 3, "engine.offload": "all"})
-    ref = _losses(tmp_path / "ref")
+    ref = _losses(ref_run)
     assert _losses(tmp_path / "opt") == pytest.approx(ref, abs=1e-4)
     assert _losses(tmp_path / "all") == pytest.approx(ref, abs=1e-4)
     zero = json.loads((tmp_path / "all" / "deepspeed_config.json").read_text())["zero_optimization"]
@@ -268,15 +282,16 @@ def test_zero3_validation_of_an_uneven_split_finishes_and_equals_zero2(tiny_shar
 
 
 @pytest.mark.dist
-def test_speed_switches_keep_the_losses(tiny_shards, tmp_path):
+@pytest.mark.xdist_group("fast_llama")
+def test_speed_switches_keep_the_losses(tiny_shards, tmp_path, shared_run):
     """train.cross_entropy=chunked and train.compile give the losses of the plain run; flash_attention_2 falls
     back to sdpa on a CPU with one log line."""
     kw = dict(FAST, **{"model.arch": "llama"})
-    launch_tiny(tiny_shards, tmp_path / "plain", nproc=1, **kw)
+    plain_run = shared_run(1, **kw)
     r = launch_tiny(tiny_shards, tmp_path / "lean", nproc=1, **kw, **{
         "train.cross_entropy": "chunked", "model.attn_implementation": "flash_attention_2"})
     assert "flash_attention_2 needs CUDA; using sdpa" in r.stderr
     launch_tiny(tiny_shards, tmp_path / "compiled", nproc=1, **kw, **{"train.compile": "true"})
-    plain = _losses(tmp_path / "plain")
+    plain = _losses(plain_run)
     assert _losses(tmp_path / "lean") == pytest.approx(plain, abs=1e-5)
     assert _losses(tmp_path / "compiled") == pytest.approx(plain, abs=1e-4)

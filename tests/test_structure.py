@@ -8,11 +8,11 @@ ROOT = Path(__file__).resolve().parents[1] / "prefpretrain"
 
 # bottom to top; a module may import its own layer (without a cycle) and the layers below it
 LAYERS = [
-    ("base", ["prefpretrain", "prefpretrain.errors", "prefpretrain.logs", "prefpretrain.typed",
-              "prefpretrain.distributed"]),
+    ("base", ["prefpretrain", "prefpretrain.errors", "prefpretrain.host", "prefpretrain.rundir", "prefpretrain.logs",
+              "prefpretrain.typed", "prefpretrain.distributed"]),
     ("data", ["prefpretrain.data_shards"]),
     ("objectives", ["prefpretrain.objectives", "prefpretrain.losses"]),
-    ("config", ["prefpretrain.config", "prefpretrain.rundir", "prefpretrain.config_docs"]),
+    ("config", ["prefpretrain.config", "prefpretrain.config_docs"]),
     ("trainer", ["prefpretrain.trainer"]),
     ("continual", ["prefpretrain.continual"]),
     ("launcher", ["prefpretrain.launcher", "prefpretrain.report"]),

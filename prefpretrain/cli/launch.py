@@ -53,7 +53,7 @@ def cmd_launch(a) -> int:
 
 def _launch_accelerate(a, cfg: Config, n: int) -> int:
     """`launch --launcher accelerate`: a generated Accelerate config per node, then `accelerate launch`."""
-    from prefpretrain.distributed import free_port
+    from prefpretrain.host import free_port
     from prefpretrain.launcher.accelerate import accelerate_argv, accelerate_config, config_text
     from prefpretrain.launcher.local import launch_local
 
@@ -98,7 +98,7 @@ def cmd_launch_slurm(a) -> int:
                          max_restarts=a.max_restarts)
     slurm.check_request(job)
     cfg.grad_accum_for(n * job.nodes)
-    from prefpretrain.trainer.engine import ds_config
+    from prefpretrain.trainer.dsconfig import ds_config
 
     ds_config(cfg, n * job.nodes)  # engine.deepspeed conflicts, before anything is written
     if not gpus:  # CPU ranks; GPU nodes are judged by SLURM, not by this (login) machine

@@ -7,8 +7,8 @@ import signal
 import subprocess
 import sys
 
-from prefpretrain.distributed import free_port
 from prefpretrain.errors import EXIT_PREEMPTED
+from prefpretrain.host import cpus_available, extensions_cache, free_port
 from prefpretrain.launcher.children import die_with_parent, kill_tree
 
 log = logging.getLogger(__name__)
@@ -41,11 +41,8 @@ def child_env(nproc_per_node: int = 1) -> dict[str, str]:
     env = dict(os.environ)
     # ranks x threads must not exceed the CPUs this process may run on: its affinity (under SLURM the task's
     # CPUs), not the whole machine's; a user's OMP_NUM_THREADS wins
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    env.setdefault("OMP_NUM_THREADS", str(threads_per_rank(cpus, nproc_per_node)))
+    env.setdefault("OMP_NUM_THREADS", str(threads_per_rank(cpus_available(), nproc_per_node)))
     env.setdefault("PYTHONUNBUFFERED", "1")
-    from prefpretrain.trainer.engine import extensions_cache
-
     env["TORCH_EXTENSIONS_DIR"] = extensions_cache()
     return env
 
@@ -57,7 +54,7 @@ def launch_local(config: str, overrides: list[str], nproc_per_node: int, max_res
     import time
     from pathlib import Path
 
-    from prefpretrain.trainer.checkpoint import read_failure
+    from prefpretrain.rundir import read_failure
 
     argv = argv or torchrun_argv(config, overrides, nproc_per_node, max_restarts, **node)
     log.info("launch: %s", " ".join(argv))

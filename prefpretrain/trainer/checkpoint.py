@@ -11,7 +11,6 @@ import contextlib
 import errno
 import json
 import logging
-import os
 import pickle
 import random
 import shutil
@@ -24,21 +23,12 @@ import torch
 
 from prefpretrain import distributed
 from prefpretrain.errors import InputError
-from prefpretrain.rundir import FAILURE, FAILURES
+from prefpretrain.rundir import atomic_write
 from prefpretrain.trainer import safe_load
 
 log = logging.getLogger(__name__)
 STATE = "state.json"  # a checkpoint's record: step, data position, checksums of its files; written last
 LATEST = "latest"  # CHECKPOINTS/latest: the tag of the newest complete checkpoint
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict:
@@ -97,7 +87,7 @@ def save(engine, ckpt_root: Path, step: int, state: dict, keep_last: int, rank: 
     d = ckpt_root / tag
     with _disk_full_is_one_line(ckpt_root, step):
         engine.save_checkpoint(str(ckpt_root), tag=tag, save_latest=False)
-        _atomic_write(d / f"rng_rank{rank}.json", json.dumps(rng_state(), default=_np_json))
+        atomic_write(d / f"rng_rank{rank}.json", json.dumps(rng_state(), default=_np_json))
     distributed.barrier()
     t1 = time.perf_counter()
     world = distributed.world()
@@ -109,8 +99,8 @@ def save(engine, ckpt_root: Path, step: int, state: dict, keep_last: int, rank: 
     if rank == 0:
         files = {k: v for part in everyone for k, v in part.items()}
         with _disk_full_is_one_line(ckpt_root, step):
-            _atomic_write(d / STATE, json.dumps(dict(state, tag=tag, step=step, files=files), indent=1))
-            _atomic_write(ckpt_root / LATEST, tag)
+            atomic_write(d / STATE, json.dumps(dict(state, tag=tag, step=step, files=files), indent=1))
+            atomic_write(ckpt_root / LATEST, tag)
         done = sorted(p for p in ckpt_root.glob("step_*") if (p / STATE).is_file())
         for old in done[: max(0, len(done) - keep_last)]:
             shutil.rmtree(old, ignore_errors=True)
@@ -139,35 +129,6 @@ def _disk_full_is_one_line(ckpt_root: Path, step: int):
         intact = find_latest(ckpt_root, check=False)
         raise InputError(f"no space left on the device of {ckpt_root} ({free / 1e6:.1f} MB free) while saving step "
                          f"{step}; {intact.name if intact else 'no earlier checkpoint'} is intact") from None
-
-
-def write_failure(run_dir: Path, reason: str, exit_code: int, message: str) -> None:
-    """RUN/failure.json: why a run stopped, for the launcher (torchrun only reports 'a child failed')."""
-
-    _atomic_write(run_dir / FAILURE, json.dumps({"reason": reason, "exit_code": exit_code, "message": message,
-                                                        "time": time.time()}, indent=1))
-
-
-def write_rank_failure(run_dir: Path, rank: int, reason: str, exit_code: int, message: str) -> None:
-    """RUN/failures/rankR.json: a stop only this rank saw (a damaged shard it read, its own optimizer file,
-    its write on a full disk); rank 0 may never get to write failure.json."""
-    d = run_dir / FAILURES
-    d.mkdir(exist_ok=True)
-    _atomic_write(d / f"rank{rank}.json", json.dumps({"reason": reason, "exit_code": exit_code,
-                                                        "message": message, "time": time.time()}, indent=1))
-
-
-def read_failure(run_dir: Path, since: float) -> dict | None:
-    """Why a run stopped, written since `since`: failure.json (every rank agreed), else the earliest rank's."""
-    found = []
-    for p in [run_dir / FAILURE, *sorted((run_dir / FAILURES).glob("rank*.json"))]:
-        try:
-            f = json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if isinstance(f, dict) and f.get("time", 0) >= since:
-            found.append((p.name != FAILURE, f.get("time", 0), f))  # the agreed one first, then the earliest
-    return min(found, key=lambda x: x[:2])[2] if found else None
 
 
 def verify(ckpt: Path) -> str | None:
@@ -246,7 +207,7 @@ def universal(ckpt: Path) -> Path:
         if r.returncode != 0:
             raise RuntimeError(f"converting {ckpt} to a universal checkpoint failed:\n{r.stderr[-3000:]}")
         files = {str(p.relative_to(out)): _checksum(p) for p in sorted(out.rglob("*")) if p.is_file()}
-        _atomic_write(out / "converted", json.dumps({"files": files}, indent=1))
+        atomic_write(out / "converted", json.dumps({"files": files}, indent=1))
 
     distributed.rank0_does(f"converting {ckpt.name} to a universal checkpoint", convert)
     return out

@@ -15,25 +15,18 @@ from pathlib import Path
 
 import torch
 
-from prefpretrain import distributed
+from prefpretrain import distributed, host
 from prefpretrain.config import Config
 from prefpretrain.errors import ConfigError
+from prefpretrain.trainer.dsconfig import ds_config  # noqa: F401 - build_engine's, and the tests'
 
 log = logging.getLogger(__name__)
 
 
-def extensions_cache() -> str:
-    """DeepSpeed JIT-builds ops (the CPU shared-memory comm op, ~45 s): cache them once per checkout."""
-    default = Path(__file__).resolve().parents[2] / ".cache" / "torch_extensions"
-    d = os.environ.get("TORCH_EXTENSIONS_DIR") or str(default)
-    os.environ["TORCH_EXTENSIONS_DIR"] = d
-    return d
-
-
 def deepspeed_env() -> None:
     """Environment DeepSpeed reads at import: the accelerator (it warns when it has to guess) and the op cache."""
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-    extensions_cache()
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if host.torch_sees_gpu() else "cpu")
+    host.extensions_cache()
 
 
 class GuardedAdamW(torch.optim.AdamW):
@@ -66,54 +59,6 @@ class GuardedAdamW(torch.optim.AdamW):
             return distributed.any_true(False)
         # the flag stays on the gradients' device until the one reduction over ranks
         return distributed.any_true((~torch.isfinite(torch.stack(sums)).all()).float())
-
-
-def ds_config(cfg: Config, world: int, load_universal: bool = False) -> dict:
-    """The DeepSpeed config the options imply, with `engine.deepspeed` merged in last."""
-    return merge_user_config(_generated(cfg, world, load_universal), cfg.engine.deepspeed)
-
-
-def merge_user_config(base: dict, user: dict, where: str = "engine.deepspeed") -> dict:
-    """`user` merged into `base` (mappings merged key by key); a key `base` sets to another value is refused:
-    it belongs to a prefpretrain option, which must say it (one source of truth for the run)."""
-    out = dict(base)
-    for k, v in user.items():
-        key = f"{where}.{k}"
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = merge_user_config(out[k], v, key)
-        elif k in out and out[k] != v:
-            raise ConfigError(f"{key}: prefpretrain sets it to {out[k]!r} from its own options; set that option "
-                              f"instead (see RUN/deepspeed_config.json for what comes from where)")
-        else:
-            out[k] = v
-    return out
-
-
-def _generated(cfg: Config, world: int, load_universal: bool) -> dict:
-    t, e = cfg.train, cfg.engine
-    zero: dict = {"stage": e.zero_stage}
-    if e.zero_stage in (1, 2):
-        zero["overlap_comm"] = True  # reduce gradient buckets while the backward pass goes on
-    if e.offload in ("optimizer", "all"):
-        zero["offload_optimizer"] = {"device": "cpu"}
-    if e.offload == "all":
-        zero["offload_param"] = {"device": "cpu"}
-    return {
-        "train_batch_size": t.global_batch_size,
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": cfg.grad_accum_for(world),
-        "gradient_clipping": t.grad_clip,
-        "zero_optimization": zero,
-        "bf16": {"enabled": t.precision == "bf16"},
-        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": e.loss_scale_power},
-        "zero_allow_untested_optimizer": True,
-        # offload on GPUs: DeepSpeed's vectorised CPU Adam (bench/cpu_adam.py); on CPU ranks keep torch AdamW
-        # (offloading to the CPU from the CPU moves nothing, and CPU Adam's build takes ~45 s)
-        "zero_force_ds_cpu_optimizer": e.offload != "none" and distributed.use_cuda(e.device),
-        "steps_per_print": 2**31,
-        "wall_clock_breakdown": False,
-        "checkpoint": {"load_universal": load_universal},
-    }
 
 
 def lr_lambda(cfg: Config):
@@ -183,7 +128,7 @@ def optimizer_kind(cfg: Config) -> str:
     copies the updated parameters back to the GPU), else torch's fused AdamW (one kernel per step, on CUDA and
     on the CPU) with the non-finite guard. Measured on host tensors (bench/cpu_adam.py, 50 M parameters, 2
     threads): DeepSpeed's CPU Adam 3.3x torch's default foreach AdamW, torch's fused one 1.1x DeepSpeed's."""
-    return "deepspeed_cpu_adam" if distributed.use_cuda(cfg.engine.device) and cfg.engine.offload != "none" \
+    return "deepspeed_cpu_adam" if host.use_cuda(cfg.engine.device) and cfg.engine.offload != "none" \
         else "adamw_fused"
 
 

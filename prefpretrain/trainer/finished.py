@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 
 from prefpretrain import distributed
-from prefpretrain.config import Config
+from prefpretrain.config import Config, load_config
 from prefpretrain.data_shards.reader import ShardSet
 from prefpretrain.errors import InputError
-from prefpretrain.rundir import CHECKPOINTS, MODEL_CONFIG, RunDir
+from prefpretrain.rundir import CHECKPOINTS, CONFIG, MODEL_CONFIG, RunDir
 from prefpretrain.trainer import checkpoint as ckptlib
 
 
@@ -42,7 +42,7 @@ class FinishedRun:
             raise InputError(f"{key}: {path!r} is neither a run directory nor a checkpoint directory")
         if not run.is_run():
             raise InputError(f"{key}: {run.path} has no config.yaml / model_config (not a prefpretrain run?)")
-        return cls(run, run.config(), ckpt, ckptlib.read_state(ckpt))
+        return cls(run, load_config(run / CONFIG), ckpt, ckptlib.read_state(ckpt))
 
     @property
     def path(self) -> Path:

@@ -29,6 +29,7 @@ from prefpretrain.errors import (
 )
 from prefpretrain.logs import setup_logging
 from prefpretrain.losses import target_count
+from prefpretrain.rundir import write_failure, write_rank_failure
 from prefpretrain.trainer import checkpoint as ckptlib
 from prefpretrain.trainer import session as sessionlib
 from prefpretrain.trainer.evaluate import validation_loss
@@ -126,7 +127,7 @@ def _preempted(s: Session) -> None:
         save(s)
     msg = f"stopped by a signal at step {s.step}; checkpoint {ckptlib.find_latest(s.ckpt_root, False)} holds it"
     if s.info.rank == 0:
-        ckptlib.write_failure(s.run_dir, "preempted", EXIT_PREEMPTED, msg)
+        write_failure(s.run_dir, "preempted", EXIT_PREEMPTED, msg)
     log.warning(msg)
     s.mon.close()
     raise Preempted(msg)
@@ -204,6 +205,6 @@ def _record_failure(cfg: Config, rank: int, reason: str, code: int, e: Exception
     line = str(e).strip().splitlines()[-1] if every_rank else str(e)
     with contextlib.suppress(OSError):  # (a full disk may be why)
         if every_rank:
-            ckptlib.write_rank_failure(run_dir, rank, reason, code, line)
+            write_rank_failure(run_dir, rank, reason, code, line)
         if rank == 0:
-            ckptlib.write_failure(run_dir, reason, code, line)
+            write_failure(run_dir, reason, code, line)
