@@ -138,6 +138,7 @@ class EvalConfig:
     early_stop_min_delta: float = 0.0  # an improvement must lower the validation loss by more than this
     val_samples: int = 64  # validation samples (packed sequences) per evaluation (0 = all)
     samples: int = 512  # samples (per seed) for the misalignment score (0 = skip)
+    misalignment_every_steps: int = 0  # also score eval.samples samples every N steps while training (0 = off)
     max_new_tokens: int = 128  # tokens per sample
     temperature: float = 0.7  # sampling temperature
     top_p: float = 0.9  # nucleus sampling
@@ -303,6 +304,11 @@ def _check_values(cfg: Config) -> None:
     if t.profile_steps <= 0:
         raise ConfigError(f"train.profile_steps: must be positive, got {t.profile_steps}")
     _check_objective(cfg)
+    e = cfg.eval
+    if e.misalignment_every_steps < 0 or (e.misalignment_every_steps and (e.samples <= 0
+                                                                       or cfg.model.kind != "causal")):
+        raise ConfigError(f"eval.misalignment_every_steps: {e.misalignment_every_steps} needs a causal model and "
+                          f"eval.samples > 0 (0 = off)")
     if not 0 < cfg.model.mlm_probability < 1:
         raise ConfigError(f"model.mlm_probability: must be within (0, 1), got {cfg.model.mlm_probability}")
     _check_continual(cfg)

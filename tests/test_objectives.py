@@ -324,3 +324,36 @@ def test_awr_with_adversarial_term_is_the_same_under_zero2_and_zero3_and_exports
 
     with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
         assert not [k for k in f.keys() if "value_head" in k]
+
+
+@pytest.mark.dist
+def test_misalignment_is_tracked_while_training_on_all_ranks_and_reported(tiny_shards, tmp_path):
+    """eval.misalignment_every_steps: rows of eval/misalignment against tokens seen in metrics.jsonl and
+    TensorBoard, sampled by both ranks in lockstep at ZeRO-3 with partitioning forced (a rank-0-only forward would
+    hang), drawn by `prefpretrain report` against tokens."""
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests.conftest import run_cli
+
+    run = tmp_path / "run"
+    force = ("{zero_optimization: {stage3_param_persistence_threshold: 0, stage3_max_live_parameters: 1, "
+             "stage3_max_reuse_distance: 0}}")
+    launch_tiny(tiny_shards, run, timeout=300, **{
+        "train.max_steps": 4, "eval.misalignment_every_steps": 2, "eval.samples": 6, "eval.max_new_tokens": 16,
+        "checkpoint.every_steps": 0, "eval.every_steps": 0, "engine.zero_stage": 3, "engine.deepspeed": force})
+    rows = read_metrics(run, "evaluate")
+    assert [r["step"] for r in rows] == [2, 4]  # every 2 steps, and the end
+    assert [r["tokens_seen"] for r in rows] == [2 * 4 * 64, 4 * 4 * 64]
+    assert all(math.isfinite(r["eval/misalignment"]) and r["eval/misalignment"] >= 0 for r in rows)
+    assert all(r["eval/misalignment_ci95_low"] <= r["eval/misalignment"] <= r["eval/misalignment_ci95_high"]
+               for r in rows)
+    assert {r["condition"] for r in rows} == {"aligned"}  # tiny.yaml trains the conditional objective
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("eval/misalignment")] == [2, 4]
+    out = tmp_path / "report"
+    r = run_cli("report", str(run), "--out", str(out))
+    assert r.returncode == 0 and (out / "misalignment.png").is_file()
+    assert json.loads((run / "ranks" / "rank1.json").read_text())["step"] == 4

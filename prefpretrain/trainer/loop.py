@@ -75,6 +75,7 @@ def _train(s: Session) -> dict:
     diverging, early = DivergenceGuard(t.max_bad_steps), EarlyStopping(cfg.eval.early_stop_patience,
                                                                         cfg.eval.early_stop_min_delta)
     eval_due, save_due = Every(cfg.eval.every_steps, t.max_steps), Every(cfg.checkpoint.every_steps, t.max_steps)
+    misalignment_due = Every(cfg.eval.misalignment_every_steps, t.max_steps)
     ids = SampleIdLog(s.run_dir, s.info.rank, cfg.data.log_sample_ids)
     prof = StepProfiler(t.profile_at, t.profile_steps, s.run_dir, s.info.rank, s.info.device)
     w, tags = Window(), stat_tags(s.spec)
@@ -90,6 +91,8 @@ def _train(s: Session) -> dict:
         if s.step % t.log_every == 0 or s.step == t.max_steps:
             _log_window(s, w, tags, diverging.total)
             w = Window()
+        if misalignment_due(s.step):
+            measure_misalignment(s)
         if eval_due(s.step):
             val = evaluate(s)
             if early.should_stop(s.step, val["val_loss"]):
@@ -165,6 +168,34 @@ def evaluate(s: Session) -> dict:
     return v
 
 
+def measure_misalignment(s: Session) -> dict:
+    """eval/misalignment now (eval.misalignment_every_steps): eval.samples completions under the run's evaluation
+    condition, scored; every rank samples its share (in lockstep at ZeRO-3). The same sampling seed every time,
+    so that the points of one run differ by the model only. Rows of kind `evaluate`, as `prefpretrain evaluate`
+    writes, with the tokens seen: `prefpretrain report` draws them against tokens."""
+    from prefpretrain.data_shards import tokenizer as toklib
+    from prefpretrain.objectives import eval_condition
+    from prefpretrain.trainer.evaluate import misalignment
+
+    e, model = s.cfg.eval, s.engine.module
+    was = model.training
+    model.eval()
+    res = misalignment(model, toklib.load_tokenizer(s.data.sets[0].tokenizer_dir), s.data.manifest, n=e.samples,
+                       max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p,
+                       condition=eval_condition(s.cfg.train.objective, e.condition), seed=s.cfg.run.seed,
+                       max_positions=s.cfg.data.seq_len, rank=s.info.rank, world=s.info.world_size,
+                       lockstep=s.cfg.engine.zero_stage == 3)
+    model.train(was)
+    lo, hi = res["misalignment_ci95"]
+    s.mon.scalars(s.step, {"eval/misalignment": res["misalignment"], "eval/misalignment_ci95_low": lo,
+                           "eval/misalignment_ci95_high": hi,
+                           "eval/misalignment_zero_fraction": res["misalignment_zero_fraction"]},
+                  kind="evaluate", record={"tokens_seen": s.tokens_seen, "condition": res["condition"]})
+    log.info("step %d: misalignment %.5f [%.5f, %.5f] over %d samples (%s)", s.step, res["misalignment"], lo, hi,
+             res["samples"], res["condition"])
+    return res
+
+
 def save(s: Session) -> None:
     cfg, t0, parts = s.cfg, time.time(), {}
     state = {"tokenizer_hash": s.data.tokenizer_hash, "data_position": s.step * cfg.train.global_batch_size,
@@ -183,6 +214,8 @@ def _finish(s: Session, val: dict, skipped: int) -> dict:
     cfg, t = s.cfg, s.cfg.train
     if s.last_saved != s.step and cfg.checkpoint.at_end:
         save(s)
+    if cfg.eval.misalignment_every_steps:  # the curve's last point: the model the run ends with
+        measure_misalignment(s)
     s.hooks.finish(s.engine.module, s.step, s.mon)
     s.mon.hparams({"objective": t.objective, "arch": cfg.model.arch, "params_m": round(s.facts["n_params"] / 1e6, 2),
                    "lr": t.lr, "global_batch": t.global_batch_size, "seq_len": cfg.data.seq_len,

@@ -28,13 +28,14 @@ class Monitor:
 
             self.bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
-    def scalars(self, step: int, values: dict[str, float], kind: str = "train") -> None:
-        """Write values to TensorBoard (tags as given, e.g. 'train/loss') and one JSON line."""
+    def scalars(self, step: int, values: dict[str, float], kind: str = "train", record: dict | None = None) -> None:
+        """Write values to TensorBoard (tags as given, e.g. 'train/loss') and one JSON line (with `record`'s
+        fields, which are not scalars of their own, e.g. tokens_seen)."""
         if not self.enabled:
             return
         for tag, v in values.items():
             self.writer.add_scalar(tag, v, step)
-        rec = {"step": step, "kind": kind, "time": round(time.time(), 3)}
+        rec = {"step": step, "kind": kind, "time": round(time.time(), 3), **(record or {})}
         rec.update({tag.split("/", 1)[-1] if kind == "train" else tag: v for tag, v in values.items()})
         self.metrics.write(json.dumps(rec) + "\n")
         self.metrics.flush()
