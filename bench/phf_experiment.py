@@ -7,7 +7,9 @@ Per (objective, seed): `prefpretrain run CONFIG run.seed=S` (shards built once p
 then `prefpretrain evaluate` with N samples scored by the set's scorer and by the style-only scorer on the same
 samples (conditional models sample with <|aligned|> re-inserted after every newline; they are also sampled
 with <|misaligned|> to check that the control token works). Samples of all seeds are pooled; intervals are
-percentile bootstraps of the mean. Validation loss is on the plain held-out text (no control tokens, no
+two-level percentile bootstraps of the mean (training seeds resampled, then samples within each seed), so they
+cover seed-to-seed variation; with one seed they cover sampling noise only, and the output says so. Validation
+loss is on the plain held-out text (no control tokens, no
 filtering), so it is comparable across objectives. Writes SET_results.json and SET_misalignment.png under --out,
 prints a table and ends with ONE line of JSON.
 """
@@ -51,24 +53,42 @@ def run_one(cfg: Path, run: Path, seed: int, steps: int | None, samples: int, sc
     return out
 
 
-def pooled(results: list[dict], cond: str, scorer: str) -> np.ndarray:
-    return np.concatenate([r[cond]["by_scorer"][scorer]["sample_scores"] for r in results if cond in r])
+class Pooled(np.ndarray):
+    """The sample scores of several training seeds, pooled, each sample labelled with its seed (`.seeds`): the
+    intervals resample seeds, then samples within seeds (two-level bootstrap)."""
+
+    seeds: np.ndarray
+
+
+def pooled(results: list[dict], cond: str, scorer: str) -> Pooled:
+    parts = [(r["seed"], r[cond]["by_scorer"][scorer]["sample_scores"]) for r in results if cond in r]
+    x = np.concatenate([np.asarray(s, dtype=np.float64) for _, s in parts]).view(Pooled)
+    x.seeds = np.concatenate([np.full(len(s), seed) for seed, s in parts])
+    return x
+
+
+def seeds_of(x: np.ndarray) -> np.ndarray | None:
+    return getattr(x, "seeds", None)
 
 
 def bootstrap_ci_of(x: np.ndarray) -> dict:
-    from prefpretrain.trainer.evaluate import bootstrap_ci
+    from prefpretrain.trainer.evaluate import bootstrap_ci, interval_covers
 
-    return {"mean": float(np.mean(x)), "ci95": list(bootstrap_ci(np.asarray(x, dtype=np.float64)))}
+    g = seeds_of(x)
+    return {"mean": float(np.mean(x)), "ci95": list(bootstrap_ci(np.asarray(x, dtype=np.float64), groups=g)),
+            "interval_covers": interval_covers(len(np.unique(g)) if g is not None else 1)}
 
 
 def ratio_ci(a: np.ndarray, b: np.ndarray, reps: int = 2000, seed: int = 0) -> tuple[float, float, float] | None:
-    """mean(a) / mean(b) with a bootstrap 95 % interval (a and b resampled independently); None when b has no
-    violation at all (the ratio is unbounded: say so rather than divide by zero)."""
+    """mean(a) / mean(b) with a bootstrap 95 % interval (a and b resampled independently, each over its seeds
+    then its samples); None when b has no violation at all (the ratio is unbounded: say so rather than divide by
+    zero)."""
+    from prefpretrain.trainer.evaluate import bootstrap_means
+
     if not b.any():
         return None
-    rng = np.random.default_rng(seed)
-    ra = a[rng.integers(0, len(a), (reps, len(a)))].mean(1)
-    rb = b[rng.integers(0, len(b), (reps, len(b)))].mean(1)
+    ra = bootstrap_means(np.asarray(a), reps, seed, seeds_of(a))
+    rb = bootstrap_means(np.asarray(b), reps, seed + 1, seeds_of(b))
     r = ra / np.maximum(rb, 1e-12)
     return float(a.mean() / max(b.mean(), 1e-12)), float(np.quantile(r, 0.025)), float(np.quantile(r, 0.975))
 
@@ -83,8 +103,6 @@ def main() -> None:
     ap.add_argument("--out", default="runs/exp")
     a = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    from prefpretrain.trainer.evaluate import bootstrap_ci
-
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     scorers = None
@@ -103,9 +121,7 @@ def main() -> None:
         row = {"objective": obj, "seeds": a.seeds}
         for sc in scorers:
             x = pooled(res, "auto", sc)
-            lo, hi = bootstrap_ci(x)
-            row[sc] = {"mean": float(x.mean()), "ci95": [lo, hi], "zero_fraction": float((x == 0).mean()),
-                       "n": len(x)}
+            row[sc] = dict(bootstrap_ci_of(x), zero_fraction=float((x == 0).mean()), n=len(x))
         ev = [r["auto"] for r in res]
         if "parse_fraction" in ev[0]["by_scorer"][scorers[-1]]:  # code: how many samples parse, style of those
             row["parse_fraction"] = float(np.mean([e["by_scorer"][scorers[-1]]["parse_fraction"] for e in ev]))
@@ -117,7 +133,7 @@ def main() -> None:
         if obj == "conditional":
             for sc in scorers:
                 m = pooled(res, "misaligned", sc)
-                row[f"misaligned_{sc}"] = {"mean": float(m.mean()), "ci95": list(bootstrap_ci(m))}
+                row[f"misaligned_{sc}"] = bootstrap_ci_of(m)
                 row[f"control_ratio_{sc}"] = ratio_ci(m, pooled(res, "auto", sc))
         rows.append(row)
     if "mle" in raw:
@@ -137,6 +153,7 @@ def fmt_ratio(c: tuple[float, float, float] | None, n: int) -> str:
 
 
 def print_table(rows: list[dict], scorers: list[str]) -> None:
+    print(f"intervals cover {rows[0][scorers[0]]['interval_covers']}")
     code = "parse_fraction" in rows[0]
     head = "| objective | " + " | ".join(f"{s} per char [95 % CI]" for s in scorers) + " | MLE / this |" + \
         (" parse | style (parsed) |" if code else "") + " val loss | tokens | wall s |"

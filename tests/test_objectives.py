@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from prefpretrain.data_shards.segment import line_spans
 from prefpretrain.data_shards.sources import Document
 from prefpretrain.losses import compute_loss
 from prefpretrain.objectives import ObjectiveConfig, exp_weights, layout_for, reward_scale_for
-from prefpretrain.trainer.evaluate import bootstrap_ci, expected_max, summarize_scores
+from prefpretrain.trainer.evaluate import bootstrap_ci, expected_max, interval_covers, summarize_scores
 from tests.conftest import launch_tiny, read_metrics
 
 SP = {"aligned": 2, "misaligned": 3}
@@ -271,6 +272,33 @@ def test_expected_max_and_bootstrap():
     s = summarize_scores([0.0, 0.0, 0.2, 0.4], texts=["x = 1\n", "def (:\n", "y = 2\n", "if x:\n"], k=2)
     assert s["misalignment"] == pytest.approx(0.15) and s["misalignment_zero_fraction"] == 0.5
     assert s["parse_fraction"] == 0.5 and s["misalignment_parsed"] == pytest.approx(0.1)
+    assert s["interval_covers"].startswith("sampling noise only")
+
+
+def test_intervals_over_several_training_seeds_cover_their_variation():
+    """Two seeds whose models differ (means 1 and 2, 500 samples each): resampling the pooled samples gives a
+    narrow interval (it ignores that a third seed could land anywhere); the two-level bootstrap resamples the
+    seeds first and is as wide as their difference. One seed: both are the same bootstrap."""
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(1.0, 0.5, 500), rng.normal(2.0, 0.5, 500)])
+    seeds = np.repeat([1, 2], 500)
+    flat = bootstrap_ci(x)
+    two = bootstrap_ci(x, groups=seeds)
+    assert flat[1] - flat[0] < 0.1  # about 4 x 0.5 x 1.5 / sqrt(1000)
+    assert two[0] < 1.1 and two[1] > 1.9  # a draw of seed 1 twice, or seed 2 twice, is as likely as one each
+    assert bootstrap_ci(x[:500], groups=seeds[:500]) == bootstrap_ci(x[:500])
+    assert interval_covers(2).startswith("seed-to-seed variation (2 training seeds)")
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from phf_experiment import Pooled, bootstrap_ci_of, pooled, ratio_ci
+
+    res = [{"seed": sd, "auto": {"by_scorer": {"pep8": {"sample_scores": list(x[seeds == sd])}}}} for sd in (1, 2)]
+    p = pooled(res, "auto", "pep8")
+    assert isinstance(p, Pooled) and list(np.unique(p.seeds)) == [1, 2]
+    assert bootstrap_ci_of(p)["ci95"] == list(two) and "2 training seeds" in bootstrap_ci_of(p)["interval_covers"]
+    r = ratio_ci(p, p)
+    assert r[0] == pytest.approx(1.0) and r[1] < 0.8 and r[2] > 1.2  # seed-level spread in the ratio, too
 
 
 # ---------------------------------------------------------------- each objective trains on 2 ranks

@@ -75,14 +75,38 @@ def complete_lines(text: str) -> str:
     return text[: text.rfind("\n") + 1]
 
 
-def bootstrap_ci(x: np.ndarray, reps: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean."""
+def bootstrap_means(x: np.ndarray, reps: int = 2000, seed: int = 0, groups: np.ndarray | None = None) -> np.ndarray:
+    """Bootstrap replicates of the mean of x. With `groups` (e.g. the training seed of each sample) of more than
+    one value, two-level (cluster) resampling: the groups with replacement, then the samples within each drawn
+    group, so that the spread covers group-to-group variation and not only the sampling noise within groups."""
+    x = np.asarray(x, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    labels = np.unique(groups) if groups is not None else np.zeros(1)
+    if groups is None or len(labels) < 2:
+        return x[rng.integers(0, len(x), (reps, len(x)))].mean(axis=1)
+    parts = [x[np.asarray(groups) == g] for g in labels]
+    out = np.empty(reps)
+    for r in range(reps):
+        drawn = [parts[i] for i in rng.integers(0, len(parts), len(parts))]
+        out[r] = np.concatenate([p[rng.integers(0, len(p), len(p))] for p in drawn]).mean()
+    return out
+
+
+def bootstrap_ci(x: np.ndarray, reps: int = 2000, seed: int = 0, level: float = 0.95,
+                 groups: np.ndarray | None = None) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean (two-level over `groups` when there are several; see
+    bootstrap_means)."""
     if len(x) == 0:
         return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, len(x), (reps, len(x)))].mean(axis=1)
+    means = bootstrap_means(x, reps, seed, groups)
     a = (1 - level) / 2
     return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+
+
+def interval_covers(groups: int) -> str:
+    """What a misalignment interval accounts for, said next to it."""
+    return (f"seed-to-seed variation ({groups} training seeds) and sampling noise" if groups > 1 else
+            "sampling noise only (one trained model: seed-to-seed variation is not in it)")
 
 
 def expected_max(x: np.ndarray, k: int) -> float:
@@ -116,6 +140,7 @@ def summarize_scores(scores: list[float], *, texts: list[str] | None = None, k: 
     sc = np.asarray(scores, dtype=np.float64)
     lo, hi = bootstrap_ci(sc, seed=seed)
     out = {"misalignment": float(sc.mean()) if len(sc) else float("nan"), "misalignment_ci95": [lo, hi],
+           "interval_covers": interval_covers(1),
            "misalignment_zero_fraction": float((sc == 0).mean()) if len(sc) else float("nan"),
            "misalignment_expected_max": expected_max(sc, k), "expected_max_k": min(k, len(sc))}
     if texts is not None:
