@@ -25,6 +25,7 @@ STARTS_COMMANDS = ("run_cli(", "launch_tiny(")
 SHARED_FIXTURES = {"slurm": "slurm", "uninterrupted": "slurm", "old_run": "continual", "two_runs": "monitoring"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks added here
 def pytest_collection_modifyitems(config, items):
     for item in items:
         names = getattr(item, "fixturenames", ())
