@@ -25,17 +25,21 @@ STARTS_COMMANDS = ("run_cli(", "launch_tiny(")
 SHARED_FIXTURES = {"slurm": "slurm", "uninterrupted": "slurm", "old_run": "continual", "two_runs": "monitoring"}
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks added here
+def pytest_itemcollected(item):
+    """Marks from the fixtures a test uses, as it is collected (pytest-xdist reads the groups before any
+    collection_modifyitems hook of a conftest runs)."""
+    names = getattr(item, "fixturenames", ())
+    for fixture, mark in FIXTURE_NEEDS.items():
+        if fixture in names:
+            item.add_marker(getattr(pytest.mark, mark))
+    for fixture, group in SHARED_FIXTURES.items():
+        if fixture in names:
+            item.add_marker(pytest.mark.xdist_group(group))
+            break
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        names = getattr(item, "fixturenames", ())
-        for fixture, mark in FIXTURE_NEEDS.items():
-            if fixture in names:
-                item.add_marker(getattr(pytest.mark, mark))
-        for fixture, group in SHARED_FIXTURES.items():
-            if fixture in names:
-                item.add_marker(pytest.mark.xdist_group(group))
-                break
         marks = {m.name for m in item.iter_markers()}
         fn = getattr(item, "function", None)
         if fn is not None and not marks & {"dist", "slurm", "cli"} and any(
