@@ -3,6 +3,7 @@ each part reported even when another fails, ONE line of JSON at the end.
 
     python bench/gpu_check.py [--budget 420] [--out DIR] [--json FILE]
     python bench/gpu_check.py --smoke --shards data/tiny     # the same parts on CPU, tiny models (a test)
+    python bench/gpu_check.py --parts tools,fp16             # some parts only
 
   zero:   ZeRO 0 / 2 / 3 in bf16 on one GPU give the same losses (a small Llama, 8 steps)
   tools:  evaluate (validation loss + misalignment samples), export and generate on the GPU, in bf16
@@ -56,8 +57,10 @@ def zero_part(a, shards: str, tmp: Path) -> dict:
             "passed": len(losses[0]) == STEPS and first < 1e-3 and d23 < 1e-2 and d02 < 0.1}
 
 
-def tools_part(a, tmp: Path) -> dict:
-    run = tmp / "zero2"  # written by the zero part
+def tools_part(a, shards: str, tmp: Path) -> dict:
+    run = tmp / "zero2"  # written by the zero part (trained here when that part did not run)
+    if not (run / "checkpoints").is_dir():
+        train(a, shards, run, "engine.zero_stage=2", "train.precision=bf16")
     t0 = time.time()
     cli("evaluate", str(run), "--samples", "8" if a.smoke else "64", "--out", str(tmp / "eval.json"))
     ev = json.loads((tmp / "eval.json").read_text())
@@ -99,6 +102,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="CPU and tiny models: checks the script itself")
     ap.add_argument("--out", help="keep the runs here (default: a temporary directory)")
     ap.add_argument("--json", help="also write the results here after every part (survives a kill)")
+    ap.add_argument("--parts", default="zero,tools,gloo2,fp16,mfu", help="the parts to run, comma-separated")
     a = ap.parse_args()
     t_start = time.time()
     res: dict = {"bench": "gpu_check", "smoke": a.smoke}
@@ -110,10 +114,13 @@ def main() -> None:
             run_part(res, "shards", lambda: {"path": shard(shards, max_files=600)})
         mfu_args = argparse.Namespace(smoke=a.smoke, gpus=1, steps=6 if a.smoke else 30, micro=2 if a.smoke else 8,
                                       zero=2, attn="sdpa", compile=False, chunked_ce=False, grad_ckpt=False)
-        parts = [("zero", zero_part, a, shards, tmp), ("tools", tools_part, a, tmp),
+        parts = [("zero", zero_part, a, shards, tmp), ("tools", tools_part, a, shards, tmp),
                  ("gloo2", gloo2_part, a, shards, tmp), ("fp16", fp16_part, a, shards, tmp / "fp16"),
                  ("mfu", mfu_part, mfu_args, shards, tmp / "mfu")]
+        wanted = set(a.parts.split(","))
         for name, fn, *args in parts:
+            if name not in wanted:
+                continue
             if time.time() - t_start > a.budget:
                 res[name] = {"skipped": f"the {a.budget:.0f} s budget was spent"}
                 continue

@@ -50,6 +50,16 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda it: min((cost[m.name] for m in it.iter_markers() if m.name in cost), default=3))
 
 
+@pytest.fixture(autouse=True)
+def _environment_of_the_test():
+    """Each test's environment ends with it: a test that runs prefpretrain's main() in-process gets the settings
+    main() makes for its children (e.g. weights-only loading), and a later test on the same worker must not."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def cli_env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
