@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from prefpretrain.trainer import safe_load
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -36,7 +38,8 @@ def raw_save_seconds(ckpt: Path, tmp: Path) -> float:
     by_rank: dict[int, list[Path]] = {0: [], 1: []}
     for p in ckpt.glob("*.pt"):
         by_rank[1 if "rank_1_" in p.name else 0].append(p)
-    objs = {p: torch.load(p, map_location="cpu", weights_only=False) for ps in by_rank.values() for p in ps}
+    safe_load.enforce()  # the run's own files, but still loaded as any checkpoint is: weights-only, allow-listed
+    objs = {p: torch.load(p, map_location="cpu", weights_only=True) for ps in by_rank.values() for p in ps}
 
     def write(rank: int) -> float:
         t0 = time.perf_counter()

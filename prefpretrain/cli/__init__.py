@@ -27,8 +27,9 @@ def _safe_process() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     # no file a user hands us is unpickled: every torch.load here and in child processes is weights-only
     # (prefpretrain.trainer.safe_load registers the few DeepSpeed types its checkpoints name)
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
-    os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)  # (torch refuses every load when both are set)
+    from prefpretrain.trainer.safe_load import force_weights_only
+
+    force_weights_only()
 
 
 def main(argv: list[str] | None = None) -> int:

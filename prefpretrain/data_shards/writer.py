@@ -38,6 +38,7 @@ from prefpretrain.data_shards import tokenizer as toklib
 from prefpretrain.data_shards.options import ShardOptions, ShardSettings  # noqa: F401 - re-exported
 from prefpretrain.data_shards.scorers import default_segmenter, get_scorer
 from prefpretrain.data_shards.stats import ScoreStats
+from prefpretrain.rundir import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +59,7 @@ def _npy_bytes(a: np.ndarray) -> bytes:
 
 
 def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=1))
 
 
 class _ChunkWriter:

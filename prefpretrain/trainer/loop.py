@@ -139,7 +139,7 @@ def _preempted(s: Session) -> None:
 def _log_window(s: Session, w: Window, tags: dict, skipped: int) -> None:
     t, dev = s.cfg.train, s.info.device
     values = window_scalars(w, s.info.world_size, dev, tags)
-    s.facts["corrupt_skipped"] = s.facts.get("corrupt_skipped", 0.0) + values.pop("data/corrupt_samples")
+    s.corrupt_skipped += values.pop("data/corrupt_samples")
     dt = time.time() - w.t0
     tps = w.steps * t.global_batch_size * s.cfg.data.seq_len / dt
     gn = s.engine.get_global_grad_norm()
@@ -150,7 +150,7 @@ def _log_window(s: Session, w: Window, tags: dict, skipped: int) -> None:
         "mem/rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
         "data/samples_seen": s.step * t.global_batch_size, "data/tokens_seen": s.tokens_seen,
         "data/epoch": s.step * t.global_batch_size / sum(map(len, s.data.packed)),
-        "data/corrupt_samples_skipped": s.facts["corrupt_skipped"], **s.hooks.window_values(),
+        "data/corrupt_samples_skipped": s.corrupt_skipped, **s.hooks.window_values(),
     })
     if dev.type == "cuda":
         values["mem/cuda_max_allocated_gb"] = torch.cuda.max_memory_allocated(dev) / 1e9

@@ -26,10 +26,16 @@ class UnsafeCheckpoint(InputError):
     """A checkpoint file names Python objects beyond the allow-list: refused, never unpickled."""
 
 
-def enforce() -> None:
-    """Weights-only loading for this process and its children, with the allow-list registered."""
+def force_weights_only() -> None:
+    """Every torch.load of this process and its children weights-only (no torch import: the CLI sets it first
+    thing; torch refuses every load when the NO_ variant is set too, so a user's one is removed)."""
     os.environ[_FORCE] = "1"
     os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+
+
+def enforce() -> None:
+    """Weights-only loading for this process and its children, with the allow-list registered."""
+    force_weights_only()
     import torch
 
     allowed = []

@@ -44,6 +44,7 @@ class Session:
     step: int = 0
     tokens_seen: int = 0
     last_saved: int = -1  # the step of the newest checkpoint of this run (-1: none)
+    corrupt_skipped: float = 0.0  # samples of this start that touched a corrupt shard (data.on_corrupt=skip)
     facts: dict = field(default_factory=dict)  # n_params, n_frozen, flops_per_token, peak, built_local
 
     @property
