@@ -1,6 +1,7 @@
 # Two commands on a fresh machine:
 #   make demo   set up .venv and run the embedded default (configs/demo.yaml) end to end
-#   make test   set up .venv and run the whole test suite (what CI runs)
+#   make test   set up .venv and run the whole test suite (what CI runs; one process: on 2 cores parallel
+#               workers only make the ranks the tests start compete, see docs/testing.md)
 #   make test-fast   the quick tier: unit tests only, no processes started (for the edit-test loop)
 PY      := .venv/bin/python
 PIP     := .venv/bin/pip
@@ -21,7 +22,7 @@ demo: $(STAMP)
 	$(PY) -m prefpretrain run configs/demo.yaml
 
 test: $(STAMP)
-	$(PY) -m pytest -q -ra -n 2 --dist loadgroup tests
+	$(PY) -m pytest -q -ra tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -ra -m "not dist and not slurm and not cli" tests

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # `cli` prefpretrain commands as processes; unmarked tests are the quick tier (`make test-fast`). A fixture that
 # starts ranks or a cluster marks every test that uses it; a test that runs commands must say so itself.
 FIXTURE_NEEDS = {"slurm": "slurm", "uninterrupted": "slurm", "two_runs": "dist", "old_run": "dist"}
-STARTS_COMMANDS = ("run_cli(", "launch_tiny(")
+STARTS_COMMANDS = ("run_cli(", "launch_tiny(", "cli_forked(")
 # `make test` runs the tests on 2 workers (pytest-xdist, --dist loadgroup): the tests that share an expensive
 # fixture (one SLURM cluster, one earlier run) stay on one worker, which builds it once
 SHARED_FIXTURES = {"slurm": "slurm", "uninterrupted": "slurm", "old_run": "continual", "two_runs": "monitoring"}
@@ -129,10 +129,18 @@ def shared_run(tmp_path_factory, tiny_shards):
 
 
 def launch_tiny(shards: Path, run_dir: Path, nproc: int = 2, expect: int = 0, timeout: int = 600,
-                **kw) -> subprocess.CompletedProcess:
-    """`prefpretrain launch configs/tiny.yaml` on `shards` with overrides; asserts the exit code."""
-    r = run_cli("launch", "configs/tiny.yaml", "--nproc-per-node", str(nproc), *tiny_overrides(shards, run_dir, **kw),
-                timeout=timeout)
+                torchrun: bool = False, **kw) -> subprocess.CompletedProcess:
+    """configs/tiny.yaml on `shards` with overrides as `nproc` ranks; asserts the exit code. The ranks are forked
+    from this worker's forkserver (tests/ranks.py: the product's `prefpretrain train` without ~10 s of imports
+    each); `torchrun=True`: `prefpretrain launch` as a user starts it, for tests of the launcher itself."""
+    if torchrun:
+        r = run_cli("launch", "configs/tiny.yaml", "--nproc-per-node", str(nproc),
+                    *tiny_overrides(shards, run_dir, **kw), timeout=timeout)
+    else:
+        from tests.ranks import train_ranks
+
+        r = train_ranks(nproc, "configs/tiny.yaml", tiny_overrides(shards, run_dir, **kw),
+                        log_dir=run_dir.parent / f"{run_dir.name}.ranks", timeout=timeout)
     assert r.returncode == expect, r.stdout[-3000:] + r.stderr[-6000:]
     return r
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from prefpretrain.trainer.checkpoint import find_latest
-from tests.conftest import ROOT, cli_env, crash_after, launch_tiny, read_metrics, run_cli, tiny_overrides
+from tests.conftest import ROOT, cli_env, crash_after, launch_tiny, read_metrics, tiny_overrides
+from tests.ranks import cli_forked
 
 pytestmark = pytest.mark.dist
 
@@ -128,7 +129,7 @@ def test_an_incomplete_checkpoint_is_never_used(tmp_path, shared_run):
     assert find_latest(ck).name == "step_00000003"  # `latest` names an incomplete one: fall back
     (ck / "latest").write_text("step_00000003")
     assert find_latest(ck).name == "step_00000003"
-    r = run_cli("evaluate", str(run), "--samples", "0")
+    r = cli_forked("evaluate", str(run), "--samples", "0")
     assert r.returncode == 0 and json.loads((run / "eval.json").read_text())["step"] == 3
 
 
@@ -144,7 +145,7 @@ def test_a_damaged_checkpoint_is_detected_and_the_previous_one_used(tiny_shards,
     raw[len(raw) // 2] ^= 0xFF
     victim.write_bytes(bytes(raw))
     assert find_latest(ck).name == "step_00000003"
-    r = run_cli("evaluate", str(run), "--samples", "0")
+    r = cli_forked("evaluate", str(run), "--samples", "0")
     assert r.returncode == 0 and "is damaged" in r.stderr
     assert json.loads((run / "eval.json").read_text())["step"] == 3
 
@@ -176,7 +177,7 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint(tiny_shards, tmp_pa
     assert partial
     latest = find_latest(ck)
     assert (ck / "latest").read_text() == latest.name and latest < min(partial)
-    r = run_cli("evaluate", str(run), "--samples", "0")
+    r = cli_forked("evaluate", str(run), "--samples", "0")
     assert r.returncode == 0 and json.loads((run / "eval.json").read_text())["step"] == int(latest.name[5:])
 
 
@@ -212,7 +213,7 @@ def test_a_crafted_pickle_is_never_run_and_damaged_checkpoints_stop_the_run(tiny
     blob["extra"] = _Planted(str(marker))
     torch.save(blob, f)
     _recompute_crc(step4, f.name)
-    r = run_cli("export", str(run), str(tmp_path / "out"))
+    r = cli_forked("export", str(run), str(tmp_path / "out"))
     assert r.returncode == 2 and not marker.exists() and not (tmp_path / "out").exists()
     assert "Traceback" not in r.stderr and r.stderr.strip().splitlines()[-1].startswith(
         f"prefpretrain: error: {step4}: refused to load it: it names Python objects")
@@ -228,7 +229,7 @@ def test_a_crafted_pickle_is_never_run_and_damaged_checkpoints_stop_the_run(tiny
     blob["extra"] = _Planted(str(marker))
     torch.save(blob, opt)
     _recompute_crc(opt.parent, opt.name)
-    r = run_cli("export", str(z2), str(tmp_path / "out2"))
+    r = cli_forked("export", str(z2), str(tmp_path / "out2"))
     assert r.returncode == 2 and not marker.exists() and "refused to load it" in r.stderr
 
     # every checkpoint damaged: the run stops, names the damage, and overwrites nothing

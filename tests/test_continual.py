@@ -17,6 +17,7 @@ from prefpretrain.data_shards.loader import MixtureDataset, RankBatchSampler
 from prefpretrain.data_shards.packing import Layout, PackedSet
 from prefpretrain.data_shards.reader import ShardSet
 from tests.conftest import crash_after, launch_tiny, read_metrics, run_cli, tiny_overrides
+from tests.ranks import cli_forked
 
 NEW_FILES = ["heapq.py", "queue.py", "sched.py", "string.py", "token.py", "weakref.py", "glob.py", "struct.py"]
 
@@ -262,7 +263,7 @@ def test_run_command_updates_and_reports_forgetting(new_shards, old_run, tmp_pat
     assert {f"eval/forgetting/{name}", f"eval/forgetting/{name}/before", "eval/continual/new_val_loss"} <= tags
     assert ea.Scalars(f"eval/forgetting/{name}")[-1].value == pytest.approx(v["after"] - v["before"], abs=1e-5)
     assert len(ShardSet(run / "memory", "train")) == 16 and len(ShardSet(run / "replay", "train")) == 16
-    r = run_cli("report", str(run), "--out", str(tmp_path / "report"))
+    r = cli_forked("report", str(run), "--out", str(tmp_path / "report"))
     assert r.returncode == 0 and (tmp_path / "report" / "forgetting.png").is_file()
     assert f"| upd | 25% | {name} (old) | {v['before']:.4f} | {v['after']:.4f} |" in (
         tmp_path / "report" / "report.md").read_text()

@@ -11,6 +11,7 @@ import torch
 from prefpretrain.config import load_config
 from prefpretrain.trainer.engine import lr_lambda
 from tests.conftest import ROOT, cli_env, launch_tiny, read_metrics, run_cli, tiny_overrides
+from tests.ranks import cli_forked
 
 
 def _losses(run_dir):
@@ -42,7 +43,7 @@ def test_zero_stages_give_the_same_losses_and_zero3_partitions(tiny_shards, tmp_
     for r in ranks[3]:
         assert 0.45 * total <= r["local_param_elements"] <= 0.55 * total
     # ZeRO-3's partitions consolidate into the same kind of export
-    assert run_cli("export", str(tmp_path / "z3"), str(tmp_path / "z3x")).returncode == 0
+    assert cli_forked("export", str(tmp_path / "z3"), str(tmp_path / "z3x")).returncode == 0
 
 
 @pytest.mark.dist
@@ -69,7 +70,7 @@ def _exported_source(shared_run):
     src = shared_run(2, **dict(FAST, **{"train.max_steps": 6, "train.objective": "mle"}))
     out = src.parent / "srcx"
     if not out.is_dir():
-        assert run_cli("export", str(src), str(out)).returncode == 0
+        assert cli_forked("export", str(src), str(out)).returncode == 0
     return src, out
 
 
@@ -115,7 +116,7 @@ def test_transfer_reproduces_val_loss_and_frozen_parameters_stay(tiny_shards, tm
                                                   "train.lr": "1.0e-2"}))
     first = read_metrics(dst, "eval")[0]
     assert first["step"] == 0 and first["eval/val_loss"] == pytest.approx(src_val, abs=1e-4)
-    assert run_cli("export", str(dst), str(tmp_path / "dstx")).returncode == 0
+    assert cli_forked("export", str(dst), str(tmp_path / "dstx")).returncode == 0
     from safetensors.torch import load_file
 
     a = load_file(str(srcx / "model.safetensors"))

@@ -9,7 +9,8 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import ROOT, cli_env, read_metrics, run_cli, tiny_overrides
+from tests.conftest import ROOT, cli_env, launch_tiny, read_metrics, run_cli
+from tests.ranks import cli_forked
 
 pytestmark = pytest.mark.dist
 
@@ -25,10 +26,8 @@ def two_runs(tiny_shards, tmp_path_factory):
     for obj in ("mle", "conditional"):
         run = base / obj
         prof = {"train.profile_at": 2, "train.profile_steps": 2} if obj == "mle" else {}
-        r = run_cli("launch", "configs/tiny.yaml", "--nproc-per-node", "1",
-                    *tiny_overrides(tiny_shards, run, **{"train.objective": obj}, **prof))
-        assert r.returncode == 0, r.stderr[-4000:]
-        assert run_cli("evaluate", str(run), "--samples", "4").returncode == 0
+        launch_tiny(tiny_shards, run, nproc=1, **{"train.objective": obj}, **prof)
+        assert cli_forked("evaluate", str(run), "--samples", "4").returncode == 0
         runs.append(run)
     return runs
 

@@ -19,6 +19,7 @@ from prefpretrain.losses import compute_loss
 from prefpretrain.objectives import ObjectiveConfig, exp_weights, layout_for, reward_scale_for
 from prefpretrain.trainer.evaluate import bootstrap_ci, expected_max, interval_covers, summarize_scores
 from tests.conftest import launch_tiny, read_metrics
+from tests.ranks import cli_forked
 
 SP = {"aligned": 2, "misaligned": 3}
 
@@ -148,7 +149,8 @@ def test_adversarial_perturbation_stays_in_the_ball_and_reaches_the_parameters()
     clean = model(input_ids=ids).logits
     mask = torch.ones(2, 11, dtype=torch.bool)
     cfg = AdversarialConfig(steps=3, epsilon=0.05, step_size=0.02, init_std=0.001, weight=2.0)
-    term, st = adversarial_term(model, ids, clean, mask, cfg, causal=True, generator=torch.Generator().manual_seed(1))
+    term, st = adversarial_term(model, {"input_ids": ids}, clean, mask, cfg, causal=True,
+                                generator=torch.Generator().manual_seed(1))
     assert float(term.detach()) > 0 and st["adv_kl"] > 0
     assert st["adv_delta_norm"] <= 0.05 + 1e-6
     assert all(p.grad is None for p in model.parameters())  # the ascent steps touched no parameter gradient
@@ -156,7 +158,8 @@ def test_adversarial_perturbation_stays_in_the_ball_and_reaches_the_parameters()
     assert model.transformer.h[0].mlp.c_fc.weight.grad.abs().sum() > 0
     # ascent increases the KL over the random start
     cfg0 = AdversarialConfig(steps=0, epsilon=0.05, step_size=0.02, init_std=0.001, weight=2.0)
-    t0, _ = adversarial_term(model, ids, clean, mask, cfg0, causal=True, generator=torch.Generator().manual_seed(1))
+    t0, _ = adversarial_term(model, {"input_ids": ids}, clean, mask, cfg0, causal=True,
+                             generator=torch.Generator().manual_seed(1))
     assert float(term.detach()) > float(t0.detach())
 
 
@@ -337,7 +340,6 @@ def test_each_objective_trains_on_two_ranks(tiny_shards, tmp_path, objective):
 
 @pytest.mark.dist
 def test_awr_with_adversarial_term_is_the_same_under_zero2_and_zero3_and_exports(tiny_shards, tmp_path):
-    from tests.conftest import run_cli
 
     kw = {"train.objective": "awr", "adversarial.steps": 2, "train.max_steps": 4, "train.log_every": 1,
           "eval.samples": 0, "checkpoint.every_steps": 0, "eval.every_steps": 0}
@@ -346,7 +348,7 @@ def test_awr_with_adversarial_term_is_the_same_under_zero2_and_zero3_and_exports
     a, b = read_metrics(tmp_path / "z2"), read_metrics(tmp_path / "z3")
     assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], abs=1e-4)
     assert all(r["kl_per_token"] > 0 and 0 < r["delta_norm"] <= 0.1 + 1e-6 for r in a)
-    r = run_cli("export", str(tmp_path / "z3"), str(tmp_path / "hf"))  # the value head is left out of the LM
+    r = cli_forked("export", str(tmp_path / "z3"), str(tmp_path / "hf"))  # the value head is left out of the LM
     assert r.returncode == 0, r.stderr[-3000:]
     from safetensors import safe_open
 
@@ -363,7 +365,6 @@ def test_misalignment_is_tracked_while_training_on_all_ranks_and_reported(tiny_s
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from tests.conftest import run_cli
 
     run = tmp_path / "run"
     force = ("{zero_optimization: {stage3_param_persistence_threshold: 0, stage3_max_live_parameters: 1, "
@@ -382,6 +383,6 @@ def test_misalignment_is_tracked_while_training_on_all_ranks_and_reported(tiny_s
     acc.Reload()
     assert [e.step for e in acc.Scalars("eval/misalignment")] == [2, 4]
     out = tmp_path / "report"
-    r = run_cli("report", str(run), "--out", str(out))
+    r = cli_forked("report", str(run), "--out", str(out))
     assert r.returncode == 0 and (out / "misalignment.png").is_file()
     assert json.loads((run / "ranks" / "rank1.json").read_text())["step"] == 4

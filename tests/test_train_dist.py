@@ -7,12 +7,19 @@ import shutil
 import pytest
 
 from tests.conftest import launch_tiny, read_metrics, run_cli
+from tests.ranks import cli_forked
 
 
 @pytest.mark.dist
 def test_two_ranks_train_one_model(tiny_shards, tmp_path):
-    run = tmp_path / "run"
-    launch_tiny(tiny_shards, run, **{"train.max_steps": 12, "train.log_every": 1, "train.lr": "1.0e-2"})
+    """Through `prefpretrain launch` (torchrun), and the same run through the tests' forked ranks
+    (tests/ranks.py), which most other tests use: both must give the same run."""
+    run, forked = tmp_path / "run", tmp_path / "forked"
+    kw = {"train.max_steps": 12, "train.log_every": 1, "train.lr": "1.0e-2"}
+    launch_tiny(tiny_shards, run, torchrun=True, **kw)
+    launch_tiny(tiny_shards, forked, **kw)
+    keys = ("step", "loss", "nll", "lr", "grad_norm", "score_mean", "tokens_seen", "samples_seen")
+    assert [[m[k] for k in keys] for m in read_metrics(run)] == [[m[k] for k in keys] for m in read_metrics(forked)]
     ranks = [json.loads((run / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert [r["rank"] for r in ranks] == [0, 1]
@@ -68,7 +75,7 @@ def test_masked_lm_trains_and_exports(tiny_shards, tmp_path):
                                           "train.max_steps": 16, "train.log_every": 1, "train.lr": "1.0e-2"})
     losses = [m["loss"] for m in read_metrics(run)]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3
-    r = run_cli("export", str(run), str(tmp_path / "export"))
+    r = cli_forked("export", str(run), str(tmp_path / "export"))
     assert r.returncode == 0, r.stderr[-3000:]
     from transformers import AutoModelForMaskedLM
 

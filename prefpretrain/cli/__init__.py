@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     from prefpretrain.cli.parser import build_parser
 
     _safe_process()
-    ap = build_parser()
+    args = sys.argv[1:] if argv is None else argv
+    ap = build_parser(keys_help="-h" in args or "--help" in args)
     a, extra = ap.parse_known_args(argv)
     # overrides may follow options (`launch CONFIG --nproc-per-node 2 train.max_steps=5`)
     if hasattr(a, "overrides"):

@@ -58,9 +58,9 @@ def _shard(sub) -> None:
                                                              "an interrupted run with the same inputs and options)")
 
 
-def _launch(sub) -> None:
+def _launch(sub, epilog: str) -> None:
     p = sub.add_parser("launch", help="start ranks with torchrun: this machine, several by hand, or a SLURM job",
-                       formatter_class=FMT, epilog=CONFIG_EPILOG + config_help())
+                       formatter_class=FMT, epilog=epilog)
     _add_config_args(p)
     p.add_argument("--nproc-per-node", type=int, default=None,
                    help="ranks per machine (default launch.nproc_per_node; with --slurm and GPUs: --gpus-per-node)")
@@ -142,16 +142,19 @@ def _runs(sub) -> None:
     p.add_argument("--out", required=True, help="output directory (report.md + PNGs)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(keys_help: bool = True) -> argparse.ArgumentParser:
+    """The whole command line. `keys_help`: list every config key in the help of train/launch/run (building that
+    text reads the config classes' source: ~1 s on a slow CPU, which every rank would pay for nothing)."""
+    epilog = CONFIG_EPILOG + (config_help() if keys_help else "")
     ap = argparse.ArgumentParser(prog="prefpretrain", description=DESCRIPTION, formatter_class=FMT)
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = ap.add_subparsers(dest="command", required=True)
     _shard(sub)
     _add_config_args(sub.add_parser("train", help="train one rank (alone, or under torchrun / srun)",
-                                    formatter_class=FMT, epilog=CONFIG_EPILOG + config_help()))
-    _launch(sub)
+                                    formatter_class=FMT, epilog=epilog))
+    _launch(sub, epilog)
     _add_config_args(sub.add_parser("run", help="the whole pipeline: shard (if needed) -> launch -> evaluate -> "
-                                    "export", formatter_class=FMT, epilog=CONFIG_EPILOG + config_help()))
+                                    "export", formatter_class=FMT, epilog=epilog))
     _evaluate(sub)
     _runs(sub)
     _generate(sub)
