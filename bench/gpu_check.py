@@ -10,6 +10,9 @@ each part reported even when another fails, ONE line of JSON at the end.
   gloo2:  2 ranks on the one GPU over gloo, every collective of prefpretrain on CUDA tensors
           (PREFPRETRAIN_COMM_DEVICE=cuda), at ZeRO-0, and at ZeRO-3 with partitioning forced and 17 validation
           samples over 2 ranks (the split that hung before ranks were kept in step)
+  docmask: document-masked packing on the device: a document inside a packed batch of 2 rows has the logits it
+          has alone (Llama, bf16), with SDPA, and with flash_attention_2's variable-length call if flash-attn is
+          installed (else reported as not available)
   fp16:   an overflowing initial loss scale: steps skipped, counted, training goes on (bench/gpu_mfu.py)
   mfu:    a 1.1 B Llama at ZeRO-2 bf16 (bench/gpu_mfu.py): tokens/s and MFU over the datasheet peak (goal 50 %)
 What one GPU cannot check: NCCL between GPUs (NCCL refuses two ranks on one GPU; the gloo part checks where the
@@ -95,6 +98,43 @@ def gloo2_part(a, shards: str, tmp: Path) -> dict:
         os.environ.pop("PREFPRETRAIN_COMM_DEVICE", None)
 
 
+def docmask_part(a, shards: str, tmp: Path) -> dict:
+    import torch
+
+    from prefpretrain.config import ModelConfig
+    from prefpretrain.trainer.model import build_model, lm_inputs
+
+    dev = torch.device("cpu" if a.smoke else "cuda")
+    dtype = torch.float32 if a.smoke else torch.bfloat16
+    special = {"pad": 0, "bos": 1, "eos": 2, "aligned": 3, "misaligned": 4, "mask": 5}
+    g = torch.Generator().manual_seed(1)
+    rows = [[torch.randint(6, 512, (n,), generator=g) for n in lens] for lens in ((40, 50, 38), (64, 64))]
+    batch = {"input_ids": torch.stack([torch.cat(r) for r in rows]),
+             "position_ids": torch.stack([torch.cat([torch.arange(len(d)) for d in r]) for r in rows])}
+    out = {}
+    for kernel in ("sdpa", "flash_attention_2"):
+        torch.manual_seed(0)
+        mc = ModelConfig(arch="llama", hidden_size=128, num_layers=2, num_heads=4, attn_implementation=kernel)
+        try:
+            model = build_model(mc, 512, 128, special, cuda=dev.type == "cuda", precision="bf16").to(dev, dtype)
+        except Exception as e:  # noqa: BLE001 - flash-attn missing: reported, not fatal
+            out[kernel] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+            continue
+        used = model.config._attn_implementation
+        with torch.no_grad():
+            packed = model(**lm_inputs(batch, dev, model=model)).logits.float()
+            worst = 0.0
+            for i, r in enumerate(rows):
+                start = 0
+                for d in r:
+                    alone = model(input_ids=d[None].to(dev)).logits.float()[0]
+                    worst = max(worst, (packed[i, start:start + len(d)] - alone).abs().max().item())
+                    start += len(d)
+        out[kernel] = {"kernel_used": used, "max_abs_diff": worst, "passed": worst < (1e-4 if a.smoke else 5e-2)}
+    out["passed"] = out["sdpa"].get("passed", False) and out["flash_attention_2"].get("passed", True) is not False
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget", type=float, default=420.0, help="seconds after which no further part starts")
@@ -102,7 +142,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="CPU and tiny models: checks the script itself")
     ap.add_argument("--out", help="keep the runs here (default: a temporary directory)")
     ap.add_argument("--json", help="also write the results here after every part (survives a kill)")
-    ap.add_argument("--parts", default="zero,tools,gloo2,fp16,mfu", help="the parts to run, comma-separated")
+    ap.add_argument("--parts", default="zero,tools,gloo2,docmask,fp16,mfu", help="the parts to run, comma-separated")
     a = ap.parse_args()
     t_start = time.time()
     res: dict = {"bench": "gpu_check", "smoke": a.smoke}
@@ -115,7 +155,8 @@ def main() -> None:
         mfu_args = argparse.Namespace(smoke=a.smoke, gpus=1, steps=6 if a.smoke else 30, micro=2 if a.smoke else 8,
                                       zero=2, attn="sdpa", compile=False, chunked_ce=False, grad_ckpt=False)
         parts = [("zero", zero_part, a, shards, tmp), ("tools", tools_part, a, shards, tmp),
-                 ("gloo2", gloo2_part, a, shards, tmp), ("fp16", fp16_part, a, shards, tmp / "fp16"),
+                 ("gloo2", gloo2_part, a, shards, tmp), ("docmask", docmask_part, a, shards, tmp),
+                 ("fp16", fp16_part, a, shards, tmp / "fp16"),
                  ("mfu", mfu_part, mfu_args, shards, tmp / "mfu")]
         wanted = set(a.parts.split(","))
         for name, fn, *args in parts:

@@ -30,7 +30,7 @@ def run_trainer(shards: str, precision: str, steps: int, run: Path) -> dict:
     cmd = [sys.executable, "-m", "prefpretrain", "launch", str(ROOT / "configs" / "demo.yaml"), "--nproc-per-node",
            "2", f"data.shards=[{shards}]", f"run.output_dir={run}", f"train.max_steps={steps}", "train.log_every=5",
            f"train.precision={precision}", "checkpoint.every_steps=0", "eval.every_steps=0", "eval.val_samples=2",
-           *MODEL]
+           "data.document_mask=false", *MODEL]  # like for like: the bare loop packs without a document mask
     subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT, env=child_env(2))
     ms = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     train = [m for m in ms if m["kind"] == "train"][1:]

@@ -59,6 +59,10 @@ def test_resume_from_checkpoint_is_exact(tiny_shards, tmp_path):
     (cut / "checkpoints" / "latest").write_text("step_00000003")
     (cut / "metrics.jsonl").write_text("".join(
         json.dumps(m) + "\n" for m in read_metrics(full) if m["step"] <= 3))
+    # attention must not change mid-run: resuming without the document mask the run was trained with is refused
+    r = launch_tiny(tiny_shards, cut, expect=2, **kw, **{"data.document_mask": "false"})
+    assert "data.document_mask: false, but" in r.stderr and "was trained with document masking" in r.stderr
+    assert not (cut / "checkpoints" / "step_00000006").exists()
     r = launch_tiny(tiny_shards, cut, **kw)
     assert "resumed from" in r.stderr
     a = [m["loss"] for m in read_metrics(full)]

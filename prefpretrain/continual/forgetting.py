@@ -22,14 +22,14 @@ log = logging.getLogger(__name__)
 
 
 def open_val_sets(named: dict[str, str], layout: Layout, seq_len: int, mlm: MaskSpec | None,
-                  verify: bool = True) -> dict[str, tuple[str, PackedSet]]:
+                  verify: bool = True, document_mask: bool = False) -> dict[str, tuple[str, PackedSet]]:
     """The validation split of each named shard set, packed like the update's training data."""
     out = {}
     for name, path in named.items():
         if not (Path(path) / "manifest.json").is_file():
             log.warning("forgetting: validation set %s (%s) is gone; left out of the report", name, path)
             continue
-        ps = PackedSet(ShardSet(path, "val", verify=verify), layout, seq_len, mlm)
+        ps = PackedSet(ShardSet(path, "val", verify=verify), layout, seq_len, mlm, document_mask=document_mask)
         if len(ps) == 0:
             log.warning("forgetting: %s has no %d-token validation sample; left out", path, seq_len)
             continue

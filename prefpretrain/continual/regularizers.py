@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from prefpretrain.data_shards.packing import IGNORE
 from prefpretrain.losses import token_nll
+from prefpretrain.trainer.model import lm_inputs
 
 
 def diagonal_fisher(model, samples: list[dict], causal: bool = True) -> dict[str, torch.Tensor]:
@@ -19,9 +20,9 @@ def diagonal_fisher(model, samples: list[dict], causal: bool = True) -> dict[str
     fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     used = 0
     for s in samples:
-        ids = torch.as_tensor(s["input_ids"]).unsqueeze(0).to(dev)
+        one = {k: torch.as_tensor(s[k]).unsqueeze(0) for k in ("input_ids", "position_ids") if k in s}
         labels = torch.as_tensor(s["labels"]).unsqueeze(0).to(dev)
-        nll, mask = token_nll(model(input_ids=ids).logits, labels, causal)
+        nll, mask = token_nll(model(**lm_inputs(one, dev, model=model)).logits, labels, causal)
         if mask.sum() == 0:
             continue
         model.zero_grad(set_to_none=True)

@@ -37,6 +37,7 @@ from prefpretrain.errors import ConfigError
 from prefpretrain.objectives import eval_condition
 from prefpretrain.rundir import CONTINUAL, FORGETTING, MEMORY, MODEL_CONFIG, REPLAY
 from prefpretrain.trainer.hooks import TrainContext, TrainHooks
+from prefpretrain.trainer.model import lm_inputs
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class ContinualUpdate(TrainHooks):
         self.dir.mkdir(parents=True, exist_ok=True)
         distributed.rank0_does("building the replay memory", self._build_replay)
         self.memory_packed = PackedSet(ShardSet(self.replay_dir, "train", verify=cfg.data.verify_checksums),
-                                       self.layout, cfg.data.seq_len, self.mlm)
+                                       self.layout, cfg.data.seq_len, self.mlm, document_mask=cfg.data.document_mask)
         if self.R and len(self.memory_packed) == 0:
             raise ConfigError(f"continual.memory_size: the memory {self.replay_dir} yields no {cfg.data.seq_len}-token "
                               f"sample to replay")
@@ -152,7 +153,7 @@ class ContinualUpdate(TrainHooks):
         new_path = self.cfg.data.reference
         old = {k: v for k, v in old.items() if Path(v).resolve() != Path(new_path).resolve()}
         mk = lambda named: forgetting.open_val_sets(named, self.layout, self.cfg.data.seq_len, self.mlm,  # noqa: E731
-                                                   self.cfg.data.verify_checksums)
+                                                   self.cfg.data.verify_checksums, self.cfg.data.document_mask)
         return mk(old), mk({Path(new_path).name: new_path})
 
     def _measure(self, model) -> dict:
@@ -207,9 +208,8 @@ class ContinualUpdate(TrainHooks):
             self._w[2] += total.detach().double()
             self._w[3] += 1
         if self.c.distill_weight and bool(rep.any()):
-            ids = batch["input_ids"][rep].to(self.dev)
             with torch.no_grad():
-                t_logits = self.teacher(input_ids=ids).logits
+                t_logits = self.teacher(**lm_inputs(batch, self.dev, rows=rep, model=self.teacher)).logits
             rows = torch.nonzero(rep).squeeze(1).to(self.dev)  # the replayed rows, picked on the host
             kl, n = distill_kl(logits.index_select(0, rows), t_logits, batch["labels"][rep].to(self.dev),
                                torch.ones(len(rows), dtype=torch.bool, device=self.dev), self.causal)

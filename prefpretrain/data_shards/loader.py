@@ -6,7 +6,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from prefpretrain.data_shards.order import GlobalOrder, rank_positions
-from prefpretrain.data_shards.packing import PackedSet
+from prefpretrain.data_shards.packing import SAMPLE_ARRAYS, PackedSet
 
 
 class MixtureDataset(Dataset):
@@ -26,10 +26,7 @@ class MixtureDataset(Dataset):
         s, i, epoch = self.order(j)
         item = self.sets[s].get(i, epoch)
         return {
-            "input_ids": torch.from_numpy(item["input_ids"]),
-            "labels": torch.from_numpy(item["labels"]),
-            "scores": torch.from_numpy(item["scores"]),
-            "control": torch.from_numpy(item["control"]),
+            **{k: torch.from_numpy(item[k]) for k in SAMPLE_ARRAYS if k in item},
             "corrupt": torch.tensor(bool(item["corrupt"])),
             "position": torch.tensor(j),
             "epoch": torch.tensor(epoch),
@@ -71,4 +68,4 @@ def val_batches(ps: PackedSet, limit: int, micro: int, rank: int, world: int):
         pad = k >= n_batches
         items = [ps[j] for j in (range(min(micro, n)) if pad else range(k * micro, min(n, (k + 1) * micro)))]
         yield {key: torch.from_numpy(np.stack([it[key] for it in items]))
-               for key in ("input_ids", "labels", "scores", "control")}, pad
+               for key in SAMPLE_ARRAYS if key in items[0]}, pad

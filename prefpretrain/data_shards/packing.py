@@ -29,6 +29,8 @@ from prefpretrain.data_shards.order import mix_array
 from prefpretrain.data_shards.reader import ShardError, ShardSet
 
 IGNORE = -100
+# the per-token arrays of a packed sample (position_ids only with document masking)
+SAMPLE_ARRAYS = ("input_ids", "labels", "scores", "control", "position_ids")
 CACHE_DIR = "packing_cache"
 log = logging.getLogger(__name__)
 
@@ -187,11 +189,17 @@ def packing_index(ss: ShardSet, layout: Layout) -> np.ndarray:
 
 
 class PackedSet:
-    """Packed samples of `seq_len` tokens over one split of one shard set, for one layout."""
+    """Packed samples of `seq_len` tokens over one split of one shard set, for one layout.
+
+    `document_mask` (causal samples only): each sample also carries `position_ids` that restart at 0 where a
+    document (or the part of one the window holds) starts. A model given them attends within documents only:
+    transformers turns restarting positions into a block-diagonal causal mask (SDPA, eager) or a variable-length
+    flash-attention call (prefpretrain.trainer.model.lm_inputs passes them)."""
 
     def __init__(self, ss: ShardSet, layout: Layout, seq_len: int, mlm: MaskSpec | None = None,
-                 skip_corrupt: bool = False):
+                 skip_corrupt: bool = False, document_mask: bool = False):
         self.ss, self.layout, self.seq_len, self.mlm, self.skip_corrupt = ss, layout, seq_len, mlm, skip_corrupt
+        self.document_mask = document_mask and mlm is None
         self.cum = packing_index(ss, layout)
         self._named: set[str] = set()
         self.total_tokens = int(self.cum[-1])
@@ -233,11 +241,16 @@ class PackedSet:
         }
         if self.mlm is not None:
             out["input_ids"], out["labels"] = mlm_mask(out["input_ids"], out["labels"], self.mlm, (epoch, i))
+        if self.document_mask:
+            out["position_ids"] = np.concatenate([np.arange(len(p["ids"]), dtype=np.int64) for p in parts])
         out["corrupt"] = np.bool_(False)
         return out
 
     def _blank(self) -> dict:
         """Stands in for a sample that touches a corrupt shard (data.on_corrupt=skip): it carries no loss."""
         L = self.seq_len
-        return {"input_ids": np.zeros(L, np.int64), "labels": np.full(L, IGNORE, np.int64),
-                "scores": np.zeros(L, np.float32), "control": np.zeros(L, bool), "corrupt": np.bool_(True)}
+        out = {"input_ids": np.zeros(L, np.int64), "labels": np.full(L, IGNORE, np.int64),
+               "scores": np.zeros(L, np.float32), "control": np.zeros(L, bool), "corrupt": np.bool_(True)}
+        if self.document_mask:
+            out["position_ids"] = np.arange(L, dtype=np.int64)
+        return out

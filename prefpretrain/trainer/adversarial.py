@@ -31,12 +31,15 @@ def _project(delta: torch.Tensor, eps: float) -> torch.Tensor:
     return delta * torch.clamp(eps / norm, max=1.0).to(delta.dtype)
 
 
-def adversarial_term(model, input_ids: torch.Tensor, clean_logits: torch.Tensor, target_mask: torch.Tensor,
+def adversarial_term(model, inputs: dict, clean_logits: torch.Tensor, target_mask: torch.Tensor,
                      cfg: AdversarialConfig, causal: bool, generator: torch.Generator | None = None
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(weight x summed symmetric KL at the found perturbation, stats). `target_mask` marks positions whose
-    prediction counts (for causal models, positions 0..T-2, aligned with the shifted targets)."""
-    emb = model.get_input_embeddings()(input_ids)
+    """(weight x summed symmetric KL at the found perturbation, stats). `inputs`: the model's inputs of the clean
+    forward (prefpretrain.trainer.model.lm_inputs; the perturbed forwards keep its position ids, hence its
+    document mask). `target_mask` marks positions whose prediction counts (for causal models, positions 0..T-2,
+    aligned with the shifted targets)."""
+    rest = {k: v for k, v in inputs.items() if k != "input_ids"}
+    emb = model.get_input_embeddings()(inputs["input_ids"])
     # drawn where the embeddings are (a generator on their device; a CPU draw of B x T x H would cross to the GPU)
     dev = generator.device if generator is not None else emb.device
     noise = torch.randn(emb.shape, generator=generator, dtype=torch.float32, device=dev).to(emb.device, emb.dtype)
@@ -45,7 +48,7 @@ def adversarial_term(model, input_ids: torch.Tensor, clean_logits: torch.Tensor,
     mask = target_mask.float()
 
     def predictions(x: torch.Tensor) -> torch.Tensor:
-        logits = model(inputs_embeds=x).logits
+        logits = model(inputs_embeds=x, **rest).logits
         return logits[:, :-1] if causal else logits
 
     ref = clean[:, :-1] if causal else clean

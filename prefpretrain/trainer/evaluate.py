@@ -20,6 +20,7 @@ from prefpretrain.data_shards.sources import Document
 from prefpretrain.errors import InputError
 from prefpretrain.losses import token_nll
 from prefpretrain.rundir import EVAL, METRICS, TENSORBOARD
+from prefpretrain.trainer.model import lm_inputs
 from prefpretrain.trainer.sampling import SAMPLE_BATCH, my_batches, sample_texts
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ def validation_loss(model, ps: PackedSet, limit: int, micro: int, rank: int = 0,
     dev = next(model.parameters()).device
     tot = torch.zeros(4, dtype=torch.float64, device=dev)
     for batch, pad in val_batches(ps, limit, micro, rank, world):
-        logits = model(input_ids=batch["input_ids"].to(dev)).logits
+        logits = model(**lm_inputs(batch, dev, model=model)).logits
         if pad:
             continue
         nll, mask = token_nll(logits, batch["labels"].to(dev), causal)
@@ -216,11 +217,12 @@ def evaluate_run(run_dir: str | Path, samples: int | None = None, condition: str
     res = {"run_dir": str(run), "checkpoint": str(ckpt), "step": state["step"], "tokens_seen": state.get("tokens_seen"),
            "device": str(dev), "dtype": str(dtype).removeprefix("torch.")}
     layout = run_layout(cfg, sp)
-    ps = PackedSet(ss, layout, cfg.data.seq_len, mlm)
+    ps = PackedSet(ss, layout, cfg.data.seq_len, mlm, document_mask=cfg.data.document_mask)
     res.update(validation_loss(model, ps, cfg.eval.val_samples, cfg.train.micro_batch_size, causal=causal,
                                threshold=cfg.objective.threshold))
     if layout.kind != "mle":  # the same held-out text without control tokens or filtering
-        mle_ps = PackedSet(ss, layout_for("mle", 0.0, 0.0, 0, sp), cfg.data.seq_len, mlm)
+        mle_ps = PackedSet(ss, layout_for("mle", 0.0, 0.0, 0, sp), cfg.data.seq_len, mlm,
+                           document_mask=cfg.data.document_mask)
         res["val_loss_plain"] = validation_loss(model, mle_ps, cfg.eval.val_samples, cfg.train.micro_batch_size,
                                                 causal=causal)["val_loss"]
     cond = eval_condition(cfg.train.objective, condition or cfg.eval.condition)

@@ -42,7 +42,10 @@ class FinishedRun:
             raise InputError(f"{key}: {path!r} is neither a run directory nor a checkpoint directory")
         if not run.is_run():
             raise InputError(f"{key}: {run.path} has no config.yaml / model_config (not a prefpretrain run?)")
-        return cls(run, load_config(run / CONFIG), ckpt, ckptlib.read_state(ckpt))
+        cfg, state = load_config(run / CONFIG), ckptlib.read_state(ckpt)
+        # judged as it was trained: a checkpoint from before data.document_mask existed was trained unmasked
+        cfg.data.document_mask = bool(state.get("document_mask", False))
+        return cls(run, cfg, ckpt, state)
 
     @property
     def path(self) -> Path:

@@ -89,6 +89,39 @@ def build_model(mc: ModelConfig, vocab_size: int, seq_len: int, special: dict[st
     raise AssertionError("unreachable")
 
 
+def lm_inputs(batch: dict, dev=None, rows=None, model=None) -> dict:
+    """The inputs of `model` for a packed batch (host tensors; rows: a selection of its samples; moved to `dev` if
+    given). Every forward over packed samples goes through this. The token ids and, with data.document_mask, the
+    position ids that restart per document, with no KV cache: transformers derives its block-diagonal causal
+    mask (SDPA, eager) from restarting positions only when there is no cache. flash-attention gets its
+    variable-length arguments too: transformers infers them from position ids only for a batch of one row."""
+    def sel(t):
+        return t if rows is None else t[rows]
+
+    def put(t):
+        return t if dev is None else t.to(dev, non_blocking=True)
+
+    out = {"input_ids": put(sel(batch["input_ids"]))}
+    if "position_ids" in batch:
+        pos = sel(batch["position_ids"])
+        out.update(position_ids=put(pos), use_cache=False)
+        if "flash" in str(getattr(getattr(model, "config", None), "_attn_implementation", "")):
+            out.update({k: put(v) if hasattr(v, "to") else v for k, v in varlen_kwargs(pos).items()})
+    return out
+
+
+def varlen_kwargs(pos) -> dict:
+    """flash-attention's variable-length arguments for (B, T) position ids that restart at 0 per document: the
+    B x T tokens flattened, a sequence starting at every 0 (every row starts with one), as transformers'
+    prepare_fa_kwargs_from_position_ids gives them for one flattened row; computed on the host."""
+    import torch
+
+    flat = pos.reshape(-1)
+    cu = torch.cat([torch.nonzero(flat == 0).flatten(), torch.tensor([flat.numel()])]).to(torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max())
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+
+
 def attach_value_head(model) -> None:
     """AWR's value head: a linear map from the last hidden state to one number per position. It is a
     submodule of the model, so DeepSpeed trains, shards and checkpoints it; export leaves it out."""

@@ -73,6 +73,11 @@ def resume_point(cfg: Config, ckpt_root: Path, rank: int, world: int, tokenizer_
     if st["global_batch_size"] != G:
         raise ConfigError(f"train.global_batch_size: {G}, but {ckpt} was trained with {st['global_batch_size']} "
                           f"(it defines the data order; keep it when resuming)")
+    then = bool(st.get("document_mask", False))  # (checkpoints from before the option: trained unmasked)
+    if then != (cfg.data.document_mask and cfg.model.kind == "causal"):
+        raise ConfigError(f"data.document_mask: {str(cfg.data.document_mask).lower()}, but {ckpt} was trained "
+                          f"{'with' if then else 'without'} document masking; keep it when resuming "
+                          f"(data.document_mask={str(then).lower()}), or start afresh with run.resume=never")
     if st["config_hash"] != cfg.hash():
         log.warning("resuming %s written with another config (hash %s, now %s)", ckpt, st["config_hash"], cfg.hash())
     if cont:

@@ -15,6 +15,7 @@ from prefpretrain.data_shards.packing import IGNORE
 from prefpretrain.losses import batch_pref_stats, compute_loss, target_count
 from prefpretrain.objectives import ObjectiveConfig, get_objective
 from prefpretrain.trainer import adversarial
+from prefpretrain.trainer.model import lm_inputs
 
 # the window's sums, in this order; objective / adversarial statistics follow, sorted by name
 _BASE = ("loss", "nll", "targets", "score_mean", "aligned_fraction", "corrupt")
@@ -50,15 +51,16 @@ class StepSpec:
 def micro_step(engine, batch: dict, dev: torch.device, spec: StepSpec, scale: float, w: Window, hooks=None) -> None:
     """Forward + loss + backward + engine.step() of one micro batch (DeepSpeed applies the optimizer at the
     accumulation boundary). `scale` turns the summed loss into this rank's share of the step's mean."""
-    b = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
-    out = engine(input_ids=b["input_ids"], output_hidden_states=spec.with_values)
+    inputs = lm_inputs(batch, dev, model=engine.module)
+    b = {k: inputs[k] if k in inputs else v.to(dev, non_blocking=True) for k, v in batch.items()}
+    out = engine(**inputs, output_hidden_states=spec.with_values)
     values = engine.module.value_head(out.hidden_states[-1]).squeeze(-1) if spec.with_values else None
     loss_sum, _, stats = compute_loss(spec.objective, out.logits, b, spec.causal, spec.params, values, spec.chunked_ce)
     if spec.adversarial.steps:
         mask = (b["labels"][:, 1:] if spec.causal else b["labels"]) != IGNORE
         # seeded by the samples, not the rank: the same data gets the same start at any world size
         gen = torch.Generator(device=dev).manual_seed(hash((spec.seed, int(batch["position"][0]))) % 2**63)
-        term, adv_stats = adversarial.adversarial_term(engine.module, b["input_ids"], out.logits, mask,
+        term, adv_stats = adversarial.adversarial_term(engine.module, inputs, out.logits, mask,
                                                        spec.adversarial, spec.causal, gen)
         loss_sum = loss_sum + term
         stats.update(adv_stats)
