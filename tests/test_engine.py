@@ -235,8 +235,8 @@ def test_gpu_check_runs_its_parts_in_smoke_mode(tiny_shards, tmp_path):
     zero and gloo2 parts are left out here for time: what they check on CPU ranks is tested by
     test_zero_stages_give_the_same_losses_and_zero3_partitions and
     test_zero3_validation_of_an_uneven_split_finishes_and_equals_zero2 (`--smoke` runs them all)."""
-    r = subprocess.run([sys.executable, "bench/gpu_check.py", "--smoke", "--parts", "tools,docmask,fp16,mfu", "--shards",
-                        str(tiny_shards), "--json", str(tmp_path / "check.json")], cwd=ROOT, env=cli_env(),
+    r = subprocess.run([sys.executable, "bench/gpu_check.py", "--smoke", "--parts", "tools,docmask,fp16,mfu",
+                        "--shards", str(tiny_shards), "--json", str(tmp_path / "check.json")], cwd=ROOT, env=cli_env(),
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
