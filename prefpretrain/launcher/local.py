@@ -86,13 +86,15 @@ def launch_local(config: str, overrides: list[str], nproc_per_node: int, max_res
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+    if stop.count(signal.SIGINT) >= 2:
+        # stopped at once on a second Ctrl-C (not a pre-emption), even when the ranks had just finished the first
+        # one's checkpoint and said so in failure.json: the user's second Ctrl-C decides the exit code
+        return 130
     if rc != 0 and run_dir is not None:
         failure = read_failure(Path(run_dir), t0)
         if failure is not None:
             log.error("run stopped (%s): %s", failure["reason"], failure["message"])
             return int(failure["exit_code"])
-    if stop.count(signal.SIGINT) >= 2:
-        return 130  # stopped at once on a second Ctrl-C: no checkpoint of the current step (not a pre-emption)
     if rc != 0 and stop:  # stopped before the ranks were up (or could save): the newest checkpoint stays the
         log.warning("stopped by %s before the ranks could save a checkpoint (torchrun exit %d); a restart resumes "
                     "from the newest one there is", signal.Signals(stop[0]).name, rc)
