@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # `cli` prefpretrain commands as processes; unmarked tests are the quick tier (`make test-fast`). A fixture that
 # starts ranks or a cluster marks every test that uses it; a test that runs commands must say so itself.
 FIXTURE_NEEDS = {"slurm": "slurm", "uninterrupted": "slurm", "two_runs": "dist", "old_run": "dist"}
-STARTS_COMMANDS = ("run_cli(", "launch_tiny(", "cli_forked(")
+STARTS_COMMANDS = ("run_cli(", "launch_tiny(", "cli_forked(", "train_ranks(")
 # `make test` runs the tests on 2 workers (pytest-xdist, --dist loadgroup): the tests that share an expensive
 # fixture (one SLURM cluster, one earlier run) stay on one worker, which builds it once
 SHARED_FIXTURES = {"slurm": "slurm", "uninterrupted": "slurm", "old_run": "continual", "two_runs": "monitoring"}
@@ -140,7 +140,7 @@ def launch_tiny(shards: Path, run_dir: Path, nproc: int = 2, expect: int = 0, ti
         from tests.ranks import train_ranks
 
         r = train_ranks(nproc, "configs/tiny.yaml", tiny_overrides(shards, run_dir, **kw),
-                        log_dir=run_dir.parent / f"{run_dir.name}.ranks", timeout=timeout)
+                        log_dir=run_dir.parent / f"{run_dir.name}.ranks", run_dir=run_dir, timeout=timeout)
     assert r.returncode == expect, r.stdout[-3000:] + r.stderr[-6000:]
     return r
 

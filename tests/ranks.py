@@ -10,6 +10,7 @@ over gloo, real DeepSpeed engines); only torchrun is not in it. Tests whose subj
 tests/test_train_dist.py checks that both give the same run."""
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import subprocess
@@ -33,25 +34,43 @@ _context = None
 
 
 def _forkserver():
+    """The forkserver, started once per test process with SERVER_ENV, which this process keeps only while
+    starting it (a test of this process must not run with, say, weights-only loading forced)."""
     global _context
     if _context is None:
+        from multiprocessing import forkserver
+
+        saved = dict(os.environ)
         os.environ.update(SERVER_ENV)
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
-        _context = mp.get_context("forkserver")
-        _context.set_forkserver_preload(PRELOAD)
+        try:
+            _context = mp.get_context("forkserver")
+            _context.set_forkserver_preload(PRELOAD)
+            forkserver.ensure_running()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
     return _context
 
 
 def _rank(argv: list[str], env: dict[str, str], cwd: str, out: str, err: str) -> None:
     """One process: its environment (a rank's: what torchrun would give it), its output in files, then the CLI's
-    entry point (which ends a `train` rank with os._exit and its exit code, any other command with SystemExit)."""
-    os.chdir(cwd)
-    os.environ.clear()
-    os.environ.update(env)
+    entry point (which ends a `train` rank with os._exit and its exit code, any other command with SystemExit).
+    It leads a process group of its own (the test stops it and whatever it started) and gets SIGTERM when the
+    forkserver dies (which dies with the test process)."""
     for fd, path in ((1, out), (2, err)):
         f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(f, fd)
         os.close(f)
+    os.setpgid(0, 0)
+    import ctypes
+    import ctypes.util
+    import signal
+
+    ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
     sys.stdout = open(1, "w", buffering=1, closefd=False)
     sys.stderr = open(2, "w", buffering=1, closefd=False)
     import torch
@@ -75,34 +94,42 @@ def rank_env(rank: int, world: int, port: int) -> dict[str, str]:
     return env
 
 
-def train_ranks(nproc: int, config: str, overrides: list[str], log_dir: Path, timeout: int = 600,
-                cwd: Path = ROOT) -> subprocess.CompletedProcess:
+def train_ranks(nproc: int, config: str, overrides: list[str], log_dir: Path, run_dir: Path | None = None,
+                timeout: int = 600, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """`prefpretrain train CONFIG OVERRIDES` on `nproc` forked ranks; stdout/stderr are the ranks' outputs one
-    after the other, the return code the first non-zero rank exit code (0 if all succeeded). A rank still running
-    after `timeout` s is killed (with the others) and the test fails with the end of the logs."""
+    after the other. The return code is the launcher's (prefpretrain.launcher.local.launch_local): 0 if every
+    rank succeeded, else the exit code the run's failure.json gives (`run_dir`), else 1 (torchrun's). A rank
+    still running after `timeout` s is killed (with the others) and the test fails with the end of the logs."""
+    import time
+
     from prefpretrain.host import free_port
+    from prefpretrain.rundir import read_failure
 
     ctx = _forkserver()
     log_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port, t0 = free_port(), time.time()
     argv = ["train", config, *overrides]
     procs = []
-    for r in range(nproc):
-        p = ctx.Process(target=_rank, args=(argv, rank_env(r, nproc, port), str(cwd), str(log_dir / f"rank{r}.out"),
-                                            str(log_dir / f"rank{r}.err")))
-        p.start()
-        procs.append(p)
-    codes, hung = _wait(procs, timeout)
+    try:
+        for r in range(nproc):
+            p = ctx.Process(target=_rank, args=(argv, rank_env(r, nproc, port), str(cwd),
+                                                str(log_dir / f"rank{r}.out"), str(log_dir / f"rank{r}.err")))
+            p.start()
+            procs.append(p)
+        codes, hung = _wait(procs, timeout)
+    finally:
+        _stop(procs)
     out = "".join(_read(log_dir / f"rank{r}.out") for r in range(nproc))
     err = "".join(_read(log_dir / f"rank{r}.err") for r in range(nproc))
     if hung:
         raise AssertionError(f"prefpretrain train: rank(s) {hung} did not finish in {timeout} s (hung?):\n"
                              f"{err[-4000:]}")
-    rc = next((c for c in codes if c != 0), 0)
-    return subprocess.CompletedProcess(argv, 128 - rc if rc < 0 else rc, out, err)
+    failure = read_failure(run_dir, t0) if run_dir is not None and any(codes) else None
+    rc = 0 if not any(codes) else int(failure["exit_code"]) if failure else 1
+    return subprocess.CompletedProcess(argv, rc, out, err)
 
 
-def _wait(procs: list, timeout: float, grace: float = 15.0) -> tuple[list[int], list[int]]:
+def _wait(procs: list, timeout: float, grace: float = 30.0) -> tuple[list[int], list[int]]:
     """Wait for the ranks like torchrun's agent: once one fails, the others get SIGTERM, then SIGKILL after
     `grace` s. Returns the exit codes in the order the ranks ended (the first failure first) and the ranks that
     hung (still running at the deadline with no rank failed; killed)."""
@@ -119,10 +146,22 @@ def _wait(procs: list, timeout: float, grace: float = 15.0) -> tuple[list[int], 
                 for p in running.values():
                     p.terminate()
                 deadline = min(deadline, time.monotonic() + grace)
-    for p in running.values():
-        p.kill()
-        p.join()
+    _stop(running.values())
     return codes, [] if any(codes) else sorted(running)
+
+
+def _stop(procs) -> None:
+    """SIGKILL to the process group of every rank still running (the rank and what it started), then reap it."""
+    import signal
+
+    for p in procs:
+        if p.exitcode is None:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):  # not yet the leader of its group
+                with contextlib.suppress(ProcessLookupError):
+                    p.kill()
+            p.join()
 
 
 def _read(path: Path) -> str:
@@ -141,8 +180,11 @@ def cli_forked(*args: str, timeout: int = 600, cwd: Path = ROOT) -> subprocess.C
     with tempfile.TemporaryDirectory(prefix="cli-forked-") as d:
         out, err = Path(d) / "out", Path(d) / "err"
         p = ctx.Process(target=_rank, args=(list(args), env, str(cwd), str(out), str(err)))
-        p.start()
-        codes, hung = _wait([p], timeout)
+        try:
+            p.start()
+            codes, hung = _wait([p], timeout)
+        finally:
+            _stop([p])
         r = subprocess.CompletedProcess(list(args), codes[0] if codes else -9, _read(out), _read(err))
     if hung:
         raise AssertionError(f"prefpretrain {' '.join(args[:2])} ... did not finish in {timeout} s (hung?):\n"

@@ -238,7 +238,7 @@ def test_a_crafted_pickle_is_never_run_and_damaged_checkpoints_stop_the_run(tiny
         raw = bytearray(victim.read_bytes())
         raw[len(raw) // 2] ^= 0xFF
         victim.write_bytes(bytes(raw))
-    r = launch_tiny(tiny_shards, run, 2, expect=2, **dict(kw, **{"train.max_steps": 6}))
+    r = launch_tiny(tiny_shards, run, 2, expect=2, torchrun=True, **dict(kw, **{"train.max_steps": 6}))
     assert "none of the 2 checkpoint(s)" in r.stderr and "run.resume=never" in r.stderr
     assert sorted(p.name for p in ck.iterdir()) == ["latest", "step_00000002", "step_00000004"]
     r = launch_tiny(tiny_shards, run, 2, expect=2, **dict(kw, **{"run.resume": str(step4)}))

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     _safe_process()
     args = sys.argv[1:] if argv is None else argv
-    ap = build_parser(keys_help="-h" in args or "--help" in args)
+    ap = build_parser(keys_help=any(x == "-h" or len(x) > 2 and "--help".startswith(x) for x in args))
     a, extra = ap.parse_known_args(argv)
     # overrides may follow options (`launch CONFIG --nproc-per-node 2 train.max_steps=5`)
     if hasattr(a, "overrides"):
