@@ -63,11 +63,9 @@ def _rank(argv: list[str], env: dict[str, str], cwd: str, out: str, err: str) ->
         os.dup2(f, fd)
         os.close(f)
     os.setpgid(0, 0)
-    import ctypes
-    import ctypes.util
-    import signal
+    from prefpretrain.launcher.children import die_with
 
-    ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    die_with(os.getppid())
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)

@@ -22,14 +22,15 @@ def die_with_parent() -> Callable[[], None]:
     """A `preexec_fn` for Popen: SIGTERM to the child when this process dies (and exit at once if it already
     has, between fork and the call)."""
     parent = os.getpid()
+    return lambda: die_with(parent)
 
-    def hook() -> None:
-        if _PRCTL is not None:
-            _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
-            if os.getppid() != parent:
-                os._exit(1)
 
-    return hook
+def die_with(parent: int) -> None:
+    """In a child of `parent`: SIGTERM to it when `parent` dies (exit at once if it already has)."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:
+            os._exit(1)
 
 
 def descendants(pid: int) -> list[int]:
