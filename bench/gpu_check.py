@@ -135,7 +135,8 @@ def docmask_part(a, shards: str, tmp: Path) -> dict:
     return out
 
 
-def main() -> None:
+def check(argv: list[str] | None = None) -> dict:
+    """Run the parts `argv` asks for; the results, `failed` naming the parts that failed."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget", type=float, default=420.0, help="seconds after which no further part starts")
     ap.add_argument("--shards", help="an existing shard set (default: shard part of the stdlib, vocab 32 k)")
@@ -143,7 +144,7 @@ def main() -> None:
     ap.add_argument("--out", help="keep the runs here (default: a temporary directory)")
     ap.add_argument("--json", help="also write the results here after every part (survives a kill)")
     ap.add_argument("--parts", default="zero,tools,gloo2,docmask,fp16,mfu", help="the parts to run, comma-separated")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     t_start = time.time()
     res: dict = {"bench": "gpu_check", "smoke": a.smoke}
     with tempfile.TemporaryDirectory() as scratch:
@@ -173,6 +174,11 @@ def main() -> None:
     res["seconds"] = round(time.time() - t_start, 1)
     if a.json:
         Path(a.json).write_text(json.dumps(res) + "\n")
+    return res
+
+
+def main() -> None:
+    res = check()
     print(json.dumps(res))
     sys.exit(1 if res["failed"] else 0)
 

@@ -11,14 +11,14 @@ Long work on rank 0 alone (converting a checkpoint, building a replay memory) go
 other ranks wait on the rendezvous store, not inside a collective, for up to `engine.timeout_s`, and fail
 with rank 0's error instead of waiting out the timeout when rank 0 fails.
 
-This module imports nothing from prefpretrain (the lowest layer).
+This module imports nothing from prefpretrain but the torch-free host.py (the lowest layer).
 """
 from __future__ import annotations
 
 import logging
 import os
 import subprocess
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -26,23 +26,14 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+# re-exported from host: the placement of a process is read from its environment without torch (the CLI checks a
+# config against the world size before importing it); free_port is the ranks' rendezvous port (and the tests')
 from prefpretrain import host
-from prefpretrain.host import free_port  # noqa: F401 - the ranks' rendezvous port (and the tests')
+from prefpretrain.host import Placement, device_index, free_port, placement, threads_for  # noqa: F401
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 COMM_DEVICE_ENV = "PREFPRETRAIN_COMM_DEVICE"  # "cuda": collectives on the GPU even over gloo (the one-GPU check)
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where this process sits in the job, read from the launcher's environment."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    local_world_size: int
-    launcher: str  # torchrun (also accelerate / by hand: RANK + WORLD_SIZE) | srun | single
 
 
 @dataclass(frozen=True)
@@ -61,59 +52,6 @@ class _State:
     comm_device: torch.device = torch.device("cpu")
     timeout: timedelta = timedelta(seconds=1800)
     calls: int = 0  # rank0_does keys: the same sequence on every rank
-
-
-# ------------------------------------------------------------------ pure: environment -> placement, device
-
-def _slurm_tasks_on_node(env: Mapping[str, str]) -> int:
-    """Tasks of this job step on this node, from SLURM_TASKS_PER_NODE ('2(x3),1') and SLURM_NODEID."""
-    spec, node = env.get("SLURM_TASKS_PER_NODE", ""), int(env.get("SLURM_NODEID", "0"))
-    counts: list[int] = []
-    for part in filter(None, spec.split(",")):
-        n, _, rep = part.partition("(x")
-        counts += [int(n)] * (int(rep.rstrip(")")) if rep else 1)
-    return counts[node] if node < len(counts) else int(env.get("SLURM_NTASKS_PER_NODE", "1"))
-
-
-def placement(env: Mapping[str, str]) -> Placement:
-    """torchrun (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE), srun with one task per rank (SLURM_PROCID,
-    SLURM_NTASKS > 1, SLURM_LOCALID), else one process."""
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return Placement(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")),
-                         int(env.get("LOCAL_WORLD_SIZE", "1")), "torchrun")
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        return Placement(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", "0")),
-                         _slurm_tasks_on_node(env), "srun")
-    return Placement(0, 1, 0, 1, "single")
-
-
-def device_index(p: Placement, n_visible: int, visible: str | None = None) -> int:
-    """The CUDA ordinal this rank uses among the `n_visible` devices it sees (CUDA_VISIBLE_DEVICES applied).
-
-    One visible device: index 0 (srun --gpus-per-task=1 or --gpu-bind, or CUDA_VISIBLE_DEVICES=N per rank).
-    torchrun: the ranks of a node share the visible devices, LOCAL_RANK picks one. srun with every device
-    visible to every task: SLURM_LOCALID picks one. Anything else is a binding that wastes or shares GPUs."""
-    where = f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else ""
-    if n_visible < 1:
-        raise RuntimeError(f"engine.device: cuda, but this process sees no GPU{where}")
-    if n_visible == 1:
-        return 0
-    if p.launcher == "srun" and n_visible != p.local_world_size:
-        raise RuntimeError(f"srun task {p.rank} sees {n_visible} GPUs{where} and its node runs {p.local_world_size} "
-                           f"tasks: bind one GPU per task (--gpus-per-task=1) or show every task all of them")
-    if p.local_rank >= n_visible:
-        raise RuntimeError(f"local rank {p.local_rank} but this process sees only {n_visible} GPUs{where}: "
-                           f"one rank per GPU (--nproc-per-node {n_visible})")
-    return p.local_rank
-
-
-def threads_for(p: Placement, affinity: int, env: Mapping[str, str]) -> int:
-    """CPU threads per rank: this process's CPUs (its affinity) shared by the ranks that share them. Under srun
-    each task owns its CPUs (SLURM_CPUS_PER_TASK bounds them); under torchrun the node's ranks share the agent's."""
-    if p.launcher == "srun":
-        per_task = int(env.get("SLURM_CPUS_PER_TASK", "0")) or max(1, affinity // p.local_world_size)
-        return max(1, min(affinity, per_task))
-    return max(1, affinity // max(1, p.local_world_size))
 
 
 def use_cuda(device: str) -> bool:

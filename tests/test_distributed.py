@@ -166,6 +166,19 @@ def test_optimizer_fits_the_device(monkeypatch):
     assert engine.ds_config(off, 2)["zero_force_ds_cpu_optimizer"] is True
 
 
+def test_deepspeed_on_cpu_builds_no_op_training_does_not_use(monkeypatch, tmp_path):
+    """DeepSpeed's CPU comm backend would JIT-build its shared-memory op (~45 s of gcc on a fresh machine) for its
+    inference all-reduce alone: after import_deepspeed its loader returns no op and builds nothing."""
+    from prefpretrain.trainer import engine
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    ds = engine.import_deepspeed()
+    from deepspeed.comm.torch import build_shm_op
+
+    assert ds.get_accelerator().device_name() == "cpu"
+    assert build_shm_op() is None and not any(tmp_path.iterdir())
+
+
 def test_mfu_model_flops_and_the_datasheet_peak():
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -1,4 +1,7 @@
-"""The whole path on real data: shard stdlib files -> 2 ranks -> evaluate -> TensorBoard -> HF export."""
+"""The whole path on real data: shard stdlib files -> 2 ranks -> evaluate -> TensorBoard -> HF export.
+
+Shard and launch start as a user starts them; the evaluate, export and generate steps run as forked processes
+(tests/ranks.py, the same entry point without ~5 s of imports each)."""
 from __future__ import annotations
 
 import json
@@ -7,6 +10,7 @@ import pytest
 import torch
 
 from tests.conftest import run_cli, tiny_overrides
+from tests.ranks import cli_forked
 
 pytestmark = pytest.mark.dist
 
@@ -21,7 +25,7 @@ def test_shard_train_evaluate_export_reload(tmp_path, stdlib_files):
     r = run_cli("launch", "configs/tiny.yaml", "--nproc-per-node", "2", *tiny_overrides(shards, run))
     assert r.returncode == 0, r.stderr[-5000:]
 
-    r = run_cli("evaluate", str(run), "--samples", "4")
+    r = cli_forked("evaluate", str(run), "--samples", "4")
     assert r.returncode == 0, r.stderr[-5000:]
     ev = json.loads((run / "eval.json").read_text())
     assert ev["step"] == 6 and ev["val_tokens"] > 0 and ev["perplexity"] == pytest.approx(2.718281828 ** ev["val_loss"])
@@ -36,7 +40,7 @@ def test_shard_train_evaluate_export_reload(tmp_path, stdlib_files):
             "pref/aligned_fraction"} <= tags
     assert [e.step for e in acc.Scalars("train/loss")] == [2, 4, 6]
 
-    r = run_cli("export", str(run), str(export))
+    r = cli_forked("export", str(run), str(export))
     assert r.returncode == 0, r.stderr[-5000:]
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -59,7 +63,7 @@ def test_shard_train_evaluate_export_reload(tmp_path, stdlib_files):
     ps = PackedSet(ss, Layout("conditional", 0.0, 0.1, 1, sp["aligned"], sp["misaligned"]), 64)
     assert validation_loss(model, ps, 8, 2)["val_loss"] == pytest.approx(ev["val_loss"], abs=1e-4)
 
-    r = run_cli("generate", str(export), "--prompt", "import ", "--n", "2", "--max-new-tokens", "16",
+    r = cli_forked("generate", str(export), "--prompt", "import ", "--n", "2", "--max-new-tokens", "16",
                 "--condition", "aligned")
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("----- sample") == 2 and "<|aligned|>" not in r.stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -229,18 +230,45 @@ def test_guard_skips_a_non_finite_step_and_counts_it(bad):
 
 
 @pytest.mark.dist
-def test_gpu_check_runs_its_parts_in_smoke_mode(tiny_shards, tmp_path):
+def _forked_cli(log_dir):
+    """bench/gpu_mfu.cli for the smoke test: `launch CONFIG --nproc-per-node N OVERRIDES` as N ranks forked from
+    the test's forkserver (the script's arguments reach `prefpretrain train` unchanged; the launcher has tests of
+    its own), any other command as one forked process."""
+    from tests.ranks import train_ranks
+
+    def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        if args[0] == "launch":
+            rest = list(args[2:])
+            i = rest.index("--nproc-per-node")
+            nproc = int(rest[i + 1])
+            del rest[i:i + 2]
+            run = next(x.split("=", 1)[1] for x in rest if x.startswith("run.output_dir="))
+            r = train_ranks(nproc, args[1], rest, log_dir / Path(run).name, Path(run), timeout=int(timeout))
+        else:
+            r = cli_forked(*args, timeout=int(timeout))
+        assert r.returncode == 0, f"prefpretrain {args[0]} exited {r.returncode}:\n{r.stderr[-2500:]}"
+        return r
+    return cli
+
+
+def test_gpu_check_runs_its_parts_in_smoke_mode(tiny_shards, tmp_path, monkeypatch):
     """The one-command GPU check has never had a GPU: its CPU smoke mode runs the parts' launches and parsing
     (the fp16 part in bf16, without a verdict), so a lent GPU's minutes are not spent on the script's bugs. The
     zero and gloo2 parts are left out here for time: what they check on CPU ranks is tested by
     test_zero_stages_give_the_same_losses_and_zero3_partitions and
-    test_zero3_validation_of_an_uneven_split_finishes_and_equals_zero2 (`--smoke` runs them all)."""
-    r = subprocess.run([sys.executable, "bench/gpu_check.py", "--smoke", "--parts", "tools,docmask,fp16,mfu",
-                        "--shards", str(tiny_shards), "--json", str(tmp_path / "check.json")], cwd=ROOT, env=cli_env(),
-                       capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    res = json.loads(r.stdout.strip().splitlines()[-1])
-    assert json.loads((tmp_path / "check.json").read_text()) == res and res["failed"] == []
+    test_zero3_validation_of_an_uneven_split_finishes_and_equals_zero2 (`--smoke` runs them all). The commands
+    run as forked processes (tests/ranks.py): the script's own `python bench/gpu_check.py` start is the
+    `--help` check below."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import gpu_check
+    import gpu_mfu
+
+    cli = _forked_cli(tmp_path / "logs")
+    monkeypatch.setattr(gpu_mfu, "cli", cli)
+    monkeypatch.setattr(gpu_check, "cli", cli)
+    res = gpu_check.check(["--smoke", "--parts", "tools,docmask,fp16,mfu", "--shards", str(tiny_shards),
+                           "--json", str(tmp_path / "check.json")])
+    assert json.loads((tmp_path / "check.json").read_text()) == res and res["failed"] == [], res
     assert "zero" not in res and "gloo2" not in res
     assert res["mfu"]["device"] == "cpu" and res["mfu"]["peak_flops_source"] == "matmul probe"
     assert 0 < res["mfu"]["mfu"] < 1 and res["mfu"]["tokens_per_s"] > 0
@@ -248,12 +276,13 @@ def test_gpu_check_runs_its_parts_in_smoke_mode(tiny_shards, tmp_path):
     assert res["tools"]["passed"] and res["tools"]["device"] == "cpu" and res["tools"]["samples_printed"] == 4
     assert res["docmask"]["passed"] and res["docmask"]["sdpa"]["max_abs_diff"] < 1e-4
     # the fp16 verdict itself, on the metrics a GPU run would log
-    from bench.gpu_mfu import fp16_verdict
-
+    fp16_verdict = gpu_mfu.fp16_verdict
     ms = [{"skipped_steps": min(k + 1, 9), "loss": 10.0 - k / 10} for k in range(40)]
     assert fp16_verdict(ms, 40)["passed"] and fp16_verdict(ms, 40)["skipped_steps"] == 9
     assert not fp16_verdict([dict(m, skipped_steps=k + 1) for k, m in enumerate(ms)], 40)["passed"]  # all skipped
     assert not fp16_verdict([dict(m, skipped_steps=0) for m in ms], 40)["passed"]  # nothing overflowed
+    r = subprocess.run([sys.executable, "bench/gpu_check.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and "--smoke" in r.stdout
 
 
 # DeepSpeed keeps small parameters whole and gathered ones live: with that off every forward of a ZeRO-3 rank

@@ -11,7 +11,7 @@ from prefpretrain.preflight import check_gpu_if_asked, validated
 
 
 def world_from_env() -> int:
-    from prefpretrain.distributed import placement
+    from prefpretrain.host import placement
 
     return placement(os.environ).world_size
 

@@ -29,6 +29,20 @@ def deepspeed_env() -> None:
     host.extensions_cache()
 
 
+def import_deepspeed():
+    """deepspeed, imported after `deepspeed_env`. On the CPU accelerator its comm backend JIT-builds a shared-memory
+    op with gcc at the first start (~45 s on a fresh machine) that only its inference all-reduce (tensor-parallel
+    inference) uses; training never calls it, so it is marked incompatible and never built. (DeepSpeed's table of
+    compatible ops is one dict, computed once per process, that its op loading consults; CUDA never builds it.)"""
+    deepspeed_env()
+    import deepspeed
+    import deepspeed.ops
+
+    if deepspeed.get_accelerator().device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
 class GuardedAdamW(torch.optim.AdamW):
     """AdamW that skips a step whose gradients are not finite on any rank (all ranks agree), and counts it.
 
@@ -97,9 +111,7 @@ def param_groups(model, weight_decay: float) -> list[dict]:
 def build_engine(cfg: Config, model, world: int, run_dir: Path | None = None, load_universal: bool = False):
     """(DeepSpeed engine, the client optimizer): the optimizer fits the device (see `make_optimizer`);
     `train.compile` compiles the module through DeepSpeed (falls back with one log line where it cannot)."""
-    deepspeed_env()
-    import deepspeed
-
+    deepspeed = import_deepspeed()
     conf = ds_config(cfg, world, load_universal)
     if run_dir is not None:
         (run_dir / "deepspeed_config.json").write_text(json.dumps(conf, indent=1))
@@ -180,8 +192,7 @@ def partitioned_build(cfg: Config, world: int):
     glibc keeps the freed full-size tensors of the build in its heap, which left the peak resident memory at
     ~0.9 of a full build (bench/zero3_build_memory.py); while building, blocks over 64 KiB are mmap'ed, so a
     freed one goes back to the system at once (peak 0.41 of a full build at 2 ranks)."""
-    deepspeed_env()
-    import deepspeed
+    deepspeed = import_deepspeed()
     from transformers.integrations import HfDeepSpeedConfig
 
     if distributed.started() and not deepspeed.comm.is_initialized():  # zero.Init reads the world size from it
