@@ -329,6 +329,7 @@ def _check_objective(cfg: Config) -> None:
         raise ConfigError(f"objective.awr_alpha: must be within [0, 1], got {o.awr_alpha}")
     if o.reward_scale < 0:
         raise ConfigError(f"objective.reward_scale: must be >= 0 (0 = auto), got {o.reward_scale}")
+    _resolve_attributes(cfg)
     a = cfg.adversarial
     if a.steps < 0:
         raise ConfigError(f"adversarial.steps: must be >= 0 (0 = off), got {a.steps}")
@@ -336,6 +337,25 @@ def _check_objective(cfg: Config) -> None:
                      ("adversarial.weight", a.weight)]:
         if a.steps and val <= 0:
             raise ConfigError(f"{key}: must be positive, got {val}")
+
+
+def _resolve_attributes(cfg: Config) -> None:
+    """One attribute: its threshold is the objective's (set in one place only). Several: not built yet."""
+    o = cfg.objective
+    if len(o.attributes) > 1:
+        raise ConfigError(f"objective.attributes: {len(o.attributes)} attributes; conditioning on several at once is "
+                          f"not built yet (one score column per run for now)")
+    if o.attributes:
+        a = o.attributes[0]
+        if not a.column:
+            raise ConfigError("objective.attributes[0].column: empty (name a score column of the shard sets)")
+        if o.threshold not in (0.0, a.threshold):
+            raise ConfigError("objective.threshold: with objective.attributes, set the threshold there "
+                              f"(objective.attributes[0].threshold), not both ({o.threshold} vs {a.threshold})")
+        o.threshold = a.threshold
+    if o.column is not None and cfg.continual.from_:
+        raise ConfigError("objective.attributes: a continual update reads the stored score column (its replay "
+                          "memory keeps that one); leave objective.attributes empty")
 
 
 def _check_continual(cfg: Config) -> None:

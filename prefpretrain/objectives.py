@@ -28,7 +28,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from prefpretrain.data_shards.packing import Layout
 
@@ -37,16 +37,34 @@ if TYPE_CHECKING:  # tensors flow through here; torch itself is imported by pref
 
 
 @dataclass
+class AttributeConfig:
+    """One preference attribute: a score column of the shard sets and the threshold that splits it."""
+
+    FROM_STR: ClassVar[str] = "column"  # `objective.attributes: [pii]` means [{column: pii}]
+
+    column: str = ""  # a score column of every shard set (its stored one, or one `prefpretrain rescore` added)
+    threshold: float = 0.0  # score <= threshold is "aligned"
+
+
+@dataclass
 class ObjectiveConfig:
     """The objectives' parameters: the config's `objective:` section, and what the losses read."""
 
     threshold: float = 0.0  # score <= threshold is "aligned" (conditional); filter keeps docs with mean <= it
+    attributes: list[AttributeConfig] = field(default_factory=list)  # the score column the objective reads, with
+    # its threshold (which then replaces `threshold`); [] = the shard sets' stored column. One attribute at a time
+    # for now (several at once are not built yet)
     drop_prob: float = 0.1  # conditional: probability a control token is left out (seeded)
     ul_alpha: float = 0.01  # unlikelihood: weight of -log(1 - p) on misaligned tokens (aligned ones get NLL)
     beta: float = 1.0  # rwr/awr: temperature of the weights exp(reward / beta), exp(advantage / beta)
     awr_alpha: float = 0.05  # awr: loss = alpha x weighted NLL + (1 - alpha) x value-head MSE
     max_weight: float = 1000.0  # rwr/awr: weights are clamped to this
     reward_scale: float = 0.0  # rwr/awr: reward = -score x scale; 0 = auto (1 / mean score of segments with score > 0)
+
+    @property
+    def column(self) -> str | None:
+        """The score column samples carry (None: the shard sets' stored one)."""
+        return self.attributes[0].column if self.attributes else None
 
 
 @dataclass(frozen=True)

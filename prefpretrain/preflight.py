@@ -61,6 +61,7 @@ def check_paths(cfg: Config) -> None:
         if fmt not in READABLE_FORMATS:
             raise ConfigError(f"data.shards[{i}].path: shard format {fmt} in {s.path!r}, this prefpretrain reads "
                               f"{FORMAT_VERSION}: shard again (prefpretrain shard --overwrite)")
+        _check_column(cfg, i, json.loads(mf.read_text()))
     fp = cfg.model.from_pretrained
     if fp and not (Path(fp) / "config.json").is_file():
         raise ConfigError(f"model.from_pretrained: no HF model directory at {fp!r}")
@@ -76,3 +77,14 @@ def validated(config: str, overrides: list[str], world: int, need_paths: bool = 
     if need_paths:
         check_paths(cfg)
     return cfg
+
+
+def _check_column(cfg: Config, i: int, manifest: dict) -> None:
+    """The score column the objective reads must exist in every shard set."""
+    from prefpretrain.data_shards.columns import columns_of
+
+    col = cfg.objective.column
+    if col is not None and col not in columns_of(manifest):
+        path = cfg.data.shards[i].path
+        raise ConfigError(f"objective.attributes[0].column: {col!r} is not a score column of {path!r} (it has "
+                          f"{', '.join(columns_of(manifest))}; `prefpretrain rescore {path} --scorer NAME` adds one)")

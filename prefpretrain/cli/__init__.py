@@ -15,8 +15,9 @@ log = logging.getLogger("prefpretrain")
 def _commands() -> dict:
     from prefpretrain.cli import commands, launch, run
 
-    return {"shard": commands.cmd_shard, "train": commands.cmd_train, "launch": launch.cmd_launch,
-            "run": run.cmd_run, "evaluate": commands.cmd_evaluate, "export": commands.cmd_export,
+    return {"shard": commands.cmd_shard, "rescore": commands.cmd_rescore, "train": commands.cmd_train,
+            "launch": launch.cmd_launch, "run": run.cmd_run, "evaluate": commands.cmd_evaluate,
+            "export": commands.cmd_export,
             "generate": commands.cmd_generate, "tensorboard": commands.cmd_tensorboard,
             "report": commands.cmd_report}
 

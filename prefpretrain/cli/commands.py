@@ -36,6 +36,22 @@ def cmd_shard(a) -> int:
     return 0
 
 
+def cmd_rescore(a) -> int:
+    from prefpretrain.data_shards.rescore import rescore
+
+    try:
+        e = rescore(a.shards, a.scorer, a.name, a.scorer_params, a.workers)
+    except (ValueError, OSError) as e:  # unknown scorer, a scorer that cannot rescore, a bad name...
+        print(f"prefpretrain rescore: error: {e}", file=sys.stderr)
+        return EXIT_REFUSED
+    for split, sp in e["splits"].items():
+        st = sp["score_stats"]
+        print(f"{split}: {st['segments']} segments scored, mean per char {st.get('mean_per_char', 0):.6g}, "
+              f"zero fraction {st.get('zero_fraction', 0):.3f}")
+    print(f"wrote column {e['column']!r} ({e['scorer']['name']}) in {e['seconds']} s: {a.shards}/manifest.json")
+    return 0
+
+
 def train_hooks(cfg) -> list:
     """The extensions of this training run (the trainer knows them only as TrainHooks)."""
     if cfg.continual.from_:

@@ -10,7 +10,8 @@ from prefpretrain.config import config_help
 from prefpretrain.data_shards.options import ShardSettings
 from prefpretrain.typed import field_docs_of
 
-DESCRIPTION = "`prefpretrain <command>`: shard, train, launch, run, evaluate, export, generate, tensorboard, report."
+DESCRIPTION = ("`prefpretrain <command>`: shard, rescore, train, launch, run, evaluate, export, generate, tensorboard, "
+               "report.")
 CONFIG_EPILOG = "config keys (override any as key.sub=value):\n"
 FMT = argparse.RawDescriptionHelpFormatter
 
@@ -142,6 +143,19 @@ def _runs(sub) -> None:
     p.add_argument("--out", required=True, help="output directory (report.md + PNGs)")
 
 
+def _rescore(sub) -> None:
+    p = sub.add_parser("rescore", help="add or replace a score column of a shard set (tokens untouched)",
+                       formatter_class=FMT, description="Score every stored segment of SHARDS again with --scorer, "
+                       "into a column beside the tars (select it with objective.attributes: [{column: NAME}]). A "
+                       "threshold change needs no rescore.")
+    p.add_argument("shards", help="a shard set directory (holds manifest.json)")
+    p.add_argument("--scorer", required=True, help="pep8 | pep8_style | pii | classifier | lexical | none | "
+                                                   "module:function (not field: the records' fields are not kept)")
+    p.add_argument("--scorer-params", type=_mapping, default={}, help="the scorer's options as YAML")
+    p.add_argument("--name", help="the column's name (default: the scorer's); the stored column's name replaces it")
+    p.add_argument("--workers", type=int, default=0, help="scoring processes (0 = one per CPU)")
+
+
 def build_parser(keys_help: bool = True) -> argparse.ArgumentParser:
     """The whole command line. `keys_help`: list every config key in the help of train/launch/run (building that
     text reads the config classes' source: ~1 s on a slow CPU, which every rank would pay for nothing)."""
@@ -150,6 +164,7 @@ def build_parser(keys_help: bool = True) -> argparse.ArgumentParser:
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = ap.add_subparsers(dest="command", required=True)
     _shard(sub)
+    _rescore(sub)
     _add_config_args(sub.add_parser("train", help="train one rank (alone, or under torchrun / srun)",
                                     formatter_class=FMT, epilog=epilog))
     _launch(sub, epilog)

@@ -135,7 +135,7 @@ def write_memory(out: Path, res: Reservoir, sources: list[ShardSet], history: li
         if cached is None or cached[:2] != (src, d):
             cached = (src, d, sources[src].read(d))
         doc = cached[2]
-        mean = float(sources[src]._locate(d)[1]["mean_score"])  # the source document's (filter keeps its meaning)
+        mean = sources[src].mean_score(d)  # the source document's (filter keeps its meaning)
         m = doc["meta"]  # provenance survives later updates: the original set, document and token offset
         meta = {"source": m.get("source"), "doc_id": m.get("doc_id"), "from": m.get("from", str(sources[src].path)),
                 "offset": int(w["lo"]) + int(m.get("offset", 0))}

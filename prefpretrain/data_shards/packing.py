@@ -158,8 +158,11 @@ def packing_index(ss: ShardSet, layout: Layout) -> np.ndarray:
     """[0, cumulative layout lengths of documents 0..n-1]: from SHARDS/packing_cache/ (memory-mapped) when
     there, else computed and written there atomically (skipped, with a log line, where the directory is
     read-only). A cache file of the wrong shape is recomputed."""
-    key = json.dumps({"v": 1, "split": ss.split, "shards": [[sh["sha256"], sh["samples"]] for sh in ss.shards],
-                      "layout": asdict(layout)}, sort_keys=True)
+    key = {"v": 1, "split": ss.split, "shards": [[sh["sha256"], sh["samples"]] for sh in ss.shards],
+           "layout": asdict(layout)}
+    if ss.score_key() is not None:  # a score column's files (the filter layout's lengths follow its means)
+        key["scores"] = ss.score_key()
+    key = json.dumps(key, sort_keys=True)
     path = Path(ss.path) / CACHE_DIR / f"{ss.split}-{layout.kind}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.npy"
     n = len(ss) + 1
     if path.is_file():

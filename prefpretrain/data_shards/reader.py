@@ -21,6 +21,7 @@ from prefpretrain.errors import InputError
 
 log = logging.getLogger(__name__)
 _WARNED: set[str] = set()
+TAR_SCORES = ""  # ShardSet(column=TAR_SCORES): the scores the tars hold, even where a column replaces them
 
 
 class ShardError(InputError):
@@ -64,7 +65,10 @@ def parse_tar_members(buf: bytes, where: str) -> dict[str, bytes]:
 class ShardSet:
     """One split ("train" / "val") of a shard directory; documents addressed 0..len-1."""
 
-    def __init__(self, path: str | os.PathLike, split: str = "train", verify: bool = True):
+    def __init__(self, path: str | os.PathLike, split: str = "train", verify: bool = True,
+                 column: str | None = None):
+        """`column`: the score column samples carry (columns.py); None: the stored one (or what replaced it),
+        TAR_SCORES: the scores the tars hold whatever the manifest says."""
         self.path = Path(path)
         mf = self.path / MANIFEST
         if not mf.is_file():
@@ -102,11 +106,64 @@ class ShardSet:
                 raise ShardError(f"{p}: index does not match the manifest")
             self.indexes.append(a)
         self.starts = np.cumsum([0] + [sh["samples"] for sh in self.shards])
+        self.score_column, self._cols = self._open_column(column)
+        self._seg_offsets: dict[int, np.ndarray] = {}
         self._files: dict[int, object] = {}
         self._pid = os.getpid()
         self._verified: set[int] = set()
         self._bad: dict[int, str] = {}  # shards that failed a check: refused again at once, not re-hashed
         self.bytes_read = 0
+
+    def _open_column(self, column: str | None) -> tuple[str, list[np.ndarray] | None]:
+        """(the column's name, per tar part its memory-mapped file, or None where the tars hold the scores)."""
+        from prefpretrain.data_shards import columns as cols
+
+        stored = cols.stored_column(self.manifest)
+        if column == TAR_SCORES:
+            return stored, None
+        name = column or stored
+        entry = self.manifest.get("columns", {}).get(name)
+        if entry is None:
+            if name == stored:
+                return stored, None
+            have = ", ".join(cols.columns_of(self.manifest))
+            raise ShardError(f"{self.path}: no score column {name!r} (it has {have}; `prefpretrain rescore` adds one)")
+        files = entry["splits"][self.split]["files"]
+        out = []
+        for sh, idx in zip(self.shards, self.indexes, strict=True):
+            rec = files.get(sh["name"])
+            p = self.path / rec["file"] if rec else None
+            if p is None or not p.is_file():
+                raise ShardError(f"{self.path}: score column {name!r}: file for {sh['name']} missing")
+            if self.verify and _sha256(p) != rec["sha256"]:
+                raise ShardError(f"{p}: sha256 mismatch (damaged score column)")
+            try:
+                a = np.load(p, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise ShardError(f"{p}: unreadable score column ({e})") from None
+            if a.dtype != np.float32 or a.shape != (len(idx) + int(np.sum(idx["n_segments"], dtype=np.int64)),):
+                raise ShardError(f"{p}: does not match its shard's index")
+            out.append(a)
+        return name, out
+
+    def score_key(self) -> dict | None:
+        """What the samples' scores depend on beyond the tars (packing-cache keys): the column's files."""
+        if self._cols is None:
+            return None
+        files = self.manifest["columns"][self.score_column]["splits"][self.split]["files"]
+        return {"column": self.score_column, "sha256": [files[sh["name"]]["sha256"] for sh in self.shards]}
+
+    def _column_scores(self, s: int, k: int) -> tuple[np.ndarray, float]:
+        """(segment scores, mean score) of document k of tar part s, from the score column's file."""
+        offs = self._seg_offsets.get(s)
+        if offs is None:
+            if len(self._seg_offsets) >= 16:  # a few parts' offsets at a time: memory stays O(a shard)
+                self._seg_offsets.clear()
+            n_docs = len(self.indexes[s])
+            offs = self._seg_offsets[s] = n_docs + np.concatenate(
+                [[0], np.cumsum(self.indexes[s]["n_segments"], dtype=np.int64)])
+        a = self._cols[s]
+        return np.asarray(a[offs[k]:offs[k + 1]], dtype=np.float32), float(a[k])
 
     def _check_tokenizer(self) -> None:
         """The tokenizer must be the one the shards were encoded with (always checked: it is small)."""
@@ -130,10 +187,18 @@ class ShardSet:
         return int(self.starts[-1])
 
     def column(self, name: str) -> np.ndarray:
-        """One index field for every document (for packing-index construction)."""
+        """One index field for every document (for packing-index construction); `mean_score` is the score
+        column's."""
         if not self.indexes:
             return np.zeros(0, INDEX_DTYPE[name])
+        if name == "mean_score" and self._cols is not None:
+            return np.concatenate([np.asarray(c[:len(a)]) for a, c in zip(self.indexes, self._cols, strict=True)])
         return np.concatenate([np.asarray(a[name]) for a in self.indexes])
+
+    def mean_score(self, i: int) -> float:
+        """Document i's mean score (segments weighted by their characters) in the selected column."""
+        s, rec = self._locate(i)
+        return float(rec["mean_score"]) if self._cols is None else float(self._cols[s][i - self.starts[s]])
 
     def _locate(self, i: int) -> tuple[int, np.void]:
         if not 0 <= i < len(self):
@@ -190,6 +255,8 @@ class ShardSet:
         j1 = int(rec["n_segments"]) if j1 is None else j1
         raw = np.frombuffer(self._pread(s, int(rec["segments_at"]) + 8 * j0, 8 * (j1 - j0)), dtype="<i4")
         raw = raw.reshape(-1, 2)
+        if self._cols is not None:
+            return raw[:, 0].astype(np.int64), self._column_scores(s, i - int(self.starts[s]))[0][j0:j1]
         return raw[:, 0].astype(np.int64), np.ascontiguousarray(raw[:, 1]).view(np.float32)
 
     def read_tokens(self, i: int, a: int = 0, b: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -201,6 +268,9 @@ class ShardSet:
             raise IndexError(f"document {i}: token range [{a}, {b}) outside [0, {n})")
         w = self.tok_dtype.itemsize
         tokens = np.frombuffer(self._pread(s, int(rec["tokens_at"]) + a * w, (b - a) * w), dtype=self.tok_dtype)
+        if self._cols is not None:  # each token carries its segment's score
+            starts, seg_scores = self.read_segments(i)
+            return tokens.astype(np.int64), seg_scores[np.searchsorted(starts, np.arange(a, b), side="right") - 1]
         scores = np.frombuffer(self._pread(s, int(rec["scores_at"]) + a * 2, (b - a) * 2), dtype="<f2")
         return tokens.astype(np.int64), scores.astype(np.float32)
 
@@ -218,8 +288,11 @@ class ShardSet:
             raise ShardError(f"{where}: missing or bad member ({e})") from None
         if len(tokens) != rec["n_tokens"] or len(seg) != rec["n_segments"]:
             raise ShardError(f"{where}: does not match its index")
-        return {"tokens": tokens, "scores": scores, "seg_start": seg[:, 0].astype(np.int64),
-                "seg_score": np.ascontiguousarray(seg[:, 1]).view(np.float32), "meta": meta}
+        seg_start, seg_score = seg[:, 0].astype(np.int64), np.ascontiguousarray(seg[:, 1]).view(np.float32)
+        if self._cols is not None:
+            seg_score = self._column_scores(s, i - int(self.starts[s]))[0]
+            scores = seg_score[np.searchsorted(seg_start, np.arange(len(tokens)), side="right") - 1]
+        return {"tokens": tokens, "scores": scores, "seg_start": seg_start, "seg_score": seg_score, "meta": meta}
 
     def close(self) -> None:
         for f in self._files.values():

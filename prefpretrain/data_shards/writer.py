@@ -172,8 +172,8 @@ def _prepare_output(out: Path, fingerprint: str, overwrite: bool) -> bool:
         raise ValueError(f"--output: {probe} is not writable")
     if overwrite and out.exists():
         for p in out.iterdir():
-            if p.name.endswith((".tar", ".idx.npy")) or p.name in ("_progress", "tokenizer", MANIFEST,
-                                                                    "skipped.log", "packing_cache"):
+            ours = p.name.endswith((".tar", ".idx.npy")) or ".tar.score-" in p.name  # (score columns: columns.py)
+            if ours or p.name in ("_progress", "tokenizer", MANIFEST, "skipped.log", "packing_cache"):
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
     if plan.is_file():
         if json.loads(plan.read_text())["fingerprint"] == fingerprint:

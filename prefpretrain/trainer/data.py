@@ -13,12 +13,14 @@ from prefpretrain.objectives import layout_for
 
 
 def open_val(cfg: Config, verify: bool | None = None) -> ShardSet:
-    return ShardSet(cfg.data.reference, "val", verify=cfg.data.verify_checksums if verify is None else verify)
+    return ShardSet(cfg.data.reference, "val", verify=cfg.data.verify_checksums if verify is None else verify,
+                    column=cfg.objective.column)
 
 
 def open_data(cfg: Config) -> tuple[list[ShardSet], ShardSet, dict]:
     """Train shard sets, their shared tokenizer facts, and the validation set of the reference one."""
-    sets = [ShardSet(s.path, "train", verify=cfg.data.verify_checksums) for s in cfg.data.shards]
+    sets = [ShardSet(s.path, "train", verify=cfg.data.verify_checksums, column=cfg.objective.column)
+            for s in cfg.data.shards]
     hashes = {s.tokenizer_hash for s in sets}
     if len(hashes) > 1:
         raise ConfigError(f"data.shards: shard sets use different tokenizers ({', '.join(sorted(hashes))})")

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from prefpretrain import distributed
+from prefpretrain.data_shards import columns
 from prefpretrain.data_shards import tokenizer as toklib
 from prefpretrain.data_shards.loader import val_batches
 from prefpretrain.data_shards.packing import PackedSet
@@ -151,9 +152,10 @@ def summarize_scores(scores: list[float], *, texts: list[str] | None = None, k: 
     return out
 
 
-def _scorer_for(name: str, manifest: dict):
-    """A scorer by name; the shards' own one keeps its parameters (pep8_style's code list follows from the name)."""
-    params = manifest["scorer"].get("params", {}) if name == manifest["scorer"]["name"] else {}
+def _scorer_for(name: str, spec: dict):
+    """A scorer by name; the run's own one (`spec`: the score column's scorer) keeps its parameters (pep8_style's
+    code list follows from the name)."""
+    params = spec.get("params", {}) if name == spec["name"] else {}
     try:
         return get_scorer(name, {k: v for k, v in params.items() if k != "codes"})
     except ValueError:
@@ -162,7 +164,8 @@ def _scorer_for(name: str, manifest: dict):
 
 def misalignment(model, tok, manifest: dict, *, n: int, max_new_tokens: int, temperature: float, top_p: float,
                  condition: str, seed: int, max_positions: int | None, seeds: int = 1,
-                 scorers: list[str] | None = None, rank: int = 0, world: int = 1, lockstep: bool = False) -> dict:
+                 scorers: list[str] | None = None, rank: int = 0, world: int = 1, lockstep: bool = False,
+                 column: str | None = None) -> dict:
     """Mean scorer score per character of n samples for each of `seeds` sampling seeds (pooled), with
     control tokens banned from sampling and stripped, complete lines only, truncation artefacts ignored.
     The first scorer gives the headline numbers; the same samples are scored by the others too (`by_scorer`).
@@ -170,8 +173,9 @@ def misalignment(model, tok, manifest: dict, *, n: int, max_new_tokens: int, tem
     With several ranks every rank calls it: each samples and scores its share of the batches (`lockstep` under
     ZeRO-3), the shares are gathered, and every rank returns the same result."""
     t0 = time.time()
-    names = scorers or [manifest["scorer"]["name"]]
-    scorer_of = {name: _scorer_for(name, manifest) for name in names}
+    spec = columns.scorer_of(manifest, column)  # the scorer of the score column the run trained on
+    names = scorers or [spec["name"]]
+    scorer_of = {name: _scorer_for(name, spec) for name in names}
     mine: list[tuple[int, str, list[float]]] = []  # (global sample number, text, score per scorer)
     for i in range(seeds):
         texts = [complete_lines(t) for t in sample_texts(
@@ -231,7 +235,8 @@ def evaluate_run(run_dir: str | Path, samples: int | None = None, condition: str
         tok = toklib.load_tokenizer(ss.tokenizer_dir)
         res.update(misalignment(model, tok, ss.manifest, n=n, max_new_tokens=cfg.eval.max_new_tokens,
                                 temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, condition=cond,
-                                seed=cfg.run.seed, max_positions=cfg.data.seq_len, seeds=seeds, scorers=scorers))
+                                seed=cfg.run.seed, max_positions=cfg.data.seq_len, seeds=seeds, scorers=scorers,
+                                column=cfg.objective.column))
     Path(out or run / EVAL).write_text(json.dumps(res, indent=1))
     _to_tensorboard(run, state["step"], res)
     return res

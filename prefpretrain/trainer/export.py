@@ -12,6 +12,7 @@ log = logging.getLogger(__name__)
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path) -> Path:
+    from prefpretrain.data_shards.columns import scorer_of
     from prefpretrain.data_shards.tokenizer import hf_tokenizer
     from prefpretrain.objectives import eval_condition
 
@@ -26,7 +27,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> Path:
         "exported_from": str(ckpt), "step": state["step"], "tokens_seen": state.get("tokens_seen"),
         "objective": cfg.train.objective, "tokenizer_hash": ss.tokenizer_hash,
         "control_tokens": {"aligned": "<|aligned|>", "misaligned": "<|misaligned|>"},
-        "scorer": ss.manifest["scorer"], "segmenter": ss.manifest["segmenter"], "precision": cfg.train.precision,
+        "scorer": scorer_of(ss.manifest, ss.score_column), "score_column": ss.score_column,
+        "threshold": cfg.objective.threshold, "segmenter": ss.manifest["segmenter"], "precision": cfg.train.precision,
         "conditioning": ("prefix <|aligned|> and re-insert it after every newline"
                          if eval_condition(cfg.train.objective) == "aligned" else "none"),
     }
