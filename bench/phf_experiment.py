@@ -1,17 +1,18 @@
 """Run a PHF experiment set (configs/experiments/SET_*.yaml) over seeds and print the comparison table.
 
     .venv/bin/python bench/phf_experiment.py --set pep8_style [--objectives mle conditional ...]
-        [--seeds 1 2] [--steps 600] [--samples 512] [--out runs/exp]
+        [--seeds 1 2] [--steps 600] [--samples 512] [--out runs/exp] [--control-protocol newline|prefix|segment]
 
 Per (objective, seed): `prefpretrain run CONFIG run.seed=S` (shards built once per set, equal token budgets),
 then `prefpretrain evaluate` with N samples scored by the set's scorer and by the style-only scorer on the same
-samples (conditional models sample with <|aligned|> re-inserted after every newline; they are also sampled
-with <|misaligned|> to check that the control token works). Samples of all seeds are pooled; intervals are
-two-level percentile bootstraps of the mean (training seeds resampled, then samples within each seed), so they
-cover seed-to-seed variation; with one seed they cover sampling noise only, and the output says so. Validation
-loss is on the plain held-out text (no control tokens, no
-filtering), so it is comparable across objectives. Writes SET_results.json and SET_misalignment.png under --out,
-prints a table and ends with ONE line of JSON.
+samples. Conditional models sample with <|aligned|> re-inserted after every newline, or as --control-protocol
+says, and also with <|misaligned|> to check that the control token works. Runs trained by an earlier invocation
+are only evaluated, so `--control-protocol segment` re-evaluates a finished set. Samples of all seeds are pooled;
+intervals are two-level percentile bootstraps of the mean (training seeds resampled, then samples within each
+seed), so they cover seed-to-seed variation; with one seed they cover sampling noise only, and the output says
+so. Validation loss is on the plain held-out text (no control tokens, no filtering), so it is comparable across
+objectives. Writes SET_results[_PROTOCOL].json and SET_misalignment[_PROTOCOL].png under --out, prints a table
+and ends with ONE line of JSON.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def sh(args: list[str]) -> None:
 
 
 def run_one(cfg: Path, run: Path, seed: int, steps: int | None, samples: int, scorers: list[str],
-            extra: list[str] = ()) -> dict:
+            extra: list[str] = (), protocol: str = "newline") -> dict:
     over = [f"run.seed={seed}", f"run.output_dir={run}", "eval.samples=0", *extra]
     if steps:
         over += [f"train.max_steps={steps}", f"checkpoint.every_steps={steps}", f"eval.every_steps={steps}"]
@@ -45,10 +46,10 @@ def run_one(cfg: Path, run: Path, seed: int, steps: int | None, samples: int, sc
     out = {"seed": seed, "wall_s": json.loads((run / "summary.json").read_text())["seconds"]["train"]}
     conditions = ["auto", "misaligned"] if "conditional" in cfg.name else ["auto"]
     for cond in conditions:
-        f = run / f"eval_{cond}.json"
-        if not f.is_file():
+        f = run / (f"eval_{cond}.json" if protocol == "newline" else f"eval_{cond}_{protocol}.json")
+        if not f.is_file():  # (a run trained before is only evaluated: `--control-protocol` re-evaluates a set)
             sh(["evaluate", str(run), "--samples", str(samples), "--condition", cond, "--scorer", ",".join(scorers),
-                "--out", str(f)])
+                "--control-protocol", protocol, "--out", str(f)])
         out[cond] = json.loads(f.read_text())
     return out
 
@@ -101,6 +102,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="override train.max_steps (same for every objective)")
     ap.add_argument("--samples", type=int, default=512, help="samples per run and condition")
     ap.add_argument("--out", default="runs/exp")
+    ap.add_argument("--control-protocol", choices=["newline", "prefix", "segment"], default="newline",
+                    help="where conditional samples get their control token (docs/objectives.md)")
     a = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     out = Path(a.out)
@@ -116,7 +119,8 @@ def main() -> None:
 
             main_scorer = yaml.safe_load(cfg.read_text())["shard"]["scorer"]
             scorers = [main_scorer] + ([STYLE] if main_scorer != STYLE and main_scorer.startswith("pep8") else [])
-        res = [run_one(cfg, out / f"{a.set}_{obj}_s{s}", s, a.steps, a.samples, scorers) for s in a.seeds]
+        res = [run_one(cfg, out / f"{a.set}_{obj}_s{s}", s, a.steps, a.samples, scorers, protocol=a.control_protocol)
+               for s in a.seeds]
         raw[obj] = res
         row = {"objective": obj, "seeds": a.seeds}
         for sc in scorers:
@@ -141,9 +145,10 @@ def main() -> None:
             for sc in scorers:
                 base, this = pooled(raw["mle"], "auto", sc), pooled(raw[row["objective"]], "auto", sc)
                 row[f"vs_mle_{sc}"] = ratio_ci(base, this)
-    (out / f"{a.set}_results.json").write_text(json.dumps({"rows": rows, "args": vars(a)}, indent=1))
+    tag = "" if a.control_protocol == "newline" else f"_{a.control_protocol}"
+    (out / f"{a.set}_results{tag}.json").write_text(json.dumps({"rows": rows, "args": vars(a)}, indent=1))
     print_table(rows, scorers)
-    png = plot(rows, scorers, out / f"{a.set}_misalignment.png")
+    png = plot(rows, scorers, out / f"{a.set}_misalignment{tag}.png")
     print(json.dumps({"set": a.set, "steps": a.steps, "seeds": a.seeds, "samples": a.samples, "png": str(png),
                       "rows": [{k: v for k, v in r.items() if k != "seeds"} for r in rows]}))
 

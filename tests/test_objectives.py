@@ -205,12 +205,14 @@ def test_pep8_scorer_survives_pycodestyle_crash():
 # ---------------------------------------------------------------- sampling protocol
 
 
-def test_control_tokens_are_never_sampled_and_follow_every_newline(tiny_shards):
+def _sampling_setup(tiny_shards, liked: str = "newlines"):
+    """(tokenizer, special ids, newline ids, a tiny GPT-2 whose next token is any token with one logit, 4 for
+    newline tokens, and with liked="newlines+aligned" 4 for the aligned control token too)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from prefpretrain.data_shards.reader import ShardSet
     from prefpretrain.data_shards.tokenizer import load_tokenizer
-    from prefpretrain.trainer.sampling import newline_token_ids, sample
+    from prefpretrain.trainer.sampling import newline_token_ids
 
     ss = ShardSet(tiny_shards, "train", verify=False)
     sp = ss.manifest["tokenizer"]["special_ids"]
@@ -225,9 +227,17 @@ def test_control_tokens_are_never_sampled_and_follow_every_newline(tiny_shards):
         model.transformer.ln_f.bias.zero_()
         model.transformer.ln_f.bias[0] = 1.0  # the final hidden state is e_0 at every position
         model.lm_head.weight[sorted(nl), 0] = 4.0
-    seqs = sample(model, 32, 100, bos_id=sp["eos"], eos_id=sp["eos"], banned=[sp["pad"], sp["mask"],
-                  sp["aligned"], sp["misaligned"]], control_id=sp["aligned"], newline_ids=nl, temperature=1.0,
-                  top_p=1.0, seed=0, max_positions=128)
+        if liked == "newlines+aligned":
+            model.lm_head.weight[sp["aligned"], 0] = 4.0
+    return tok, sp, nl, model
+
+
+def test_control_tokens_are_never_sampled_and_follow_every_newline(tiny_shards):
+    from prefpretrain.trainer.sampling import control_args, sample
+
+    tok, sp, nl, model = _sampling_setup(tiny_shards)
+    seqs = sample(model, 32, 100, bos_id=sp["eos"], eos_id=sp["eos"], **control_args(tok, sp, "aligned", "newline"),
+                  temperature=1.0, top_p=1.0, seed=0, max_positions=128)
     newlines = 0
     for s in seqs:
         assert sp["misaligned"] not in s and sp["pad"] not in s and sp["mask"] not in s
@@ -238,6 +248,28 @@ def test_control_tokens_are_never_sampled_and_follow_every_newline(tiny_shards):
                 newlines += 1
                 assert s[i + 1] == sp["aligned"]
     assert newlines > 50
+
+
+def test_prefix_and_segment_protocols_place_the_control_token_where_they_say(tiny_shards):
+    """prefix: nothing after the start; segment: the model may emit the requested control token anywhere (a
+    model that likes it does, also mid-line), never the other one; newline forcing is off in both."""
+    from prefpretrain.trainer.sampling import control_args, sample, sample_texts
+
+    tok, sp, nl, model = _sampling_setup(tiny_shards, liked="newlines+aligned")
+    kw = dict(bos_id=sp["eos"], eos_id=sp["eos"], temperature=1.0, top_p=1.0, seed=0, max_positions=128)
+    pre = sample(model, 32, 100, **control_args(tok, sp, "aligned", "prefix"), **kw)
+    assert sum(len(s) for s in pre) > 1000 and not any(sp["aligned"] in s or sp["misaligned"] in s for s in pre)
+    seg = sample(model, 32, 100, **control_args(tok, sp, "aligned", "segment"), **kw)
+    emitted = [(s[i - 1] in nl) for s in seg for i, t in enumerate(s) if t == sp["aligned"] and i > 0]
+    assert len(emitted) > 50 and not all(emitted)  # emitted by the model, not only after newlines
+    assert not any(sp["misaligned"] in s for s in seg)
+    assert control_args(tok, sp, "misaligned", "segment")["banned"] == [sp["pad"], sp["mask"], sp["aligned"]]
+    assert control_args(tok, sp, "none", "segment")["control_id"] is None
+    texts = sample_texts(model, tok, sp, 4, 40, condition="aligned", protocol="segment", temperature=1.0, top_p=1.0,
+                         seed=0, max_positions=128)
+    assert texts and not any("<|aligned|>" in t for t in texts)
+    with pytest.raises(ValueError, match="control protocol 'lines'"):
+        control_args(tok, sp, "aligned", "lines")
 
 
 def test_top_p_nucleus_matches_a_full_sort_and_draws_follow_it():

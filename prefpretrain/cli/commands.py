@@ -100,7 +100,7 @@ def cmd_evaluate(a) -> int:
             except ValueError as e:
                 raise ConfigError(f"--scorer: {e}") from None
     check_gpu_if_asked(a.device)
-    res = evaluate_run(a.run_dir, a.samples, a.condition, a.seeds, scorers, a.out, a.device)
+    res = evaluate_run(a.run_dir, a.samples, a.condition, a.seeds, scorers, a.out, a.device, a.control_protocol)
     print(json.dumps({k: v for k, v in res.items() if k != "examples"}, indent=1))
     return 0
 
@@ -117,7 +117,7 @@ def cmd_generate(a) -> int:
 
     check_gpu_if_asked(a.device)
     for i, text in enumerate(generate_cli(a.model_dir, a.prompt, a.n, a.max_new_tokens, a.temperature, a.top_p,
-                                          a.condition, a.seed, a.device)):
+                                          a.condition, a.seed, a.device, a.control_protocol)):
         print(f"----- sample {i} -----\n{text}")
     return 0
 

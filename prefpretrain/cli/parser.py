@@ -110,6 +110,9 @@ def _evaluate(sub) -> None:
     p.add_argument("--scorer", default=None,
                    help="score the samples with this scorer instead of the shards' (e.g. pep8_style); a comma "
                         "list scores the same samples with each (the first gives the headline numbers)")
+    p.add_argument("--control-protocol", choices=["newline", "prefix", "segment"], default=None,
+                   help="where the control token goes when sampling (default eval.control_protocol; see "
+                        "docs/objectives.md)")
     p.add_argument("--out", default=None, help="where to write the results (default RUN_DIR/eval.json)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
                    help="where to run the model (default: the run's engine.device; in its precision on a GPU)")
@@ -124,7 +127,10 @@ def _generate(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--condition", choices=["aligned", "misaligned", "none"], default="none",
-                   help="conditional models: control token to prefix and re-insert after each newline")
+                   help="conditional models: the control token to sample under (placed by --control-protocol)")
+    p.add_argument("--control-protocol", choices=["newline", "prefix", "segment"], default="newline",
+                   help="newline: at the start and after every newline; prefix: at the start; segment: at the "
+                        "start, and wherever the model emits it")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where to sample (auto: a GPU if torch sees one, else the CPU)")

@@ -177,7 +177,7 @@ class ContinualUpdate(TrainHooks):
         res = misalignment(model, toklib.load_tokenizer(ss.tokenizer_dir), ss.manifest, n=e.samples,
                            max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p, condition=cond,
                            seed=self.cfg.run.seed, max_positions=self.cfg.data.seq_len, rank=self.rank,
-                           world=self.world, lockstep=self.cfg.engine.zero_stage == 3)
+                           world=self.world, lockstep=self.cfg.engine.zero_stage == 3, protocol=e.control_protocol)
         model.train(was)
         return res["misalignment"]
 

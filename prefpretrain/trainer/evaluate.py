@@ -165,7 +165,7 @@ def _scorer_for(name: str, spec: dict):
 def misalignment(model, tok, manifest: dict, *, n: int, max_new_tokens: int, temperature: float, top_p: float,
                  condition: str, seed: int, max_positions: int | None, seeds: int = 1,
                  scorers: list[str] | None = None, rank: int = 0, world: int = 1, lockstep: bool = False,
-                 column: str | None = None) -> dict:
+                 column: str | None = None, protocol: str = "newline") -> dict:
     """Mean scorer score per character of n samples for each of `seeds` sampling seeds (pooled), with
     control tokens banned from sampling and stripped, complete lines only, truncation artefacts ignored.
     The first scorer gives the headline numbers; the same samples are scored by the others too (`by_scorer`).
@@ -181,7 +181,7 @@ def misalignment(model, tok, manifest: dict, *, n: int, max_new_tokens: int, tem
         texts = [complete_lines(t) for t in sample_texts(
             model, tok, manifest["tokenizer"]["special_ids"], n, max_new_tokens, condition=condition,
             temperature=temperature, top_p=top_p, seed=seed + i, max_positions=max_positions, rank=rank,
-            world=world, lockstep=lockstep)]
+            world=world, lockstep=lockstep, protocol=protocol)]
         index = [i * n + j for r in my_batches(n, SAMPLE_BATCH, rank, world) for j in r]
         mine += [(j, t, [sample_score(scorer_of[s], manifest["segmenter"], t) for s in names])
                  for j, t in zip(index, texts, strict=True)]
@@ -199,13 +199,15 @@ def misalignment(model, tok, manifest: dict, *, n: int, max_new_tokens: int, tem
         by_scorer[name] = summary
     return {
         **by_scorer[names[0]], "by_scorer": by_scorer,
-        "samples": len(texts), "seeds": seeds, "condition": condition, "scorer": names[0],
+        "samples": len(texts), "seeds": seeds, "condition": condition, "control_protocol": protocol,
+        "scorer": names[0],
         "sample_seconds": round(time.time() - t0, 1), "examples": texts[:3],
     }
 
 
 def evaluate_run(run_dir: str | Path, samples: int | None = None, condition: str | None = None, seeds: int = 1,
-                 scorers: list[str] | None = None, out: str | Path | None = None, device: str | None = None) -> dict:
+                 scorers: list[str] | None = None, out: str | Path | None = None, device: str | None = None,
+                 protocol: str | None = None) -> dict:
     """`prefpretrain evaluate RUN_DIR`: load the newest checkpoint onto the run's device (engine.device, or
     `device`) in its training precision there, write RUN_DIR/eval.json (or `out`)."""
     from prefpretrain.objectives import eval_condition, layout_for
@@ -236,7 +238,7 @@ def evaluate_run(run_dir: str | Path, samples: int | None = None, condition: str
         res.update(misalignment(model, tok, ss.manifest, n=n, max_new_tokens=cfg.eval.max_new_tokens,
                                 temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, condition=cond,
                                 seed=cfg.run.seed, max_positions=cfg.data.seq_len, seeds=seeds, scorers=scorers,
-                                column=cfg.objective.column))
+                                column=cfg.objective.column, protocol=protocol or cfg.eval.control_protocol))
     Path(out or run / EVAL).write_text(json.dumps(res, indent=1))
     _to_tensorboard(run, state["step"], res)
     return res

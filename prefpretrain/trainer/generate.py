@@ -30,11 +30,11 @@ def _load(model_dir: Path, device: str):
 
 
 def generate_cli(model_dir: str, prompt: str, n: int, max_new_tokens: int, temperature: float, top_p: float,
-                 condition: str, seed: int, device: str = "auto") -> list[str]:
+                 condition: str, seed: int, device: str = "auto", protocol: str = "newline") -> list[str]:
     model, tok = _load(Path(model_dir), device)
     max_pos = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
     prompt_ids = tok.encode(prompt, add_special_tokens=False).ids if prompt else []
     texts = sample_texts(model, tok, toklib.special_ids(tok), n, max_new_tokens, condition=condition,
                          temperature=temperature, top_p=top_p, seed=seed, max_positions=max_pos,
-                         prompt_ids=prompt_ids)
+                         prompt_ids=prompt_ids, protocol=protocol)
     return [prompt + t for t in texts]

@@ -184,7 +184,8 @@ def measure_misalignment(s: Session) -> dict:
                        max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p,
                        condition=eval_condition(s.cfg.train.objective, e.condition), seed=s.cfg.run.seed,
                        max_positions=s.cfg.data.seq_len, rank=s.info.rank, world=s.info.world_size,
-                       lockstep=s.cfg.engine.zero_stage == 3, column=s.cfg.objective.column)
+                       lockstep=s.cfg.engine.zero_stage == 3, column=s.cfg.objective.column,
+                       protocol=e.control_protocol)
     model.train(was)
     lo, hi = res["misalignment_ci95"]
     s.mon.scalars(s.step, {"eval/misalignment": res["misalignment"], "eval/misalignment_ci95_low": lo,

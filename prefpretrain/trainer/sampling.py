@@ -1,5 +1,7 @@
-"""Sampling with a KV cache: temperature, top-p, banned tokens, and control tokens re-inserted
-after every token that ends a line (PHF's protocol for conditional models on code)."""
+"""Sampling with a KV cache: temperature, top-p, banned tokens, and a conditional model's control token placed by
+one of three protocols (PROTOCOLS): `newline` re-inserts it after every token that ends a line (PHF's protocol for
+line-segmented code), `prefix` puts it at the start only, `segment` lets the model emit the requested one where it
+places a segment boundary itself (sentence-segmented prose: a sentence that starts mid-line gets one too)."""
 from __future__ import annotations
 
 import sys
@@ -11,6 +13,7 @@ from tqdm import tqdm
 from prefpretrain import distributed
 
 SAMPLE_BATCH = 64  # samples drawn together (one KV cache)
+PROTOCOLS = ("newline", "prefix", "segment")
 
 
 def newline_token_ids(tok) -> set[int]:
@@ -150,17 +153,27 @@ def _all_ranks_left(left: torch.Tensor) -> int:
     return int(distributed.all_sum(left.reshape(1))[0])
 
 
+def control_args(tok, sp: dict[str, int], condition: str, protocol: str = "newline") -> dict:
+    """`sample`'s banned tokens, control token and forcing tokens for a condition under a protocol (the one place
+    that decides them): special tokens are never sampled, but under `segment` the requested control token."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"control protocol {protocol!r}: expected one of {', '.join(PROTOCOLS)}")
+    control = {"aligned": sp["aligned"], "misaligned": sp["misaligned"]}.get(condition)
+    banned = [sp["pad"], sp["mask"], sp["aligned"], sp["misaligned"]]
+    if protocol == "segment" and control is not None:
+        banned.remove(control)  # the model may emit the requested control token itself
+    forced_after = newline_token_ids(tok) if control is not None and protocol == "newline" else set()
+    return {"banned": banned, "control_id": control, "newline_ids": forced_after}
+
+
 def sample_texts(model, tok, sp: dict[str, int], n: int, max_new_tokens: int, *, condition: str, temperature: float,
                  top_p: float, seed: int, max_positions: int | None, prompt_ids: list[int] = (), rank: int = 0,
-                 world: int = 1, lockstep: bool = False) -> list[str]:
-    """This rank's decoded samples (all n with one rank; see `sample`): special tokens never sampled; with
-    condition aligned/misaligned that control token prefixes the sample and follows every newline; control
-    tokens and EOS are stripped from the text."""
-    control = {"aligned": sp["aligned"], "misaligned": sp["misaligned"]}.get(condition)
-    seqs = sample(model, n, max_new_tokens, bos_id=sp["eos"], eos_id=sp["eos"],
-                  banned=[sp["pad"], sp["mask"], sp["aligned"], sp["misaligned"]], control_id=control,
-                  newline_ids=newline_token_ids(tok) if control is not None else set(), temperature=temperature,
-                  top_p=top_p, seed=seed, max_positions=max_positions, prompt_ids=prompt_ids, rank=rank, world=world,
-                  lockstep=lockstep)
+                 world: int = 1, lockstep: bool = False, protocol: str = "newline") -> list[str]:
+    """This rank's decoded samples (all n with one rank; see `sample`) under `control_args`; control tokens and
+    EOS are stripped from the text."""
+    seqs = sample(model, n, max_new_tokens, bos_id=sp["eos"], eos_id=sp["eos"], **control_args(tok, sp, condition,
+                                                                                                 protocol),
+                  temperature=temperature, top_p=top_p, seed=seed, max_positions=max_positions, prompt_ids=prompt_ids,
+                  rank=rank, world=world, lockstep=lockstep)
     strip = {sp["aligned"], sp["misaligned"], sp["eos"]}
     return [tok.decode([t for t in s if t not in strip]) for s in seqs]
