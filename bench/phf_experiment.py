@@ -46,10 +46,11 @@ def run_one(cfg: Path, run: Path, seed: int, steps: int | None, samples: int, sc
     out = {"seed": seed, "wall_s": json.loads((run / "summary.json").read_text())["seconds"]["train"]}
     conditions = ["auto", "misaligned"] if "conditional" in cfg.name else ["auto"]
     for cond in conditions:
-        f = run / (f"eval_{cond}.json" if protocol == "newline" else f"eval_{cond}_{protocol}.json")
+        plain = protocol == "newline" or "conditional" not in cfg.name  # (a protocol changes conditional samples only)
+        f = run / (f"eval_{cond}.json" if plain else f"eval_{cond}_{protocol}.json")
         if not f.is_file():  # (a run trained before is only evaluated: `--control-protocol` re-evaluates a set)
             sh(["evaluate", str(run), "--samples", str(samples), "--condition", cond, "--scorer", ",".join(scorers),
-                "--control-protocol", protocol, "--out", str(f)])
+                "--control-protocol", "newline" if plain else protocol, "--out", str(f)])
         out[cond] = json.loads(f.read_text())
     return out
 

@@ -146,9 +146,8 @@ class EvalConfig:
     top_p: float = 0.9  # nucleus sampling
     condition: Literal["auto", "aligned", "misaligned", "none"] = "auto"  # auto: aligned if conditional
     control_protocol: Literal["newline", "prefix", "segment"] = "newline"  # where a conditional model's control
-    # token goes when sampling: newline (PHF's: at the start and forced after every newline; both control tokens
-    # banned), prefix (at the start only), segment (at the start; the model may emit the requested one wherever it
-    # places a segment boundary, the other stays banned; emitted ones stay in its context)
+    # token goes when sampling: newline (PHF's: at the start and after every newline), prefix (at the start only),
+    # segment (at the start and after every segment end of the shards' segmenter: lines, or sentences too)
 
 
 @dataclass

@@ -28,11 +28,11 @@ def _digests(path):
             if p.name.endswith((".tar", ".idx.npy"))}
 
 
-def test_rescoring_with_the_stored_scorer_gives_the_stored_scores_and_leaves_the_tars(shards):
+def test_rescoring_with_the_stored_scorer_gives_the_stored_scores_and_leaves_the_tars(shards, stdlib_files):
     before = _digests(shards)
     stored = json.loads((shards / "manifest.json").read_text())["scorer"]
     rescore(shards, "pep8", "again", stored["params"], workers=1)
-    rescore(shards, "pii", workers=2)  # (two spawned scoring processes)
+    rescore(shards, "pii", workers=1)
     assert _digests(shards) == before  # tokens, stored scores and indexes untouched
     for split in ("train", "val"):
         tar, again, pii = (ShardSet(shards, split, column=c) for c in (TAR_SCORES, "again", "pii"))
@@ -49,6 +49,12 @@ def test_rescoring_with_the_stored_scorer_gives_the_stored_scores_and_leaves_the
     assert not np.array_equal(tr_pii.column("mean_score"), ShardSet(shards, "train").column("mean_score"))
     m = json.loads((shards / "manifest.json").read_text())
     assert set(m["columns"]) == {"again", "pii"} and m["columns"]["pii"]["scorer"]["name"] == "pii"
+    # the same `shard` command run again over the finished set rewrites its manifest: the columns stay
+    from prefpretrain.data_shards.writer import ShardOptions, build_shards
+
+    build_shards(ShardOptions(inputs=stdlib_files, output=str(shards), scorer="pep8", vocab_size=512,
+                              val_fraction=0.2, workers=1, progress=False))
+    assert json.loads((shards / "manifest.json").read_text())["columns"] == m["columns"]
 
 
 def test_samples_carry_the_selected_column(shards):
@@ -71,14 +77,21 @@ def test_samples_carry_the_selected_column(shards):
 @pytest.mark.cli
 def test_a_damaged_or_unknown_column_and_what_cannot_be_rescored_are_one_line(shards):
     rescore(shards, "pii", workers=1)
-    f = next(shards.glob("train-*.tar.score-pii.npy"))
+    f = next(shards.glob("train-*.tar.score-pii.*.npy"))
     raw = bytearray(f.read_bytes())
     raw[-3] ^= 0xFF
     f.write_bytes(bytes(raw))
+    ss = ShardSet(shards, "train", column="pii")  # (each file is checked when first read)
     with pytest.raises(ShardError, match="sha256 mismatch .damaged score column"):
+        ss.column("mean_score")
+    f.unlink()
+    with pytest.raises(ShardError, match=f"score column 'pii': file for {f.name.split('.tar')[0]}.tar missing"):
         ShardSet(shards, "train", column="pii")
     with pytest.raises(ShardError, match=r"no score column 'toxicity' \(it has pep8, pii;"):
         ShardSet(shards, "train", column="toxicity")
+    rescore(shards, "pii", workers=1)  # replaced: readable again, the damaged column's files gone
+    assert ShardSet(shards, "train", column="pii").column("mean_score").any() and not f.exists()
+    assert len(list(shards.glob("*.tar.score-pii.*.npy"))) == 2  # (one train, one val part)
     r = run_cli("rescore", str(shards), "--scorer", "field")
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "prefpretrain rescore: error: --scorer field: cannot rescore, its scores came with the input records, "
@@ -105,7 +118,7 @@ def test_attribute_config_is_checked():
 
 @pytest.mark.dist
 def test_a_run_trains_evaluates_and_exports_on_a_rescored_column(shards, tmp_path):
-    r = run_cli("rescore", str(shards), "--scorer", "pii", "--workers", "1")
+    r = run_cli("rescore", str(shards), "--scorer", "pii", "--workers", "2")  # (two spawned scoring processes)
     assert r.returncode == 0 and "wrote column 'pii' (pii)" in r.stdout, r.stderr[-2000:]
     run = tmp_path / "run"
     launch_tiny(shards, run, 2, **{"train.max_steps": 2, "train.objective": "conditional", "eval.every_steps": 0,
@@ -116,3 +129,10 @@ def test_a_run_trains_evaluates_and_exports_on_a_rescored_column(shards, tmp_pat
     assert cli_forked("export", str(run), str(tmp_path / "hf")).returncode == 0
     info = json.loads((tmp_path / "hf" / "prefpretrain.json").read_text())
     assert info["score_column"] == "pii" and info["scorer"]["name"] == "pii"
+    # the column rescored since the checkpoint with other scores (same ones: the same files' checksums, fine):
+    # resuming on other scores is refused
+    rescore(shards, "none", "pii", workers=1)
+    r = launch_tiny(shards, run, 2, expect=2, **{"train.max_steps": 3, "train.objective": "conditional",
+                                                 "eval.every_steps": 0, "checkpoint.every_steps": 0,
+                                                 "objective.attributes": "[{column: pii}]"})
+    assert "the score column" in r.stderr and "has changed since" in r.stderr

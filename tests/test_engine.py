@@ -229,7 +229,6 @@ def test_guard_skips_a_non_finite_step_and_counts_it(bad):
     assert not opt.overflow and not torch.isfinite(w.detach()).all()
 
 
-@pytest.mark.dist
 def _forked_cli(log_dir):
     """bench/gpu_mfu.cli for the smoke test: `launch CONFIG --nproc-per-node N OVERRIDES` as N ranks forked from
     the test's forkserver (the script's arguments reach `prefpretrain train` unchanged; the launcher has tests of
@@ -251,6 +250,7 @@ def _forked_cli(log_dir):
     return cli
 
 
+@pytest.mark.dist
 def test_gpu_check_runs_its_parts_in_smoke_mode(tiny_shards, tmp_path, monkeypatch):
     """The one-command GPU check has never had a GPU: its CPU smoke mode runs the parts' launches and parsing
     (the fp16 part in bf16, without a verdict), so a lent GPU's minutes are not spent on the script's bugs. The

@@ -128,9 +128,10 @@ def _generate(sub) -> None:
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--condition", choices=["aligned", "misaligned", "none"], default="none",
                    help="conditional models: the control token to sample under (placed by --control-protocol)")
-    p.add_argument("--control-protocol", choices=["newline", "prefix", "segment"], default="newline",
+    p.add_argument("--control-protocol", choices=["newline", "prefix", "segment"], default=None,
                    help="newline: at the start and after every newline; prefix: at the start; segment: at the "
-                        "start, and wherever the model emits it")
+                        "start and after every segment the shards' segmenter would cut (default: the run's "
+                        "eval.control_protocol)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where to sample (auto: a GPU if torch sees one, else the CPU)")

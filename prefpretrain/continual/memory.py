@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from prefpretrain.data_shards.columns import scorer_of
 from prefpretrain.data_shards.reader import ShardSet
 from prefpretrain.data_shards.stats import ScoreStats
 from prefpretrain.data_shards.writer import FORMAT_VERSION, _atomic_json, _ChunkWriter
@@ -150,7 +151,7 @@ def write_memory(out: Path, res: Reservoir, sources: list[ShardSet], history: li
         "format_version": FORMAT_VERSION, "created_by": "prefpretrain continual (replay memory)",
         "inputs": [str(s.path) for s in sources], "files": 0, "input_bytes": 0,
         "tokenizer": dict(base.manifest["tokenizer"], path="tokenizer"), "token_dtype": tok_dtype.name,
-        "scorer": base.manifest["scorer"], "segmenter": base.manifest["segmenter"], "val_fraction": 0.0,
+        "scorer": scorer_of(base.manifest, None), "segmenter": base.manifest["segmenter"], "val_fraction": 0.0,
         "shard_size_mb": 256.0, "index_dtype": base.manifest["index_dtype"],
         "splits": {"train": sp, "val": empty}, "skipped": {}, "build_seconds": 0.0,
     }

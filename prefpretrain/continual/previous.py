@@ -74,6 +74,10 @@ def check_previous(cfg: Config) -> None:
             f"continual.from: {prev.ckpt} was trained with tokenizer {prev.tokenizer_hash}, but data.shards use "
             f"{new_hash}; shard the new data with the old tokenizer (prefpretrain shard --tokenizer "
             f"{prev.cfg.data.reference}/tokenizer, or shard.tokenizer)")
+    if prev.cfg.objective.column is not None:
+        raise ConfigError(f"continual.from: {prev.run_dir} was trained on score column "
+                          f"{prev.cfg.objective.column!r}; continual updates read the stored column only (their "
+                          f"replay memory keeps that one)")
     if (Path(cfg.run.output_dir) / REPLAY / MANIFEST).is_file():
         return  # this update's memory was built already (a resume): the earlier corpus is not needed again
     mem, stream = prev.memory_source()

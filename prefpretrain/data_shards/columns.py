@@ -2,7 +2,8 @@
 
 A shard set's tars hold the tokens and the score of its scorer (the *stored* column, named after that scorer).
 `prefpretrain rescore SHARDS --scorer NAME [--name COLUMN]` adds (or replaces) a column beside them: for every
-tar part `P.tar` one file `P.tar.score-COLUMN.npy`, float32, the mean score of each of its documents (weighted
+tar part `P.tar` one file `P.tar.score-COLUMN.TAG.npy` (TAG: one per rescore, so a replaced column's files stay
+whole until the manifest names the new ones), float32, the mean score of each of its documents (weighted
 by segment characters, as the shard step computes it) followed by the score of every segment of every document
 in document order. The segments are the shard step's (their first tokens are in the tar); each document's text
 is its tokens decoded, so a scorer sees what it would have seen at shard time (byte-level BPE decodes exactly).
@@ -14,12 +15,17 @@ columns (the reader's side); rescore.py writes them.
 """
 from __future__ import annotations
 
-SUFFIX = ".score-{}.npy"
+SUFFIX = ".score-{}.{}.npy"
 NOT_RESCORABLE = {"field": "its scores came with the input records, which the shards do not keep"}
 
 
-def column_file(shard_name: str, column: str) -> str:
-    return shard_name + SUFFIX.format(column)
+def column_file(shard_name: str, column: str, tag: str) -> str:
+    return shard_name + SUFFIX.format(column, tag)
+
+
+def default_name(scorer_name: str) -> str:
+    """A column name from a scorer's (`pkg.mod:fn` -> `pkg_mod_fn`)."""
+    return "".join(c if c.isalnum() or c in "_-" else "_" for c in scorer_name)
 
 
 def check_name(column: str) -> None:

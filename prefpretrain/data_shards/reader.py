@@ -106,6 +106,7 @@ class ShardSet:
                 raise ShardError(f"{p}: index does not match the manifest")
             self.indexes.append(a)
         self.starts = np.cumsum([0] + [sh["samples"] for sh in self.shards])
+        self._col_arrays: dict[int, np.ndarray] = {}
         self.score_column, self._cols = self._open_column(column)
         self._seg_offsets: dict[int, np.ndarray] = {}
         self._files: dict[int, object] = {}
@@ -114,8 +115,9 @@ class ShardSet:
         self._bad: dict[int, str] = {}  # shards that failed a check: refused again at once, not re-hashed
         self.bytes_read = 0
 
-    def _open_column(self, column: str | None) -> tuple[str, list[np.ndarray] | None]:
-        """(the column's name, per tar part its memory-mapped file, or None where the tars hold the scores)."""
+    def _open_column(self, column: str | None) -> tuple[str, dict | None]:
+        """(the column's name, its files' manifest records per tar part, or None where the tars hold the scores).
+        A missing file is refused here; each file is checked (sha256, shape) and memory-mapped when first read."""
         from prefpretrain.data_shards import columns as cols
 
         stored = cols.stored_column(self.manifest)
@@ -129,12 +131,18 @@ class ShardSet:
             have = ", ".join(cols.columns_of(self.manifest))
             raise ShardError(f"{self.path}: no score column {name!r} (it has {have}; `prefpretrain rescore` adds one)")
         files = entry["splits"][self.split]["files"]
-        out = []
-        for sh, idx in zip(self.shards, self.indexes, strict=True):
+        for sh in self.shards:
             rec = files.get(sh["name"])
-            p = self.path / rec["file"] if rec else None
-            if p is None or not p.is_file():
+            if rec is None or not (self.path / rec["file"]).is_file():
                 raise ShardError(f"{self.path}: score column {name!r}: file for {sh['name']} missing")
+        return name, files
+
+    def _col(self, s: int) -> np.ndarray:
+        """Tar part s's score-column file, checked once per process and memory-mapped."""
+        a = self._col_arrays.get(s)
+        if a is None:
+            rec, idx = self._cols[self.shards[s]["name"]], self.indexes[s]
+            p = self.path / rec["file"]
             if self.verify and _sha256(p) != rec["sha256"]:
                 raise ShardError(f"{p}: sha256 mismatch (damaged score column)")
             try:
@@ -143,18 +151,18 @@ class ShardSet:
                 raise ShardError(f"{p}: unreadable score column ({e})") from None
             if a.dtype != np.float32 or a.shape != (len(idx) + int(np.sum(idx["n_segments"], dtype=np.int64)),):
                 raise ShardError(f"{p}: does not match its shard's index")
-            out.append(a)
-        return name, out
+            a = self._col_arrays[s] = a
+        return a
 
     def score_key(self) -> dict | None:
-        """What the samples' scores depend on beyond the tars (packing-cache keys): the column's files."""
+        """What the samples' scores depend on beyond the tars (packing-cache keys, resume checks): the column's
+        files."""
         if self._cols is None:
             return None
-        files = self.manifest["columns"][self.score_column]["splits"][self.split]["files"]
-        return {"column": self.score_column, "sha256": [files[sh["name"]]["sha256"] for sh in self.shards]}
+        return {"column": self.score_column, "sha256": [self._cols[sh["name"]]["sha256"] for sh in self.shards]}
 
-    def _column_scores(self, s: int, k: int) -> tuple[np.ndarray, float]:
-        """(segment scores, mean score) of document k of tar part s, from the score column's file."""
+    def _column_scores(self, s: int, k: int, j0: int = 0, j1: int | None = None) -> tuple[np.ndarray, float]:
+        """(scores of segments [j0, j1), mean score) of document k of tar part s, from the score column."""
         offs = self._seg_offsets.get(s)
         if offs is None:
             if len(self._seg_offsets) >= 16:  # a few parts' offsets at a time: memory stays O(a shard)
@@ -162,8 +170,9 @@ class ShardSet:
             n_docs = len(self.indexes[s])
             offs = self._seg_offsets[s] = n_docs + np.concatenate(
                 [[0], np.cumsum(self.indexes[s]["n_segments"], dtype=np.int64)])
-        a = self._cols[s]
-        return np.asarray(a[offs[k]:offs[k + 1]], dtype=np.float32), float(a[k])
+        a, lo = self._col(s), int(offs[k])
+        hi = int(offs[k + 1]) if j1 is None else lo + j1
+        return np.asarray(a[lo + j0:hi], dtype=np.float32), float(a[k])
 
     def _check_tokenizer(self) -> None:
         """The tokenizer must be the one the shards were encoded with (always checked: it is small)."""
@@ -192,13 +201,13 @@ class ShardSet:
         if not self.indexes:
             return np.zeros(0, INDEX_DTYPE[name])
         if name == "mean_score" and self._cols is not None:
-            return np.concatenate([np.asarray(c[:len(a)]) for a, c in zip(self.indexes, self._cols, strict=True)])
+            return np.concatenate([np.asarray(self._col(s)[:len(a)]) for s, a in enumerate(self.indexes)])
         return np.concatenate([np.asarray(a[name]) for a in self.indexes])
 
     def mean_score(self, i: int) -> float:
         """Document i's mean score (segments weighted by their characters) in the selected column."""
         s, rec = self._locate(i)
-        return float(rec["mean_score"]) if self._cols is None else float(self._cols[s][i - self.starts[s]])
+        return float(rec["mean_score"]) if self._cols is None else float(self._col(s)[i - self.starts[s]])
 
     def _locate(self, i: int) -> tuple[int, np.void]:
         if not 0 <= i < len(self):
@@ -220,6 +229,10 @@ class ShardSet:
                 raise
             f = self._files[s] = open(self.path / self.shards[s]["name"], "rb")  # noqa: SIM115 - random access
         return f
+
+    def check_part(self, s: int) -> None:
+        """Tar part s checked (size; sha256 once with verify) and opened; ShardError where it is bad."""
+        self._file(s)
 
     def _check_shard(self, s: int) -> None:
         p = self.path / self.shards[s]["name"]
@@ -249,6 +262,17 @@ class ShardSet:
         s, rec = self._locate(i)
         return int(np.frombuffer(self._pread(s, int(rec["segments_at"]) + 8 * j, 4), dtype="<i4")[0])
 
+    def _segment_of(self, i: int, t: int) -> int:
+        """The segment of document i holding token t (a binary search of 4-byte reads; the first starts at 0)."""
+        lo, hi = 0, self.n_segments(i) - 1
+        while lo < hi:
+            m = (lo + hi + 1) // 2
+            if self.segment_start(i, m) <= t:
+                lo = m
+            else:
+                hi = m - 1
+        return lo
+
     def read_segments(self, i: int, j0: int = 0, j1: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(first token, score) of segments [j0, j1) of document i."""
         s, rec = self._locate(i)
@@ -256,7 +280,7 @@ class ShardSet:
         raw = np.frombuffer(self._pread(s, int(rec["segments_at"]) + 8 * j0, 8 * (j1 - j0)), dtype="<i4")
         raw = raw.reshape(-1, 2)
         if self._cols is not None:
-            return raw[:, 0].astype(np.int64), self._column_scores(s, i - int(self.starts[s]))[0][j0:j1]
+            return raw[:, 0].astype(np.int64), self._column_scores(s, i - int(self.starts[s]), j0, j1)[0]
         return raw[:, 0].astype(np.int64), np.ascontiguousarray(raw[:, 1]).view(np.float32)
 
     def read_tokens(self, i: int, a: int = 0, b: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -268,8 +292,9 @@ class ShardSet:
             raise IndexError(f"document {i}: token range [{a}, {b}) outside [0, {n})")
         w = self.tok_dtype.itemsize
         tokens = np.frombuffer(self._pread(s, int(rec["tokens_at"]) + a * w, (b - a) * w), dtype=self.tok_dtype)
-        if self._cols is not None:  # each token carries its segment's score
-            starts, seg_scores = self.read_segments(i)
+        if self._cols is not None:  # each token carries its segment's score: read the segments [a, b) covers
+            j0, j1 = self._segment_of(i, a), self._segment_of(i, max(a, b - 1)) + 1
+            starts, seg_scores = self.read_segments(i, j0, j1)
             return tokens.astype(np.int64), seg_scores[np.searchsorted(starts, np.arange(a, b), side="right") - 1]
         scores = np.frombuffer(self._pread(s, int(rec["scores_at"]) + a * 2, (b - a) * 2), dtype="<f2")
         return tokens.astype(np.int64), scores.astype(np.float32)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prefpretrain.data_shards.columns import NOT_RESCORABLE, check_name, column_file
+from prefpretrain.data_shards.columns import NOT_RESCORABLE, check_name, column_file, default_name
 from prefpretrain.data_shards.reader import TAR_SCORES, ShardSet
 from prefpretrain.data_shards.stats import ScoreStats
 from prefpretrain.rundir import atomic_write
@@ -23,8 +23,8 @@ def segment_texts(doc: dict, eos: int, tok) -> tuple[str, list[tuple[int, int]]]
     """A read document as its scorer saw it: the decoded text and the character span of each stored segment."""
     ids, starts = doc["tokens"], doc["seg_start"]
     bounds = [*starts.tolist(), len(ids) - (1 if len(ids) and ids[-1] == eos else 0)]
-    pieces = [tok.decode(ids[a:max(a, b)].tolist(), skip_special_tokens=False)
-              for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    pieces = tok.decode_batch([ids[a:max(a, b)].tolist() for a, b in zip(bounds[:-1], bounds[1:], strict=True)],
+                              skip_special_tokens=False)
     spans, at = [], 0
     for p in pieces:
         spans.append((at, at + len(p)))
@@ -41,26 +41,47 @@ def _init(path: str, split: str, scorer: str, params: dict) -> None:
     from prefpretrain.data_shards.scorers import get_scorer
 
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    ss = ShardSet(path, split, verify=True, column=TAR_SCORES)
+    if scorer == "classifier":  # one scoring process per core
+        import torch
+
+        torch.set_num_threads(1)
+    ss = ShardSet(path, split, verify=False, column=TAR_SCORES)  # (the parent checked every tar part once)
     tok = Tokenizer.from_file(str(ss.tokenizer_dir / "tokenizer.json"))
     _W.update(ss=ss, scorer=get_scorer(scorer, params), tok=tok, eos=ss.manifest["tokenizer"]["special_ids"]["eos"])
 
 
-def _score_part(s: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
-    """(part, document means, segment scores, segment characters) of tar part s of the worker's split."""
+DOCS_PER_ITEM = 16  # documents per unit of work (a tar part holds many: its documents are shared out)
+
+
+def _items(ss: ShardSet) -> list[tuple[int, int, int]]:
+    """(tar part, first document, end) of every unit of work, in document order."""
+    return [(s, lo, min(lo + DOCS_PER_ITEM, int(ss.starts[s + 1])))
+            for s in range(len(ss.shards)) for lo in range(int(ss.starts[s]), int(ss.starts[s + 1]), DOCS_PER_ITEM)]
+
+
+def _score_docs(item: tuple[int, int, int]) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """(part, document means, segment scores, segment characters) of documents [lo, hi) of tar part s."""
     from prefpretrain.data_shards.sources import Document
 
     ss, scorer = _W["ss"], _W["scorer"]
+    s, lo, hi = item
     means, segs, lens = [], [], []
-    for i in range(int(ss.starts[s]), int(ss.starts[s + 1])):
+    for i in range(lo, hi):
         doc = ss.read(i)
         text, spans = segment_texts(doc, _W["eos"], _W["tok"])
-        meta = doc["meta"]
-        sc = np.asarray(scorer.score(Document(meta.get("source", ""), meta.get("doc_id", str(i)), text), spans),
-                        dtype=np.float32)
+        meta, where = doc["meta"], f"{ss.shards[s]['name']} document {i} ({doc['meta'].get('doc_id')})"
+        if "chars" in meta and len(text) != meta["chars"]:
+            raise ValueError(f"{where}: its tokens decode to {len(text)} characters, the original had "
+                             f"{meta['chars']}: this tokenizer does not decode exactly, so a rescore cannot see "
+                             f"the text; shard again with the new scorer")
+        try:
+            sc = np.asarray(scorer.score(Document(meta.get("source", ""), meta.get("doc_id", str(i)), text), spans),
+                            dtype=np.float32)
+        except Exception as e:  # noqa: BLE001 - one line naming the document, not a worker's traceback
+            raise ValueError(f"{where}: scorer failed ({type(e).__name__}: {e})") from None
         if len(sc) != len(spans) or not np.isfinite(sc).all():
-            raise ValueError(f"{ss.shards[s]['name']} document {i}: scorer returned {len(sc)} scores for "
-                             f"{len(spans)} segments (finite: {bool(np.isfinite(sc).all())})")
+            raise ValueError(f"{where}: scorer returned {len(sc)} scores for {len(spans)} segments "
+                             f"(finite: {bool(np.isfinite(sc).all())})")
         ln = np.asarray([b - a for a, b in spans], dtype=np.float64)
         means.append(float((sc * ln).sum() / max(1.0, ln.sum())))
         segs.append(sc)
@@ -80,29 +101,45 @@ def rescore(path: str | os.PathLike, scorer: str, column: str | None = None, par
     from prefpretrain.data_shards.writer import MANIFEST
 
     t0, path, params = time.time(), Path(path), params or {}
+    ShardSet(path, "train", verify=False, column=TAR_SCORES)  # a shard set at all (before loading a scorer)
     sc = get_scorer(scorer, params)  # an unknown scorer or bad parameters: refused before any work
     if sc.name in NOT_RESCORABLE:
         raise ValueError(f"--scorer {sc.name}: cannot rescore, {NOT_RESCORABLE[sc.name]}")
-    column = column or sc.name
+    column = column or default_name(sc.name)
     check_name(column)
+    tag = os.urandom(4).hex()  # this rescore's files: a column being replaced stays readable until the switch
     entry = {"column": column, "scorer": {"name": sc.name, "version": sc.version, "params": sc.params}, "splits": {}}
     for split in ("train", "val"):
         ss = ShardSet(path, split, verify=True, column=TAR_SCORES)
-        stats, files = ScoreStats(), {}
-        n = len(ss.shards)
-        args = (str(path), split, scorer, params)
-        with _pool(workers, n, args) as run:
-            for s, means, segs, lens in run(_score_part, range(n)):
-                name = column_file(ss.shards[s]["name"], column)
-                _save(path / name, np.concatenate([means, segs]))
-                files[ss.shards[s]["name"]] = {"file": name, "sha256": _sha256(path / name),
-                                               "documents": len(means), "segments": len(segs)}
-                stats.add(segs, lens)
+        for s in range(len(ss.shards)):
+            ss.check_part(s)  # every tar part's size and sha256, once, here (the scoring processes trust them)
+        stats, files, items = ScoreStats(), {}, _items(ss)
+        parts: dict[int, list] = {}
+        with _pool(workers, len(items), (str(path), split, scorer, params)) as run:
+            for (s, _lo, hi), got in zip(items, run(_score_docs, items), strict=True):
+                parts.setdefault(s, []).append(got[1:])
+                if hi == int(ss.starts[s + 1]):  # the part's last documents: its file is complete
+                    means, segs, lens = (np.concatenate(x) for x in zip(*parts.pop(s), strict=True))
+                    name = column_file(ss.shards[s]["name"], column, tag)
+                    _save(path / name, np.concatenate([means, segs]).astype(np.float32))
+                    files[ss.shards[s]["name"]] = {"file": name, "sha256": _sha256(path / name),
+                                                   "documents": len(means), "segments": len(segs)}
+                    stats.add(segs, lens)
+        for s in range(len(ss.shards)):  # (a part without documents)
+            if ss.shards[s]["name"] not in files:
+                name = column_file(ss.shards[s]["name"], column, tag)
+                _save(path / name, np.zeros(0, np.float32))
+                files[ss.shards[s]["name"]] = {"file": name, "sha256": _sha256(path / name), "documents": 0,
+                                               "segments": 0}
         entry["splits"][split] = {"files": files, "score_stats": stats.summary()}
     entry["seconds"] = round(time.time() - t0, 1)
     manifest = json.loads((path / MANIFEST).read_text())
     manifest.setdefault("columns", {})[column] = entry
     atomic_write(path / MANIFEST, json.dumps(manifest, indent=1))  # the column exists once this is written
+    keep = {f["file"] for sp in entry["splits"].values() for f in sp["files"].values()}
+    for old in path.glob(f"*.tar.score-{column}.*.npy"):  # the replaced column's files, or a killed rescore's
+        if old.name not in keep:
+            old.unlink()
     log.info("rescore: column %r (%s) for %s in %.1fs", column, sc.name, path, entry["seconds"])
     return entry
 

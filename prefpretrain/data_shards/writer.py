@@ -284,6 +284,18 @@ def _run_chunks(opt, out, files, sizes, chunks, todo, tok, scorer_name, segmente
             pool.join()
 
 
+def _keep_columns(out: Path, manifest: dict) -> None:
+    """A finished shard set sharded again (the same inputs and options: the same tars) keeps its score columns."""
+    try:
+        old = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return
+    same = all([sh["sha256"] for sh in old.get("splits", {}).get(s, {}).get("shards", [])] ==
+               [sh["sha256"] for sh in manifest["splits"][s]["shards"]] for s in ("train", "val"))
+    if same and old.get("columns"):
+        manifest["columns"] = old["columns"]
+
+
 def _merge(out, opt, files, sizes, n_chunks, tok_hash, vocab, special, scorer, segmenter, tok_dtype, secs) -> dict:
     splits = {s: {"samples": 0, "tokens": 0, "shards": [], "stats": ScoreStats()} for s in ("train", "val")}
     skipped: Counter = Counter()
@@ -323,5 +335,6 @@ def _merge(out, opt, files, sizes, n_chunks, tok_hash, vocab, special, scorer, s
         "skipped": dict(sorted(skipped.items())),
         "build_seconds": round(secs, 1),
     }
+    _keep_columns(out, manifest)
     _atomic_json(out / MANIFEST, manifest)
     return manifest

@@ -2,6 +2,8 @@
 validation data. The first shard set is the run's reference: its tokenizer and its validation split."""
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 
 from prefpretrain.config import Config
@@ -58,6 +60,23 @@ class TrainData:
     @property
     def tokenizer_hash(self) -> str:
         return self.sets[0].tokenizer_hash
+
+    @property
+    def scores_digest(self) -> str | None:
+        """What the training scores depend on beyond the tars (a score column's files); None: the tars alone."""
+        keys = [s.score_key() for s in self.sets]
+        if not any(keys):
+            return None
+        return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def score_stats(self) -> dict:
+        """Score statistics of the reference set's train split in the selected column (rwr/awr's auto scale)."""
+        ss = self.sets[0]
+        cols = ss.manifest.get("columns", {})
+        if ss.score_column in cols and ss.score_key() is not None:
+            return cols[ss.score_column]["splits"]["train"]["score_stats"]
+        return self.manifest["splits"]["train"]["score_stats"]
 
     @property
     def special(self) -> dict:

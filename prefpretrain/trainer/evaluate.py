@@ -181,7 +181,7 @@ def misalignment(model, tok, manifest: dict, *, n: int, max_new_tokens: int, tem
         texts = [complete_lines(t) for t in sample_texts(
             model, tok, manifest["tokenizer"]["special_ids"], n, max_new_tokens, condition=condition,
             temperature=temperature, top_p=top_p, seed=seed + i, max_positions=max_positions, rank=rank,
-            world=world, lockstep=lockstep, protocol=protocol)]
+            world=world, lockstep=lockstep, protocol=protocol, segmenter=manifest["segmenter"])]
         index = [i * n + j for r in my_batches(n, SAMPLE_BATCH, rank, world) for j in r]
         mine += [(j, t, [sample_score(scorer_of[s], manifest["segmenter"], t) for s in names])
                  for j, t in zip(index, texts, strict=True)]

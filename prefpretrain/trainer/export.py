@@ -29,8 +29,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> Path:
         "control_tokens": {"aligned": "<|aligned|>", "misaligned": "<|misaligned|>"},
         "scorer": scorer_of(ss.manifest, ss.score_column), "score_column": ss.score_column,
         "threshold": cfg.objective.threshold, "segmenter": ss.manifest["segmenter"], "precision": cfg.train.precision,
-        "conditioning": ("prefix <|aligned|> and re-insert it after every newline"
-                         if eval_condition(cfg.train.objective) == "aligned" else "none"),
+        "conditioning": (f"prefix <|aligned|> and place it by the {cfg.eval.control_protocol!r} protocol "
+                         f"(docs/objectives.md)" if eval_condition(cfg.train.objective) == "aligned" else "none"),
+        "control_protocol": cfg.eval.control_protocol,
     }
     (tmp / "prefpretrain.json").write_text(json.dumps(info, indent=1))
     shutil.rmtree(out, ignore_errors=True)

@@ -61,7 +61,8 @@ def _pick(cfg: Config, ckpt_root: Path) -> Path | None:
     return ckpt
 
 
-def resume_point(cfg: Config, ckpt_root: Path, rank: int, world: int, tokenizer_hash: str, cont=None):
+def resume_point(cfg: Config, ckpt_root: Path, rank: int, world: int, tokenizer_hash: str, cont=None,
+                 scores_digest: str | None = None):
     """(checkpoint, its state, the directory to load) for run.resume, or (None, None, None) for a fresh start."""
     ckpt = _pick(cfg, ckpt_root)
     if ckpt is None:
@@ -78,6 +79,9 @@ def resume_point(cfg: Config, ckpt_root: Path, rank: int, world: int, tokenizer_
         raise ConfigError(f"data.document_mask: {str(cfg.data.document_mask).lower()}, but {ckpt} was trained "
                           f"{'with' if then else 'without'} document masking; keep it when resuming "
                           f"(data.document_mask={str(then).lower()}), or start afresh with run.resume=never")
+    if st.get("scores_digest") != scores_digest:  # (None: the tars' own scores, before columns existed too)
+        raise ConfigError(f"objective.attributes: the score column {ckpt} was trained on has changed since (rescored, "
+                          f"or another column); rescore it back, or start afresh with run.resume=never")
     if st["config_hash"] != cfg.hash():
         log.warning("resuming %s written with another config (hash %s, now %s)", ckpt, st["config_hash"], cfg.hash())
     if cont:

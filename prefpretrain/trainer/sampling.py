@@ -1,7 +1,9 @@
 """Sampling with a KV cache: temperature, top-p, banned tokens, and a conditional model's control token placed by
 one of three protocols (PROTOCOLS): `newline` re-inserts it after every token that ends a line (PHF's protocol for
-line-segmented code), `prefix` puts it at the start only, `segment` lets the model emit the requested one where it
-places a segment boundary itself (sentence-segmented prose: a sentence that starts mid-line gets one too)."""
+line-segmented code), `prefix` puts it at the start only, `segment` re-inserts it wherever a segment of the shard
+set's segmenter ends in the sampled text: after a line for `line`, also after a sentence-final token for
+`sentence` (so a sentence that starts mid-line is conditioned too, as it was in training), nowhere for
+`document`. Control tokens are never training targets, so a model never places them itself: they are inserted."""
 from __future__ import annotations
 
 import sys
@@ -21,6 +23,22 @@ def newline_token_ids(tok) -> set[int]:
     out = set()
     for i in tok.get_vocab().values():
         if tok.decode([i], skip_special_tokens=False).endswith("\n"):
+            out.add(i)
+    return out
+
+
+SENTENCE_END = ".!?"
+CLOSERS = "\"')]}\u201d\u2019\u00bb"  # may follow the full stop inside the sentence: ." ') etc.
+
+
+def sentence_end_token_ids(tok) -> set[int]:
+    """Token ids whose text ends a sentence (`.`, `!` or `?`, maybe followed by closing quotes or brackets): the
+    byte-level pre-tokenizer puts the space after a sentence into the next token (" The"), which is where the
+    sentence segmenter starts the next segment. A heuristic: "3.14" or "e.g." end a token that way too."""
+    out = set()
+    for i in tok.get_vocab().values():
+        text = tok.decode([i], skip_special_tokens=False).rstrip(CLOSERS)
+        if text and text[-1] in SENTENCE_END:
             out.add(i)
     return out
 
@@ -153,26 +171,29 @@ def _all_ranks_left(left: torch.Tensor) -> int:
     return int(distributed.all_sum(left.reshape(1))[0])
 
 
-def control_args(tok, sp: dict[str, int], condition: str, protocol: str = "newline") -> dict:
-    """`sample`'s banned tokens, control token and forcing tokens for a condition under a protocol (the one place
-    that decides them): special tokens are never sampled, but under `segment` the requested control token."""
+def control_args(tok, sp: dict[str, int], condition: str, protocol: str = "newline", segmenter: str = "line") -> dict:
+    """`sample`'s banned tokens, control token and the tokens after which it is inserted, for a condition under a
+    protocol and the shard set's segmenter (the one place that decides them). Special tokens are never sampled."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"control protocol {protocol!r}: expected one of {', '.join(PROTOCOLS)}")
     control = {"aligned": sp["aligned"], "misaligned": sp["misaligned"]}.get(condition)
-    banned = [sp["pad"], sp["mask"], sp["aligned"], sp["misaligned"]]
-    if protocol == "segment" and control is not None:
-        banned.remove(control)  # the model may emit the requested control token itself
-    forced_after = newline_token_ids(tok) if control is not None and protocol == "newline" else set()
-    return {"banned": banned, "control_id": control, "newline_ids": forced_after}
+    after: set[int] = set()
+    if control is not None and (protocol == "newline" or protocol == "segment" and segmenter != "document"):
+        after = newline_token_ids(tok)
+    if control is not None and protocol == "segment" and segmenter == "sentence":
+        after |= sentence_end_token_ids(tok)
+    return {"banned": [sp["pad"], sp["mask"], sp["aligned"], sp["misaligned"]], "control_id": control,
+            "newline_ids": after}
 
 
 def sample_texts(model, tok, sp: dict[str, int], n: int, max_new_tokens: int, *, condition: str, temperature: float,
                  top_p: float, seed: int, max_positions: int | None, prompt_ids: list[int] = (), rank: int = 0,
-                 world: int = 1, lockstep: bool = False, protocol: str = "newline") -> list[str]:
+                 world: int = 1, lockstep: bool = False, protocol: str = "newline",
+                 segmenter: str = "line") -> list[str]:
     """This rank's decoded samples (all n with one rank; see `sample`) under `control_args`; control tokens and
     EOS are stripped from the text."""
-    seqs = sample(model, n, max_new_tokens, bos_id=sp["eos"], eos_id=sp["eos"], **control_args(tok, sp, condition,
-                                                                                                 protocol),
+    seqs = sample(model, n, max_new_tokens, bos_id=sp["eos"], eos_id=sp["eos"],
+                  **control_args(tok, sp, condition, protocol, segmenter),
                   temperature=temperature, top_p=top_p, seed=seed, max_positions=max_positions, prompt_ids=prompt_ids,
                   rank=rank, world=world, lockstep=lockstep)
     strip = {sp["aligned"], sp["misaligned"], sp["eos"]}

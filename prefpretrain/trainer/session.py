@@ -84,12 +84,13 @@ def start(cfg: Config, info, hooks: HookList) -> Session:
     sets, val_set, manifest = open_data(cfg)
     # before any rank can refuse alone: ranks that read another config or other shards would wait on each other
     check_agreement(world, {"config_hash": cfg.hash(), "tokenizer_hash": sets[0].tokenizer_hash,
-                            "shards": [s.manifest["splits"]["train"]["shards"][0]["sha256"] for s in sets]})
+                            "shards": [s.manifest["splits"]["train"]["shards"][0]["sha256"] for s in sets],
+                            "score_columns": [s.score_key() for s in sets]})
     data = training_data(cfg, sets, val_set, manifest)
     hooks.start(TrainContext(cfg, run_dir, rank, world, info.device, data.layout, data.mlm, data.vocab_size))
     data.ds = hooks.wrap_dataset(data.ds)
     model, facts = _build_model(cfg, info, data, hooks)
-    op = resolved(cfg.objective, data.manifest["splits"]["train"]["score_stats"])
+    op = resolved(cfg.objective, data.score_stats)
     t = cfg.train
     spec = StepSpec(t.objective, cfg.model.kind == "causal", op, cfg.adversarial,
                     get_objective(t.objective).value_head, cfg.run.seed, t.cross_entropy == "chunked")
@@ -103,7 +104,8 @@ def start(cfg: Config, info, hooks: HookList) -> Session:
         model.config.save_pretrained(str(run_dir / MODEL_CONFIG))
     # resume at any world size: the data position is world-size independent, and ZeRO states written by
     # another number of ranks are converted to a DeepSpeed universal checkpoint
-    ckpt, st, load_from = resume_point(cfg, run_dir / CHECKPOINTS, rank, world, data.tokenizer_hash, hooks)
+    ckpt, st, load_from = resume_point(cfg, run_dir / CHECKPOINTS, rank, world, data.tokenizer_hash, hooks,
+                                       data.scores_digest)
     engine, guard = build_engine(cfg, model, world, run_dir if rank == 0 else None,
                                  load_universal=load_from is not None and load_from != ckpt)
     s = Session(cfg, info, hooks, data, engine, guard, spec, None, DataQuality(cfg.data.max_corrupt_fraction, st),
