@@ -163,13 +163,13 @@ class ShardSet:
 
     def _column_scores(self, s: int, k: int, j0: int = 0, j1: int | None = None) -> tuple[np.ndarray, float]:
         """(scores of segments [j0, j1), mean score) of document k of tar part s, from the score column."""
-        offs = self._seg_offsets.get(s)
+        offs = self._seg_offsets.pop(s, None)
         if offs is None:
-            if len(self._seg_offsets) >= 16:  # a few parts' offsets at a time: memory stays O(a shard)
-                self._seg_offsets.clear()
-            n_docs = len(self.indexes[s])
-            offs = self._seg_offsets[s] = n_docs + np.concatenate(
-                [[0], np.cumsum(self.indexes[s]["n_segments"], dtype=np.int64)])
+            if len(self._seg_offsets) >= 16:  # the 16 parts read last: memory stays O(a few shards)
+                self._seg_offsets.pop(next(iter(self._seg_offsets)))
+            offs = len(self.indexes[s]) + np.concatenate([[0], np.cumsum(self.indexes[s]["n_segments"],
+                                                                             dtype=np.int64)])
+        self._seg_offsets[s] = offs  # (re-inserted: the dict's order is the order of use)
         a, lo = self._col(s), int(offs[k])
         hi = int(offs[k + 1]) if j1 is None else lo + j1
         return np.asarray(a[lo + j0:hi], dtype=np.float32), float(a[k])
