@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # starts ranks or a cluster marks every test that uses it; a test that runs commands must say so itself.
 FIXTURE_NEEDS = {"slurm": "slurm", "uninterrupted": "slurm", "two_runs": "dist", "old_run": "dist"}
 STARTS_COMMANDS = ("run_cli(", "launch_tiny(", "cli_forked(", "train_ranks(", "_forked_cli(")
-# `make test` runs the tests on 2 workers (pytest-xdist, --dist loadgroup): the tests that share an expensive
-# fixture (one SLURM cluster, one earlier run) stay on one worker, which builds it once
+# run on several workers (`pytest -n N --dist loadgroup`; `make test` runs one process), the tests that share an
+# expensive fixture (one SLURM cluster, one earlier run) stay on one worker, which builds it once
 SHARED_FIXTURES = {"slurm": "slurm", "uninterrupted": "slurm", "old_run": "continual", "two_runs": "monitoring"}
 
 
