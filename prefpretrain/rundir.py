@@ -79,11 +79,11 @@ class RunDir:
         return json.loads(p.read_text()) if p.is_file() else None
 
 
-def atomic_write(path: Path, text: str) -> None:
-    """Write, fsync, rename: a reader sees the old file or the whole new one."""
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write (text or bytes), fsync, rename: a reader sees the old file or the whole new one."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
+    with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -33,14 +33,25 @@ def init_worker(tok_json: str, scorer: str, scorer_params: dict, segmenter: str,
     _W["eos"] = _W["tok"].token_to_id(toklib.EOS)
 
 
-def encode_document(doc: sources.Document, tok, scorer, segmenter, eos: int) -> dict | None:
-    spans = segmenter(doc.text)
-    if not spans:
-        return None
+def score_segments(scorer, doc: sources.Document, spans: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """(the scorer's score of every span, float32, checked: one finite value each; the spans' lengths)."""
     seg_scores = np.asarray(scorer.score(doc, spans), dtype=np.float32)
     if len(seg_scores) != len(spans) or not np.isfinite(seg_scores).all():
         raise ValueError(f"scorer returned {len(seg_scores)} scores (finite: {np.isfinite(seg_scores).all()}) "
                          f"for {len(spans)} segments")
+    return seg_scores, np.asarray([b - a for a, b in spans], dtype=np.float64)
+
+
+def mean_per_char(seg_scores: np.ndarray, lens: np.ndarray) -> float:
+    """A document's score: its segments' scores weighted by their characters."""
+    return float((seg_scores * lens).sum() / max(1.0, lens.sum()))
+
+
+def encode_document(doc: sources.Document, tok, scorer, segmenter, eos: int) -> dict | None:
+    spans = segmenter(doc.text)
+    if not spans:
+        return None
+    seg_scores, lens = score_segments(scorer, doc, spans)
     if segmenter is line_spans:
         # the pre-tokenizer splits after every newline, so encoding line by line gives exactly the
         # tokens of the whole text, and each line's tokens are its segment (no offsets to map)
@@ -56,13 +67,12 @@ def encode_document(doc: sources.Document, tok, scorer, segmenter, eos: int) -> 
         tok_starts = np.asarray([o[0] for o in enc.offsets] + [len(doc.text)], dtype=np.int64)
         seg_of_tok = np.clip(np.searchsorted(starts, tok_starts, side="right") - 1, 0, len(spans) - 1)
     first = np.flatnonzero(np.r_[True, seg_of_tok[1:] != seg_of_tok[:-1]])  # first token of each segment
-    lens = np.asarray([b - a for a, b in spans], dtype=np.float64)
     return {
         "tokens": ids,
         "scores": seg_scores[seg_of_tok].astype(np.float16),
         "segments": np.stack([first.astype(np.int32), seg_scores[seg_of_tok[first]].view(np.int32)], axis=1),
         "meta": {"source": doc.source, "doc_id": doc.doc_id, "chars": len(doc.text)},
-        "mean_score": float((seg_scores * lens).sum() / max(1.0, lens.sum())),
+        "mean_score": mean_per_char(seg_scores, lens),
         "seg_scores": seg_scores,
         "seg_lens": lens,
     }

@@ -160,8 +160,9 @@ def packing_index(ss: ShardSet, layout: Layout) -> np.ndarray:
     read-only). A cache file of the wrong shape is recomputed."""
     key = {"v": 1, "split": ss.split, "shards": [[sh["sha256"], sh["samples"]] for sh in ss.shards],
            "layout": asdict(layout)}
-    if ss.score_key() is not None:  # a score column's files (the filter layout's lengths follow its means)
-        key["scores"] = ss.score_key()
+    scores = ss.score_key()
+    if scores is not None:  # a score column's files (the filter layout's lengths follow its means)
+        key["scores"] = scores
     key = json.dumps(key, sort_keys=True)
     path = Path(ss.path) / CACHE_DIR / f"{ss.split}-{layout.kind}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.npy"
     n = len(ss) + 1

@@ -24,6 +24,11 @@ _WARNED: set[str] = set()
 TAR_SCORES = ""  # ShardSet(column=TAR_SCORES): the scores the tars hold, even where a column replaces them
 
 
+def _per_token(starts: np.ndarray, seg_scores: np.ndarray, a: int, b: int) -> np.ndarray:
+    """The score of tokens [a, b): each its segment's (segments given by their first tokens, covering [a, b))."""
+    return seg_scores[np.searchsorted(starts, np.arange(a, b), side="right") - 1]
+
+
 class ShardError(InputError):
     """A shard is missing, truncated, corrupt, or does not match its manifest (one line, exit 2)."""
 
@@ -151,7 +156,7 @@ class ShardSet:
                 raise ShardError(f"{p}: unreadable score column ({e})") from None
             if a.dtype != np.float32 or a.shape != (len(idx) + int(np.sum(idx["n_segments"], dtype=np.int64)),):
                 raise ShardError(f"{p}: does not match its shard's index")
-            a = self._col_arrays[s] = a
+            self._col_arrays[s] = a
         return a
 
     def score_key(self) -> dict | None:
@@ -294,8 +299,7 @@ class ShardSet:
         tokens = np.frombuffer(self._pread(s, int(rec["tokens_at"]) + a * w, (b - a) * w), dtype=self.tok_dtype)
         if self._cols is not None:  # each token carries its segment's score: read the segments [a, b) covers
             j0, j1 = self._segment_of(i, a), self._segment_of(i, max(a, b - 1)) + 1
-            starts, seg_scores = self.read_segments(i, j0, j1)
-            return tokens.astype(np.int64), seg_scores[np.searchsorted(starts, np.arange(a, b), side="right") - 1]
+            return tokens.astype(np.int64), _per_token(*self.read_segments(i, j0, j1), a, b)
         scores = np.frombuffer(self._pread(s, int(rec["scores_at"]) + a * 2, (b - a) * 2), dtype="<f2")
         return tokens.astype(np.int64), scores.astype(np.float32)
 
@@ -316,7 +320,7 @@ class ShardSet:
         seg_start, seg_score = seg[:, 0].astype(np.int64), np.ascontiguousarray(seg[:, 1]).view(np.float32)
         if self._cols is not None:
             seg_score = self._column_scores(s, i - int(self.starts[s]))[0]
-            scores = seg_score[np.searchsorted(seg_start, np.arange(len(tokens)), side="right") - 1]
+            scores = _per_token(seg_start, seg_score, 0, len(tokens))
         return {"tokens": tokens, "scores": scores, "seg_start": seg_start, "seg_score": seg_score, "meta": meta}
 
     def close(self) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from prefpretrain.data_shards.columns import NOT_RESCORABLE, check_name, column_file, default_name
+from prefpretrain.data_shards.encode import mean_per_char, score_segments
 from prefpretrain.data_shards.reader import TAR_SCORES, ShardSet
 from prefpretrain.data_shards.stats import ScoreStats
 from prefpretrain.rundir import atomic_write
@@ -75,15 +76,10 @@ def _score_docs(item: tuple[int, int, int]) -> tuple[int, np.ndarray, np.ndarray
                              f"{meta['chars']}: this tokenizer does not decode exactly, so a rescore cannot see "
                              f"the text; shard again with the new scorer")
         try:
-            sc = np.asarray(scorer.score(Document(meta.get("source", ""), meta.get("doc_id", str(i)), text), spans),
-                            dtype=np.float32)
+            sc, ln = score_segments(scorer, Document(meta.get("source", ""), meta.get("doc_id", str(i)), text), spans)
         except Exception as e:  # noqa: BLE001 - one line naming the document, not a worker's traceback
             raise ValueError(f"{where}: scorer failed ({type(e).__name__}: {e})") from None
-        if len(sc) != len(spans) or not np.isfinite(sc).all():
-            raise ValueError(f"{where}: scorer returned {len(sc)} scores for {len(spans)} segments "
-                             f"(finite: {bool(np.isfinite(sc).all())})")
-        ln = np.asarray([b - a for a, b in spans], dtype=np.float64)
-        means.append(float((sc * ln).sum() / max(1.0, ln.sum())))
+        means.append(mean_per_char(sc, ln))
         segs.append(sc)
         lens.append(ln)
     return s, np.asarray(means, np.float32), _cat(segs, np.float32), _cat(lens, np.float64)
@@ -98,7 +94,7 @@ def rescore(path: str | os.PathLike, scorer: str, column: str | None = None, par
     """Add (or replace) score column `column` (default: the scorer's name) to the shard set at `path`, scoring
     every stored segment of both splits with `scorer`; returns the manifest's entry for it."""
     from prefpretrain.data_shards.scorers import get_scorer
-    from prefpretrain.data_shards.writer import MANIFEST
+    from prefpretrain.data_shards.writer import MANIFEST, _npy_bytes
 
     t0, path, params = time.time(), Path(path), params or {}
     ShardSet(path, "train", verify=False, column=TAR_SCORES)  # a shard set at all (before loading a scorer)
@@ -120,17 +116,12 @@ def rescore(path: str | os.PathLike, scorer: str, column: str | None = None, par
                 parts.setdefault(s, []).append(got[1:])
                 if hi == int(ss.starts[s + 1]):  # the part's last documents: its file is complete
                     means, segs, lens = (np.concatenate(x) for x in zip(*parts.pop(s), strict=True))
-                    name = column_file(ss.shards[s]["name"], column, tag)
-                    _save(path / name, np.concatenate([means, segs]).astype(np.float32))
-                    files[ss.shards[s]["name"]] = {"file": name, "sha256": _sha256(path / name),
+                    name, data = column_file(ss.shards[s]["name"], column, tag), _npy_bytes(
+                        np.concatenate([means, segs]).astype(np.float32))
+                    atomic_write(path / name, data)
+                    files[ss.shards[s]["name"]] = {"file": name, "sha256": hashlib.sha256(data).hexdigest(),
                                                    "documents": len(means), "segments": len(segs)}
                     stats.add(segs, lens)
-        for s in range(len(ss.shards)):  # (a part without documents)
-            if ss.shards[s]["name"] not in files:
-                name = column_file(ss.shards[s]["name"], column, tag)
-                _save(path / name, np.zeros(0, np.float32))
-                files[ss.shards[s]["name"]] = {"file": name, "sha256": _sha256(path / name), "documents": 0,
-                                               "segments": 0}
         entry["splits"][split] = {"files": files, "score_stats": stats.summary()}
     entry["seconds"] = round(time.time() - t0, 1)
     manifest = json.loads((path / MANIFEST).read_text())
@@ -162,16 +153,3 @@ class _pool:
         if self.pool is not None:
             self.pool.terminate()
             self.pool.join()
-
-
-def _save(path: Path, a: np.ndarray) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.save(f, a, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _sha256(p: Path) -> str:
-    return hashlib.sha256(p.read_bytes()).hexdigest()
