@@ -43,7 +43,18 @@ def columns_of(manifest: dict) -> list[str]:
     return sorted({stored_column(manifest), *manifest.get("columns", {})})
 
 
+def _entry(manifest: dict, column: str | None) -> dict | None:
+    """The manifest entry of a column rescore wrote (None: the column the tars hold, nothing replacing it)."""
+    return manifest.get("columns", {}).get(column or stored_column(manifest))
+
+
 def scorer_of(manifest: dict, column: str | None) -> dict:
     """{name, version, params} of the scorer behind a column (None: the stored one, or the column replacing it)."""
-    cols, column = manifest.get("columns", {}), column or stored_column(manifest)
-    return cols[column]["scorer"] if column in cols else manifest["scorer"]
+    e = _entry(manifest, column)
+    return e["scorer"] if e else manifest["scorer"]
+
+
+def stats_of(manifest: dict, column: str | None, split: str) -> dict:
+    """The score statistics of a split in a column (None: the stored one, or the column replacing it)."""
+    e = _entry(manifest, column)
+    return (e or manifest)["splits"][split]["score_stats"]

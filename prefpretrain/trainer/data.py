@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 
 from prefpretrain.config import Config
+from prefpretrain.data_shards.columns import stats_of
 from prefpretrain.data_shards.loader import MixtureDataset
 from prefpretrain.data_shards.packing import Layout, MaskSpec, PackedSet
 from prefpretrain.data_shards.reader import ShardSet
@@ -72,11 +73,7 @@ class TrainData:
     @property
     def score_stats(self) -> dict:
         """Score statistics of the reference set's train split in the selected column (rwr/awr's auto scale)."""
-        ss = self.sets[0]
-        cols = ss.manifest.get("columns", {})
-        if ss.score_column in cols and ss.score_key() is not None:
-            return cols[ss.score_column]["splits"]["train"]["score_stats"]
-        return self.manifest["splits"]["train"]["score_stats"]
+        return stats_of(self.manifest, self.sets[0].score_column, "train")
 
     @property
     def special(self) -> dict:
