@@ -52,7 +52,7 @@ def main() -> None:
     dev = torch.device(a.device)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=8192, n_positions=256, n_embd=256, n_layer=4, n_head=4,
                                        bos_token_id=0, eos_token_id=0)).to(dev).eval()
-    kw = {"bos_id": 0, "eos_id": 0, "banned": [0, 1, 2, 3], "control_id": None, "temperature": 0.7, "top_p": 0.9,
+    kw = {"bos_id": 0, "eos_id": 0, "banned": [0, 1, 2, 3], "temperature": 0.7, "top_p": 0.9,
           "seed": 1, "max_positions": 256}
     with tempfile.TemporaryDirectory() as tmp:
         base = load_revision(a.baseline, Path(tmp))

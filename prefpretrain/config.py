@@ -144,7 +144,8 @@ class EvalConfig:
     max_new_tokens: int = 128  # tokens per sample
     temperature: float = 0.7  # sampling temperature
     top_p: float = 0.9  # nucleus sampling
-    condition: Literal["auto", "aligned", "misaligned", "none"] = "auto"  # auto: aligned if conditional
+    condition: str = "auto"  # auto (aligned if conditional) | aligned | misaligned | none | COLUMN=aligned|misaligned
+    # pairs, comma-separated (conditioning on several attributes: the ones named; prefpretrain.conditioning)
     control_protocol: Literal["newline", "prefix", "segment"] = "newline"  # where a conditional model's control
     # token goes when sampling: newline (PHF's: at the start and after every newline), prefix (at the start only),
     # segment (at the start and after every segment end of the shards' segmenter: lines, or sentences too)
@@ -343,22 +344,12 @@ def _check_objective(cfg: Config) -> None:
 
 
 def _resolve_attributes(cfg: Config) -> None:
-    """One attribute: its threshold is the objective's (set in one place only). Several: not built yet."""
-    o = cfg.objective
-    if len(o.attributes) > 1:
-        raise ConfigError(f"objective.attributes: {len(o.attributes)} attributes; conditioning on several at once is "
-                          f"not built yet (one score column per run for now)")
-    if o.attributes:
-        a = o.attributes[0]
-        if not a.column:
-            raise ConfigError("objective.attributes[0].column: empty (name a score column of the shard sets)")
-        if o.threshold not in (0.0, a.threshold):
-            raise ConfigError("objective.threshold: with objective.attributes, set the threshold there "
-                              f"(objective.attributes[0].threshold), not both ({o.threshold} vs {a.threshold})")
-        o.threshold = a.threshold
-    if o.column is not None and cfg.continual.from_:
-        raise ConfigError("objective.attributes: a continual update reads the stored score column (its replay "
-                          "memory keeps that one); leave objective.attributes empty")
+    from prefpretrain.conditioning import resolve_attributes
+
+    try:
+        resolve_attributes(cfg.objective, cfg.train.objective, cfg.eval.condition, bool(cfg.continual.from_))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _check_continual(cfg: Config) -> None:

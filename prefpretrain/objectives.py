@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, ClassVar
 
-from prefpretrain.data_shards.packing import Layout
+from prefpretrain.data_shards.packing import Control, Layout
 
 if TYPE_CHECKING:  # tensors flow through here; torch itself is imported by prefpretrain.losses (the config is not)
     import torch
@@ -51,9 +51,9 @@ class ObjectiveConfig:
     """The objectives' parameters: the config's `objective:` section, and what the losses read."""
 
     threshold: float = 0.0  # score <= threshold is "aligned" (conditional); filter keeps docs with mean <= it
-    attributes: list[AttributeConfig] = field(default_factory=list)  # the score column the objective reads, with
-    # its threshold (which then replaces `threshold`); [] = the shard sets' stored column. One attribute at a time
-    # for now (several at once are not built yet)
+    attributes: list[AttributeConfig] = field(default_factory=list)  # the score columns the objective reads, each
+    # with its threshold (the first one's replaces `threshold`); [] = the shard sets' stored column. Several: the
+    # conditional objective only, one control token per attribute (prefpretrain.conditioning)
     drop_prob: float = 0.1  # conditional: probability a control token is left out (seeded)
     ul_alpha: float = 0.01  # unlikelihood: weight of -log(1 - p) on misaligned tokens (aligned ones get NLL)
     beta: float = 1.0  # rwr/awr: temperature of the weights exp(reward / beta), exp(advantage / beta)
@@ -65,6 +65,11 @@ class ObjectiveConfig:
     def column(self) -> str | None:
         """The score column samples carry (None: the shard sets' stored one)."""
         return self.attributes[0].column if self.attributes else None
+
+    @property
+    def extra_columns(self) -> tuple[str, ...]:
+        """The columns of the attributes past the first (conditioning on several)."""
+        return tuple(a.column for a in self.attributes[1:])
 
 
 @dataclass(frozen=True)
@@ -95,10 +100,13 @@ def get_objective(name: str) -> Objective:
     return OBJECTIVES[name]
 
 
-def layout_for(objective: str, threshold: float, drop_prob: float, seed: int, special: dict[str, int]) -> Layout:
+def layout_for(objective: str, threshold: float, drop_prob: float, seed: int, special: dict[str, int],
+               more: tuple[Control, ...] = ()) -> Layout:
+    """`more`: the control tokens of the attributes past the first (prefpretrain.conditioning)."""
     kind = get_objective(objective).layout
     return Layout(kind=kind, threshold=threshold, drop_prob=drop_prob if kind == "conditional" else 0.0, seed=seed,
-                  aligned_id=special["aligned"], misaligned_id=special["misaligned"])
+                  aligned_id=special["aligned"], misaligned_id=special["misaligned"],
+                  more=more if kind == "conditional" else ())
 
 
 def eval_condition(objective: str, configured: str = "auto") -> str:

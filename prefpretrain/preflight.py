@@ -80,11 +80,20 @@ def validated(config: str, overrides: list[str], world: int, need_paths: bool = 
 
 
 def _check_column(cfg: Config, i: int, manifest: dict) -> None:
-    """The score column the objective reads must exist in every shard set."""
-    from prefpretrain.data_shards.columns import columns_of
+    """The score columns the objective reads must exist in every shard set; eval.condition names attributes of the
+    run."""
+    from prefpretrain import conditioning
+    from prefpretrain.data_shards.columns import columns_of, stored_column
 
-    col = cfg.objective.column
-    if col is not None and col not in columns_of(manifest):
-        path = cfg.data.shards[i].path
-        raise ConfigError(f"objective.attributes[0].column: {col!r} is not a score column of {path!r} (it has "
-                          f"{', '.join(columns_of(manifest))}; `prefpretrain rescore {path} --scorer NAME` adds one)")
+    for k, a in enumerate(cfg.objective.attributes):
+        if a.column not in columns_of(manifest):
+            path = cfg.data.shards[i].path
+            raise ConfigError(f"objective.attributes[{k}].column: {a.column!r} is not a score column of {path!r} (it "
+                              f"has {', '.join(columns_of(manifest))}; `prefpretrain rescore {path} --scorer NAME` "
+                              f"adds one)")
+    if cfg.eval.condition != "auto":
+        attrs = conditioning.run_attributes(cfg.objective, manifest["tokenizer"], stored_column(manifest))
+        try:
+            conditioning.control_ids(attrs, cfg.eval.condition)
+        except ValueError as e:
+            raise ConfigError(f"eval.{e}") from None

@@ -108,7 +108,8 @@ def test_attribute_config_is_checked():
     cfg = load_config(ROOT / "configs" / "tiny.yaml", ["objective.attributes=[{column: pii, threshold: 0.5}]"])
     assert cfg.objective.column == "pii" and cfg.objective.threshold == 0.5
     assert load_config(ROOT / "configs" / "tiny.yaml").objective.column is None
-    for over, says in ((["objective.attributes=[pii, pep8]"], "2 attributes; conditioning on several"),
+    for over, says in ((["objective.attributes=[pii, pep8]", "train.objective=awr"],
+                        "2 attributes; conditioning on several at once is the conditional objective's"),
                        (["objective.attributes=[{column: pii, threshold: 0.5}]", "objective.threshold=0.2"],
                         "set the threshold there"),
                        (["objective.attributes=[pii]", "continual.from=/x"], "a continual update reads the stored")):

@@ -247,7 +247,7 @@ def test_partial_reads_pack_exactly_what_whole_documents_give(tiny_shards):
     ids, labels = [], []
     for d in range(len(ss)):
         doc = ss.read(d)
-        keep = _keep_control(layout, np.full(len(doc["seg_start"]), d), np.arange(len(doc["seg_start"])))
+        keep = _keep_control(layout, np.full(len(doc["seg_start"]), d), np.arange(len(doc["seg_start"])))[:, 0]
         ctrl = np.where(doc["seg_score"] <= 0, sp["aligned"], sp["misaligned"])[keep]
         pos = doc["seg_start"][keep]
         ids.append(np.insert(doc["tokens"], pos, ctrl))

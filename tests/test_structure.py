@@ -11,7 +11,7 @@ LAYERS = [
     ("base", ["prefpretrain", "prefpretrain.errors", "prefpretrain.host", "prefpretrain.rundir", "prefpretrain.logs",
               "prefpretrain.typed", "prefpretrain.distributed"]),
     ("data", ["prefpretrain.data_shards"]),
-    ("objectives", ["prefpretrain.objectives", "prefpretrain.losses"]),
+    ("objectives", ["prefpretrain.objectives", "prefpretrain.conditioning", "prefpretrain.losses"]),
     ("config", ["prefpretrain.config", "prefpretrain.config_docs"]),
     ("trainer", ["prefpretrain.trainer"]),
     ("continual", ["prefpretrain.continual"]),

@@ -99,14 +99,29 @@ def _slurm(g) -> None:
                    help="with --submit: follow the job (through requeues) to its end and exit with its status")
 
 
+def _condition(allow_auto: bool = False):
+    """--condition's type: its syntax checked (prefpretrain.conditioning); the columns when the model is open."""
+    def parse(text: str) -> str:
+        from prefpretrain.conditioning import parse_condition
+
+        try:
+            parse_condition(text, allow_auto)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return text.strip()
+
+    return parse
+
+
 def _evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="validation loss, perplexity, misalignment -> RUN_DIR/eval.json")
     p.add_argument("run_dir")
     p.add_argument("--samples", type=int, default=None,
                    help="samples per seed for the misalignment score (default eval.samples)")
     p.add_argument("--seeds", type=int, default=1, help="sampling seeds; the samples of all seeds are pooled")
-    p.add_argument("--condition", choices=["auto", "aligned", "misaligned", "none"], default=None,
-                   help="control token for conditional models (default eval.condition)")
+    p.add_argument("--condition", type=_condition(allow_auto=True), default=None,
+                   help="conditional models: auto, aligned, misaligned, none, or COLUMN=aligned|misaligned pairs "
+                        "separated by commas (default eval.condition)")
     p.add_argument("--scorer", default=None,
                    help="score the samples with this scorer instead of the shards' (e.g. pep8_style); a comma "
                         "list scores the same samples with each (the first gives the headline numbers)")
@@ -126,8 +141,10 @@ def _generate(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--condition", choices=["aligned", "misaligned", "none"], default="none",
-                   help="conditional models: the control token to sample under (placed by --control-protocol)")
+    p.add_argument("--condition", type=_condition(), default="none",
+                   help="conditional models: the control tokens to sample under (placed by --control-protocol): "
+                        "aligned, misaligned or none for every attribute, or COLUMN=aligned|misaligned pairs "
+                        "separated by commas for the attributes named")
     p.add_argument("--control-protocol", choices=["newline", "prefix", "segment"], default=None,
                    help="newline: at the start and after every newline; prefix: at the start; segment: at the "
                         "start and after every segment the shards' segmenter would cut (default: the run's "

@@ -36,13 +36,29 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class Control:
+    """One attribute's control tokens: a segment scoring <= threshold in its column is preceded by aligned_id, any
+    other by misaligned_id."""
+
+    threshold: float
+    aligned_id: int
+    misaligned_id: int
+
+
+@dataclass(frozen=True)
 class Layout:
     kind: str = "mle"  # mle | filter | conditional
-    threshold: float = 0.0  # aligned iff score <= threshold (0 means 0)
-    drop_prob: float = 0.0  # conditional: share of control tokens left out
+    threshold: float = 0.0  # aligned iff score <= threshold (0 means 0); filter: documents' mean score
+    drop_prob: float = 0.0  # conditional: share of control tokens left out (each attribute's independently)
     seed: int = 0
-    aligned_id: int = -1
+    aligned_id: int = -1  # conditional: the (first) attribute's control tokens
     misaligned_id: int = -1
+    more: tuple[Control, ...] = ()  # conditional on several attributes: the others, in order (their scores are the
+    # shard set's extra columns, ShardSet(extra_columns=...)); each segment gets one control token per attribute
+
+    @property
+    def controls(self) -> tuple[Control, ...]:
+        return (Control(self.threshold, self.aligned_id, self.misaligned_id), *self.more)
 
 
 @dataclass(frozen=True)
@@ -79,11 +95,14 @@ def mlm_mask(ids: np.ndarray, labels: np.ndarray, spec: MaskSpec,
 
 
 def _keep_control(layout: Layout, doc: np.ndarray, seg: np.ndarray) -> np.ndarray:
-    """Deterministic keep/drop of the control token of (document, segment)."""
+    """Deterministic keep/drop of the control tokens of (document, segment) pairs: (pairs, attributes) booleans,
+    each attribute's drawn independently (so a model also learns each attribute without the others)."""
+    n_attr = len(layout.controls)
     if layout.drop_prob <= 0:
-        return np.ones(len(doc), dtype=bool)
+        return np.ones((len(doc), n_attr), dtype=bool)
     h = mix_array(mix_array(doc.astype(np.uint64) ^ np.uint64(layout.seed & (2**63 - 1))) + seg.astype(np.uint64))
-    u = (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    hs = [h] + [mix_array(h + np.uint64(m)) for m in range(1, n_attr)]  # (the first attribute's: as before `more`)
+    u = np.stack([(x >> np.uint64(11)).astype(np.float64) / float(1 << 53) for x in hs], axis=1)
     return u >= layout.drop_prob
 
 
@@ -101,7 +120,7 @@ def layout_lengths(ss: ShardSet, layout: Layout) -> np.ndarray:
             hi = min(len(n), lo + (1 << 16))
             d = np.repeat(docs[lo:hi], nseg[lo:hi])
             first = np.repeat(np.cumsum(np.r_[0, nseg[lo:hi]])[:-1], nseg[lo:hi])
-            keep = _keep_control(layout, d, np.arange(len(d), dtype=np.int64) - first)
+            keep = _keep_control(layout, d, np.arange(len(d), dtype=np.int64) - first).sum(axis=1)
             out[lo:hi] += np.bincount(d - lo, weights=keep, minlength=hi - lo).astype(np.int64)
         return out
     raise ValueError(f"unknown layout {layout.kind!r}")
@@ -110,19 +129,21 @@ def layout_lengths(ss: ShardSet, layout: Layout) -> np.ndarray:
 def doc_window(ss: ShardSet, d: int, layout: Layout, lo: int, hi: int) -> dict:
     """Positions [lo, hi) of document d as the layout presents it, reading only the tokens needed.
 
-    Conditional: with K[j] the controls kept before segment j (a hash, no I/O) and S[j] its first raw
-    token, segment j starts at layout position S[j] + K[j], increasing in j. Two binary searches over
-    S (4-byte reads) find the segments [j_lo, j_hi) whose controls fall in the window; the raw tokens in
-    it are [lo - K[j_lo], hi - K[j_hi]). Only those segments and tokens are read.
+    Conditional: segment j is preceded by its kept control tokens (C[j] of them, one per attribute, a hash: no
+    I/O). With K[j] the controls kept before segment j and S[j] its first raw token, segment j's first control is
+    at layout position P[j] = S[j] + K[j], increasing in j. Binary searches over S (4-byte reads) find the
+    segments [j_lo, j_end) the window touches; the raw tokens in it are [a, b) with a = lo - K[j_lo + 1] unless
+    the window starts among segment j_lo's controls (then S[j_lo]), likewise for b. Only those segments and
+    tokens are read.
     """
     if layout.kind != "conditional":
         ids, scores = ss.read_tokens(d, lo, hi)
         return {"ids": ids, "labels": ids.copy(), "scores": scores, "control": np.zeros(len(ids), bool)}
     nseg = ss.n_segments(d)
     kept = _keep_control(layout, np.full(nseg, d, dtype=np.int64), np.arange(nseg, dtype=np.int64))
-    K = np.concatenate([[0], np.cumsum(kept)])
+    K = np.concatenate([[0], np.cumsum(kept.sum(axis=1))])
 
-    def first_at_or_after(pos: int) -> int:  # first segment j with S[j] + K[j] >= pos
+    def first_at_or_after(pos: int) -> int:  # first segment j with P[j] >= pos
         a, b = 0, nseg
         while a < b:
             m = (a + b) // 2
@@ -132,18 +153,36 @@ def doc_window(ss: ShardSet, d: int, layout: Layout, lo: int, hi: int) -> dict:
                 b = m
         return a
 
-    j_lo, j_hi = first_at_or_after(lo), first_at_or_after(hi)
-    starts, seg_score = ss.read_segments(d, j_lo, j_hi)
-    keep = kept[j_lo:j_hi]
-    a, b = lo - int(K[j_lo]), hi - int(K[j_hi])
+    j_lo, j_end = max(0, first_at_or_after(lo + 1) - 1), max(1, first_at_or_after(hi))
+    starts, seg_score = ss.read_segments(d, j_lo, j_end)
+    a = max(int(starts[0]), lo - int(K[j_lo + 1]))
+    b = max(int(starts[-1]), hi - int(K[j_end]))
     tokens, scores = ss.read_tokens(d, a, b)
-    pos = starts[keep] - a
-    sc = seg_score[keep]
-    ctrl = np.where(sc <= layout.threshold, layout.aligned_id, layout.misaligned_id)
-    ids = np.insert(tokens, pos, ctrl)
-    is_ctrl = np.insert(np.zeros(len(tokens), bool), pos, True)
-    return {"ids": ids, "labels": np.where(is_ctrl, IGNORE, ids), "scores": np.insert(scores, pos, sc),
+    ctrl, pos = _controls(layout, kept[j_lo:j_end], K[j_lo:j_end] + starts, seg_score,
+                          ss.extra_segment_scores(d, j_lo, j_end), lo, hi)
+    seg = np.repeat(np.arange(j_end - j_lo), kept[j_lo:j_end].sum(axis=1))[pos]  # the segment of each control kept
+    at = np.maximum(starts[seg] - a, 0)  # where in the raw tokens each goes (several at one place keep their order)
+    ids = np.insert(tokens, at, ctrl)
+    is_ctrl = np.insert(np.zeros(len(tokens), bool), at, True)
+    return {"ids": ids, "labels": np.where(is_ctrl, IGNORE, ids), "scores": np.insert(scores, at, seg_score[seg]),
             "control": is_ctrl}
+
+
+def _controls(layout: Layout, kept: np.ndarray, first: np.ndarray, scores: np.ndarray, extra: np.ndarray,
+              lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """(control token ids in layout order, their numbers among the controls kept) of the segments with kept
+    controls `kept` (segments x attributes) whose first controls sit at layout positions `first`, scored `scores`
+    in the first attribute's column and `extra` (attributes - 1, segments) in the others; those in [lo, hi) only."""
+    by_attr = np.vstack([scores[None, :], extra])
+    ids = np.stack([np.where(by_attr[m] <= c.threshold, c.aligned_id, c.misaligned_id)
+                    for m, c in enumerate(layout.controls)], axis=1)  # (segments, attributes)
+    rank = np.cumsum(kept, axis=1) - 1  # a kept control's place among its segment's
+    where = first[:, None] + rank
+    flat = kept.ravel()  # (row-major: segment by segment, attributes in order = layout order)
+    inside = (where.ravel() >= lo) & (where.ravel() < hi)
+    number = np.cumsum(flat) - 1
+    sel = flat & inside
+    return ids.ravel()[sel], number[sel]
 
 
 def _crc(a: np.ndarray) -> str:

@@ -71,9 +71,10 @@ class ShardSet:
     """One split ("train" / "val") of a shard directory; documents addressed 0..len-1."""
 
     def __init__(self, path: str | os.PathLike, split: str = "train", verify: bool = True,
-                 column: str | None = None):
+                 column: str | None = None, extra_columns: tuple[str, ...] = ()):
         """`column`: the score column samples carry (columns.py); None: the stored one (or what replaced it),
-        TAR_SCORES: the scores the tars hold whatever the manifest says."""
+        TAR_SCORES: the scores the tars hold whatever the manifest says. `extra_columns`: more columns whose segment
+        scores `extra_segment_scores` reads (conditioning on several attributes)."""
         self.path = Path(path)
         mf = self.path / MANIFEST
         if not mf.is_file():
@@ -111,8 +112,9 @@ class ShardSet:
                 raise ShardError(f"{p}: index does not match the manifest")
             self.indexes.append(a)
         self.starts = np.cumsum([0] + [sh["samples"] for sh in self.shards])
-        self._col_arrays: dict[int, np.ndarray] = {}
-        self.score_column, self._cols = self._open_column(column)
+        self._col_arrays: dict[tuple[int, int], np.ndarray] = {}  # (column number, tar part) -> its file
+        self._sources = [self._open_column(c) for c in (column, *extra_columns)]  # [(name, files or None)]
+        self.score_column, self._cols = self._sources[0]
         self._seg_offsets: dict[int, np.ndarray] = {}
         self._files: dict[int, object] = {}
         self._pid = os.getpid()
@@ -142,11 +144,12 @@ class ShardSet:
                 raise ShardError(f"{self.path}: score column {name!r}: file for {sh['name']} missing")
         return name, files
 
-    def _col(self, s: int) -> np.ndarray:
-        """Tar part s's score-column file, checked once per process and memory-mapped."""
-        a = self._col_arrays.get(s)
+    def _col(self, s: int, c: int = 0) -> np.ndarray:
+        """Tar part s's file of score column c (0: the selected one, then extra_columns), checked once per
+        process and memory-mapped."""
+        a = self._col_arrays.get((c, s))
         if a is None:
-            rec, idx = self._cols[self.shards[s]["name"]], self.indexes[s]
+            rec, idx = self._sources[c][1][self.shards[s]["name"]], self.indexes[s]
             p = self.path / rec["file"]
             if self.verify and _sha256(p) != rec["sha256"]:
                 raise ShardError(f"{p}: sha256 mismatch (damaged score column)")
@@ -156,18 +159,21 @@ class ShardSet:
                 raise ShardError(f"{p}: unreadable score column ({e})") from None
             if a.dtype != np.float32 or a.shape != (len(idx) + int(np.sum(idx["n_segments"], dtype=np.int64)),):
                 raise ShardError(f"{p}: does not match its shard's index")
-            self._col_arrays[s] = a
+            self._col_arrays[(c, s)] = a
         return a
 
     def score_key(self) -> dict | None:
-        """What the samples' scores depend on beyond the tars (packing-cache keys, resume checks): the column's
-        files."""
-        if self._cols is None:
-            return None
-        return {"column": self.score_column, "sha256": [self._cols[sh["name"]]["sha256"] for sh in self.shards]}
+        """What the samples' scores depend on beyond the tars (packing-cache keys, resume checks): the columns'
+        files (None: the tars alone)."""
+        keys = [{"column": name, "sha256": [files[sh["name"]]["sha256"] for sh in self.shards] if files else None}
+                for name, files in self._sources]
+        if len(keys) > 1:
+            return {"columns": keys}
+        return keys[0] if self._cols is not None else None
 
-    def _column_scores(self, s: int, k: int, j0: int = 0, j1: int | None = None) -> tuple[np.ndarray, float]:
-        """(scores of segments [j0, j1), mean score) of document k of tar part s, from the score column."""
+    def _column_scores(self, s: int, k: int, j0: int = 0, j1: int | None = None,
+                       c: int = 0) -> tuple[np.ndarray, float]:
+        """(scores of segments [j0, j1), mean score) of document k of tar part s, from score column c's file."""
         offs = self._seg_offsets.pop(s, None)
         if offs is None:
             if len(self._seg_offsets) >= 16:  # the 16 parts read last: memory stays O(a few shards)
@@ -175,7 +181,7 @@ class ShardSet:
             offs = len(self.indexes[s]) + np.concatenate([[0], np.cumsum(self.indexes[s]["n_segments"],
                                                                              dtype=np.int64)])
         self._seg_offsets[s] = offs  # (re-inserted: the dict's order is the order of use)
-        a, lo = self._col(s), int(offs[k])
+        a, lo = self._col(s, c), int(offs[k])
         hi = int(offs[k + 1]) if j1 is None else lo + j1
         return np.asarray(a[lo + j0:hi], dtype=np.float32), float(a[k])
 
@@ -287,6 +293,18 @@ class ShardSet:
         if self._cols is not None:
             return raw[:, 0].astype(np.int64), self._column_scores(s, i - int(self.starts[s]), j0, j1)[0]
         return raw[:, 0].astype(np.int64), np.ascontiguousarray(raw[:, 1]).view(np.float32)
+
+    def extra_segment_scores(self, i: int, j0: int, j1: int) -> np.ndarray:
+        """(extra columns, j1 - j0) float32: the scores of segments [j0, j1) of document i in each extra column."""
+        s, rec = self._locate(i)
+        rows = []
+        for c in range(1, len(self._sources)):
+            if self._sources[c][1] is None:  # the tars' own column
+                raw = np.frombuffer(self._pread(s, int(rec["segments_at"]) + 8 * j0, 8 * (j1 - j0)), dtype="<i4")
+                rows.append(np.ascontiguousarray(raw.reshape(-1, 2)[:, 1]).view(np.float32))
+            else:
+                rows.append(self._column_scores(s, i - int(self.starts[s]), j0, j1, c)[0])
+        return np.stack(rows) if rows else np.zeros((0, j1 - j0), np.float32)
 
     def read_tokens(self, i: int, a: int = 0, b: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Tokens [a, b) of document i (int64) and their scores (float32), reading only those bytes."""

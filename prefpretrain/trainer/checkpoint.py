@@ -14,6 +14,7 @@ import logging
 import pickle
 import random
 import shutil
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -270,7 +271,8 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
         if state.get("zero_stage", 0) >= 1:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+            with contextlib.redirect_stdout(sys.stderr):  # (it prints progress: stdout is `evaluate`'s JSON)
+                sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
         else:
             sd = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
     except Exception as e:

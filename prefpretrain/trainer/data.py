@@ -6,8 +6,10 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+from prefpretrain import conditioning
+from prefpretrain.conditioning import Attribute
 from prefpretrain.config import Config
-from prefpretrain.data_shards.columns import stats_of
+from prefpretrain.data_shards.columns import stats_of, stored_column
 from prefpretrain.data_shards.loader import MixtureDataset
 from prefpretrain.data_shards.packing import Layout, MaskSpec, PackedSet
 from prefpretrain.data_shards.reader import ShardSet
@@ -15,15 +17,20 @@ from prefpretrain.errors import ConfigError, InputError
 from prefpretrain.objectives import layout_for
 
 
+def open_split(cfg: Config, path: str, split: str, verify: bool | None = None) -> ShardSet:
+    """A split of a shard set with the score columns the run's objective reads."""
+    o = cfg.objective
+    return ShardSet(path, split, verify=cfg.data.verify_checksums if verify is None else verify, column=o.column,
+                    extra_columns=o.extra_columns)
+
+
 def open_val(cfg: Config, verify: bool | None = None) -> ShardSet:
-    return ShardSet(cfg.data.reference, "val", verify=cfg.data.verify_checksums if verify is None else verify,
-                    column=cfg.objective.column)
+    return open_split(cfg, cfg.data.reference, "val", verify)
 
 
 def open_data(cfg: Config) -> tuple[list[ShardSet], ShardSet, dict]:
     """Train shard sets, their shared tokenizer facts, and the validation set of the reference one."""
-    sets = [ShardSet(s.path, "train", verify=cfg.data.verify_checksums, column=cfg.objective.column)
-            for s in cfg.data.shards]
+    sets = [open_split(cfg, s.path, "train") for s in cfg.data.shards]
     hashes = {s.tokenizer_hash for s in sets}
     if len(hashes) > 1:
         raise ConfigError(f"data.shards: shard sets use different tokenizers ({', '.join(sorted(hashes))})")
@@ -37,9 +44,15 @@ def mask_spec(cfg: Config, manifest: dict) -> MaskSpec | None:
     return MaskSpec.for_tokenizer(manifest["tokenizer"], cfg.model.mlm_probability, cfg.run.seed)
 
 
-def run_layout(cfg: Config, special: dict) -> Layout:
-    o = cfg.objective
-    return layout_for(cfg.train.objective, o.threshold, o.drop_prob, cfg.run.seed, special)
+def run_attributes(cfg: Config, manifest: dict) -> tuple[Attribute, ...]:
+    """The attributes the run conditions on (or scores by) and their control tokens, for its shard set."""
+    return conditioning.run_attributes(cfg.objective, manifest["tokenizer"], stored_column(manifest))
+
+
+def run_layout(cfg: Config, manifest: dict) -> Layout:
+    o, more = cfg.objective, tuple(a.control() for a in run_attributes(cfg, manifest)[1:])
+    return layout_for(cfg.train.objective, o.threshold, o.drop_prob, cfg.run.seed, manifest["tokenizer"]["special_ids"],
+                      more)
 
 
 def validation_layout(layout: Layout, cfg: Config, special: dict) -> Layout:
@@ -57,6 +70,7 @@ class TrainData:
     packed: list[PackedSet]
     ds: MixtureDataset
     val: PackedSet
+    attributes: tuple[Attribute, ...]  # what the run conditions on (or scores by), with their control tokens
 
     @property
     def tokenizer_hash(self) -> str:
@@ -81,14 +95,15 @@ class TrainData:
 
     @property
     def vocab_size(self) -> int:
-        return self.manifest["tokenizer"]["vocab_size"]
+        """The model's: the tokenizer's vocabulary and any further attributes' control tokens."""
+        return conditioning.model_vocab_size(self.manifest["tokenizer"], self.attributes)
 
 
 def training_data(cfg: Config, sets: list[ShardSet], val_set: ShardSet, manifest: dict) -> TrainData:
     """The opened shard sets (open_data) packed and checked; an objective or a split that leaves no sample is
     one line."""
     L, sp = cfg.data.seq_len, manifest["tokenizer"]["special_ids"]
-    layout, mlm = run_layout(cfg, sp), mask_spec(cfg, manifest)
+    layout, mlm = run_layout(cfg, manifest), mask_spec(cfg, manifest)
     dm = cfg.data.document_mask
     packed = [PackedSet(s, layout, L, mlm, cfg.data.on_corrupt == "skip", document_mask=dm) for s in sets]
     for s, p in zip(cfg.data.shards, packed, strict=True):
@@ -101,7 +116,7 @@ def training_data(cfg: Config, sets: list[ShardSet], val_set: ShardSet, manifest
                           f"sample ({len(val_set)} documents): shard with a larger --val-fraction or a lower "
                           f"data.seq_len")
     ds = MixtureDataset(packed, [s.weight for s in cfg.data.shards], cfg.run.seed)
-    return TrainData(sets, manifest, layout, mlm, packed, ds, val)
+    return TrainData(sets, manifest, layout, mlm, packed, ds, val, run_attributes(cfg, manifest))
 
 
 class DataQuality:

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prefpretrain import distributed
+from prefpretrain import conditioning, distributed
+from prefpretrain.conditioning import Attribute
 from prefpretrain.data_shards import columns
 from prefpretrain.data_shards import tokenizer as toklib
 from prefpretrain.data_shards.loader import val_batches
@@ -152,10 +153,10 @@ def summarize_scores(scores: list[float], *, texts: list[str] | None = None, k: 
     return out
 
 
-def _scorer_for(name: str, spec: dict):
-    """A scorer by name; the run's own one (`spec`: the score column's scorer) keeps its parameters (pep8_style's
-    code list follows from the name)."""
-    params = spec.get("params", {}) if name == spec["name"] else {}
+def _scorer_for(name: str, specs: list[dict]):
+    """A scorer by name; one of the run's own (`specs`: its score columns' scorers) keeps its parameters
+    (pep8_style's code list follows from the name)."""
+    params = next((spec.get("params", {}) for spec in specs if spec["name"] == name), {})
     try:
         return get_scorer(name, {k: v for k, v in params.items() if k != "codes"})
     except ValueError:
@@ -165,21 +166,24 @@ def _scorer_for(name: str, spec: dict):
 def misalignment(model, tok, manifest: dict, *, n: int, max_new_tokens: int, temperature: float, top_p: float,
                  condition: str, seed: int, max_positions: int | None, seeds: int = 1,
                  scorers: list[str] | None = None, rank: int = 0, world: int = 1, lockstep: bool = False,
-                 column: str | None = None, protocol: str = "newline") -> dict:
+                 attributes: tuple[Attribute, ...] | None = None, protocol: str = "newline") -> dict:
     """Mean scorer score per character of n samples for each of `seeds` sampling seeds (pooled), with
     control tokens banned from sampling and stripped, complete lines only, truncation artefacts ignored.
-    The first scorer gives the headline numbers; the same samples are scored by the others too (`by_scorer`).
+    `scorers` default to those of the `attributes`' score columns (None: the shard set's stored column). The
+    first scorer gives the headline numbers; the same samples are scored by the others too (`by_scorer`).
 
     With several ranks every rank calls it: each samples and scores its share of the batches (`lockstep` under
     ZeRO-3), the shares are gathered, and every rank returns the same result."""
     t0 = time.time()
-    spec = columns.scorer_of(manifest, column)  # the scorer of the score column the run trained on
-    names = scorers or [spec["name"]]
-    scorer_of = {name: _scorer_for(name, spec) for name in names}
+    sp = manifest["tokenizer"]["special_ids"]
+    attributes = attributes or conditioning.tokenizer_attribute(sp, columns.stored_column(manifest))
+    specs = [columns.scorer_of(manifest, a.column) for a in attributes]  # the scorers of the run's score columns
+    names = scorers or list(dict.fromkeys(spec["name"] for spec in specs))
+    scorer_of = {name: _scorer_for(name, specs) for name in names}
     mine: list[tuple[int, str, list[float]]] = []  # (global sample number, text, score per scorer)
     for i in range(seeds):
         texts = [complete_lines(t) for t in sample_texts(
-            model, tok, manifest["tokenizer"]["special_ids"], n, max_new_tokens, condition=condition,
+            model, tok, sp, n, max_new_tokens, attributes=attributes, condition=condition,
             temperature=temperature, top_p=top_p, seed=seed + i, max_positions=max_positions, rank=rank,
             world=world, lockstep=lockstep, protocol=protocol, segmenter=manifest["segmenter"])]
         index = [i * n + j for r in my_batches(n, SAMPLE_BATCH, rank, world) for j in r]
@@ -211,7 +215,7 @@ def evaluate_run(run_dir: str | Path, samples: int | None = None, condition: str
     """`prefpretrain evaluate RUN_DIR`: load the newest checkpoint onto the run's device (engine.device, or
     `device`) in its training precision there, write RUN_DIR/eval.json (or `out`)."""
     from prefpretrain.objectives import eval_condition, layout_for
-    from prefpretrain.trainer.data import mask_spec, run_layout
+    from prefpretrain.trainer.data import mask_spec, run_attributes, run_layout
     from prefpretrain.trainer.finished import FinishedRun, inference_placement
 
     fr = FinishedRun.open(run_dir)
@@ -220,9 +224,10 @@ def evaluate_run(run_dir: str | Path, samples: int | None = None, condition: str
     model = fr.load_model(dev, dtype)
     ss = fr.shards("val", verify=cfg.data.verify_checksums)
     sp, causal, mlm = ss.manifest["tokenizer"]["special_ids"], cfg.model.kind == "causal", mask_spec(cfg, ss.manifest)
+    attributes = run_attributes(cfg, ss.manifest)
     res = {"run_dir": str(run), "checkpoint": str(ckpt), "step": state["step"], "tokens_seen": state.get("tokens_seen"),
            "device": str(dev), "dtype": str(dtype).removeprefix("torch.")}
-    layout = run_layout(cfg, sp)
+    layout = run_layout(cfg, ss.manifest)
     ps = PackedSet(ss, layout, cfg.data.seq_len, mlm, document_mask=cfg.data.document_mask)
     res.update(validation_loss(model, ps, cfg.eval.val_samples, cfg.train.micro_batch_size, causal=causal,
                                threshold=cfg.objective.threshold))
@@ -232,16 +237,28 @@ def evaluate_run(run_dir: str | Path, samples: int | None = None, condition: str
         res["val_loss_plain"] = validation_loss(model, mle_ps, cfg.eval.val_samples, cfg.train.micro_batch_size,
                                                 causal=causal)["val_loss"]
     cond = eval_condition(cfg.train.objective, condition or cfg.eval.condition)
+    conditioning.checked_condition(attributes, cond)
     n = cfg.eval.samples if samples is None else samples
     if causal and n > 0:
         tok = toklib.load_tokenizer(ss.tokenizer_dir)
         res.update(misalignment(model, tok, ss.manifest, n=n, max_new_tokens=cfg.eval.max_new_tokens,
                                 temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, condition=cond,
                                 seed=cfg.run.seed, max_positions=cfg.data.seq_len, seeds=seeds, scorers=scorers,
-                                column=cfg.objective.column, protocol=protocol or cfg.eval.control_protocol))
+                                attributes=attributes, protocol=protocol or cfg.eval.control_protocol))
     Path(out or run / EVAL).write_text(json.dumps(res, indent=1))
     _to_tensorboard(run, state["step"], res)
     return res
+
+
+def misalignment_scalars(res: dict) -> dict[str, float]:
+    """TensorBoard scalars of a `misalignment` result: the headline scorer's mean, interval and clean share, and
+    the mean of every other scorer (conditioning on several attributes: one per attribute's column)."""
+    lo, hi = res["misalignment_ci95"]
+    out = {"eval/misalignment": res["misalignment"], "eval/misalignment_ci95_low": lo,
+           "eval/misalignment_ci95_high": hi, "eval/misalignment_zero_fraction": res["misalignment_zero_fraction"]}
+    for name, r in list(res["by_scorer"].items())[1:]:
+        out[f"eval/misalignment_{columns.default_name(name)}"] = r["misalignment"]
+    return out
 
 
 def _to_tensorboard(run: Path, step: int, res: dict) -> None:
@@ -256,9 +273,10 @@ def _to_tensorboard(run: Path, step: int, res: dict) -> None:
             w.add_scalar(f"eval/{k}", res[k], step)
             rec[f"eval/{k}"] = res[k]
     if "misalignment_ci95" in res:
-        for side, v in zip(("low", "high"), res["misalignment_ci95"], strict=True):
-            w.add_scalar(f"eval/misalignment_ci95_{side}", v, step)
-            rec[f"eval/misalignment_ci95_{side}"] = v
+        for k, v in misalignment_scalars(res).items():
+            if k not in rec:
+                w.add_scalar(k, v, step)
+                rec[k] = v
     w.close()
     with open(run / METRICS, "a") as f:
         f.write(json.dumps(rec) + "\n")

@@ -15,6 +15,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> Path:
     from prefpretrain.data_shards.columns import scorer_of
     from prefpretrain.data_shards.tokenizer import hf_tokenizer
     from prefpretrain.objectives import eval_condition
+    from prefpretrain.trainer.data import run_attributes
 
     fr, out = FinishedRun.open(run_dir), Path(out_dir)
     model, ckpt, state, cfg = fr.load_model(), fr.ckpt, fr.state, fr.cfg
@@ -22,15 +23,19 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), safe_serialization=True)
-    hf_tokenizer(ss.tokenizer_dir).save_pretrained(str(tmp))
+    attributes = run_attributes(cfg, ss.manifest)
+    _tokenizer_with_controls(hf_tokenizer(ss.tokenizer_dir), attributes, model).save_pretrained(str(tmp))
+    first = attributes[0]
     info = {
         "exported_from": str(ckpt), "step": state["step"], "tokens_seen": state.get("tokens_seen"),
         "objective": cfg.train.objective, "tokenizer_hash": ss.tokenizer_hash,
-        "control_tokens": {"aligned": "<|aligned|>", "misaligned": "<|misaligned|>"},
+        "control_tokens": {"aligned": first.aligned, "misaligned": first.misaligned},
+        "attributes": [a.to_json() for a in attributes],
         "scorer": scorer_of(ss.manifest, ss.score_column), "score_column": ss.score_column,
         "threshold": cfg.objective.threshold, "segmenter": ss.manifest["segmenter"], "precision": cfg.train.precision,
-        "conditioning": (f"prefix <|aligned|> and place it by the {cfg.eval.control_protocol!r} protocol "
-                         f"(docs/objectives.md)" if eval_condition(cfg.train.objective) == "aligned" else "none"),
+        "conditioning": (f"prefix {' '.join(a.aligned for a in attributes)} and place them by the "
+                         f"{cfg.eval.control_protocol!r} protocol (docs/objectives.md)"
+                         if eval_condition(cfg.train.objective) == "aligned" else "none"),
         "control_protocol": cfg.eval.control_protocol,
     }
     (tmp / "prefpretrain.json").write_text(json.dumps(info, indent=1))
@@ -38,3 +43,20 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> Path:
     tmp.rename(out)
     log.info("exported step %d to %s", state["step"], out)
     return out
+
+
+def _tokenizer_with_controls(tok, attributes: tuple, model):
+    """The HF tokenizer with the control tokens of attributes past the first added, at the ids the model was
+    trained with (the tokenizer's vocabulary, then two per attribute in order)."""
+    from prefpretrain.conditioning import added_tokens
+
+    extra = added_tokens(attributes)
+    if extra:
+        tok.add_tokens(extra, special_tokens=True)
+        got = [tok.convert_tokens_to_ids(t) for t in extra]
+        want = [i for a in attributes[1:] for i in (a.aligned_id, a.misaligned_id)]
+        rows = model.get_input_embeddings().num_embeddings
+        if got != want or max(want) >= rows:
+            raise RuntimeError(f"export: control tokens {extra} got ids {got}, the model was trained with {want} "
+                               f"({rows} embedding rows)")
+    return tok

@@ -52,7 +52,9 @@ class FinishedRun:
         return self.dir.path
 
     def shards(self, split: str = "val", verify: bool = False) -> ShardSet:
-        return ShardSet(self.cfg.data.reference, split, verify=verify, column=self.cfg.objective.column)
+        from prefpretrain.trainer.data import open_split
+
+        return open_split(self.cfg, self.cfg.data.reference, split, verify)
 
     def load_model(self, device: torch.device | None = None, dtype: torch.dtype = torch.float32):
         model, _, _ = load_run_model(self.path, self.ckpt, device=device or torch.device("cpu"), dtype=dtype)

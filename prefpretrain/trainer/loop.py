@@ -175,7 +175,7 @@ def measure_misalignment(s: Session) -> dict:
     writes, with the tokens seen: `prefpretrain report` draws them against tokens."""
     from prefpretrain.data_shards import tokenizer as toklib
     from prefpretrain.objectives import eval_condition
-    from prefpretrain.trainer.evaluate import misalignment
+    from prefpretrain.trainer.evaluate import misalignment, misalignment_scalars
 
     e, model = s.cfg.eval, s.engine.module
     was = model.training
@@ -184,14 +184,12 @@ def measure_misalignment(s: Session) -> dict:
                        max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p,
                        condition=eval_condition(s.cfg.train.objective, e.condition), seed=s.cfg.run.seed,
                        max_positions=s.cfg.data.seq_len, rank=s.info.rank, world=s.info.world_size,
-                       lockstep=s.cfg.engine.zero_stage == 3, column=s.cfg.objective.column,
+                       lockstep=s.cfg.engine.zero_stage == 3, attributes=s.data.attributes,
                        protocol=e.control_protocol)
     model.train(was)
     lo, hi = res["misalignment_ci95"]
-    s.mon.scalars(s.step, {"eval/misalignment": res["misalignment"], "eval/misalignment_ci95_low": lo,
-                           "eval/misalignment_ci95_high": hi,
-                           "eval/misalignment_zero_fraction": res["misalignment_zero_fraction"]},
-                  kind="evaluate", record={"tokens_seen": s.tokens_seen, "condition": res["condition"]})
+    s.mon.scalars(s.step, misalignment_scalars(res), kind="evaluate",
+                  record={"tokens_seen": s.tokens_seen, "condition": res["condition"]})
     log.info("step %d: misalignment %.5f [%.5f, %.5f] over %d samples (%s)", s.step, res["misalignment"], lo, hi,
              res["samples"], res["condition"])
     return res

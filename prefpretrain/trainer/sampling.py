@@ -1,9 +1,10 @@
-"""Sampling with a KV cache: temperature, top-p, banned tokens, and a conditional model's control token placed by
-one of three protocols (PROTOCOLS): `newline` re-inserts it after every token that ends a line (PHF's protocol for
-line-segmented code), `prefix` puts it at the start only, `segment` re-inserts it wherever a segment of the shard
-set's segmenter ends in the sampled text: after a line for `line`, also after a sentence-final token for
-`sentence` (so a sentence that starts mid-line is conditioned too, as it was in training), nowhere for
-`document`. Control tokens are never training targets, so a model never places them itself: they are inserted."""
+"""Sampling with a KV cache: temperature, top-p, banned tokens, and a conditional model's control tokens (one per
+attribute conditioned on, prefpretrain.conditioning) placed by one of three protocols (PROTOCOLS): `newline`
+re-inserts them after every token that ends a line (PHF's protocol for line-segmented code), `prefix` puts them at
+the start only, `segment` re-inserts them wherever a segment of the shard set's segmenter ends in the sampled text:
+after a line for `line`, also after a sentence-final token for `sentence` (so a sentence that starts mid-line is
+conditioned too, as it was in training), nowhere for `document`. Control tokens are never training targets, so a
+model never places them itself: they are inserted."""
 from __future__ import annotations
 
 import sys
@@ -12,7 +13,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from prefpretrain import distributed
+from prefpretrain import conditioning, distributed
+from prefpretrain.conditioning import Attribute
 
 SAMPLE_BATCH = 64  # samples drawn together (one KV cache)
 PROTOCOLS = ("newline", "prefix", "segment")
@@ -92,11 +94,12 @@ def _batch_generator(seed: int, k: int, dev: torch.device) -> torch.Generator:
 
 @torch.no_grad()
 def sample(model, n: int, max_new_tokens: int, *, bos_id: int, eos_id: int, banned: list[int],
-           control_id: int | None = None, newline_ids: set[int] = frozenset(), temperature: float = 0.7,
+           control_ids: tuple[int, ...] = (), newline_ids: set[int] = frozenset(), temperature: float = 0.7,
            top_p: float = 0.9, seed: int = 0, batch_size: int = SAMPLE_BATCH, max_positions: int | None = None,
            prompt_ids: list[int] = (), rank: int = 0, world: int = 1, lockstep: bool = False) -> list[list[int]]:
     """Token ids of this rank's samples (generated part only, control tokens included where forced), in index
-    order; `my_batches` says which they are (all n with one rank).
+    order; `my_batches` says which they are (all n with one rank). `control_ids` (one per attribute conditioned on)
+    are placed at the start and after every token of `newline_ids`.
 
     Everything per token stays on the model's device; the host reads the tokens once per batch. `lockstep`
     (ZeRO-3, where every forward needs every rank): each rank runs as many batches and forwards as the others
@@ -107,11 +110,11 @@ def sample(model, n: int, max_new_tokens: int, *, bos_id: int, eos_id: int, bann
     nl = torch.zeros(vocab, dtype=torch.bool, device=dev)
     nl[list(newline_ids)] = True
     ban = torch.tensor(sorted(set(banned)), dtype=torch.long, device=dev)
-    prompt = [bos_id] + ([control_id] if control_id is not None else [])
+    prompt = [bos_id, *control_ids]
     for t in prompt_ids:
         prompt.append(t)
-        if control_id is not None and t in newline_ids:
-            prompt.append(control_id)
+        if t in newline_ids:
+            prompt.extend(control_ids)
     steps = max_new_tokens if max_positions is None else min(max_new_tokens, max_positions - len(prompt))
     mine = my_batches(n, batch_size, rank, world)
     rounds = len(my_batches(n, batch_size, 0, world)) if lockstep else len(mine)  # rank 0 has the most
@@ -122,19 +125,21 @@ def sample(model, n: int, max_new_tokens: int, *, bos_id: int, eos_id: int, bann
         k = i * world + rank
         gen = _batch_generator(seed, k, dev)
         toks = _sample_batch(model, torch.tensor([prompt] * len(rows), device=dev), steps, gen, ban, nl, eos_id,
-                             control_id, temperature, top_p, lockstep, real)
+                             tuple(control_ids), temperature, top_p, lockstep, real)
         if real:
             out.extend(toks)
     return out
 
 
 def _sample_batch(model, ids: torch.Tensor, steps: int, gen: torch.Generator, ban: torch.Tensor, nl: torch.Tensor,
-                  eos_id: int, control_id: int | None, temperature: float, top_p: float, lockstep: bool,
+                  eos_id: int, control_ids: tuple[int, ...], temperature: float, top_p: float, lockstep: bool,
                   real: bool) -> list[list[int]]:
     b, dev = len(ids), ids.device
     tokens = torch.empty(b, max(0, steps), dtype=torch.long, device=dev)
     done = torch.zeros(b, dtype=torch.bool, device=dev)
-    force = torch.zeros(b, dtype=torch.bool, device=dev)  # next token is the control token, not sampled
+    k = len(control_ids)
+    ctrl = torch.tensor(control_ids or (0,), dtype=torch.long, device=dev)
+    pending = torch.zeros(b, dtype=torch.long, device=dev)  # control tokens still to place before sampling again
     check_every = 1 if dev.type == "cpu" else 8  # how often the host asks whether all rows are done
     cache, x, used = None, ids, 0
     name = _cache_argument(model)
@@ -144,9 +149,10 @@ def _sample_batch(model, ids: torch.Tensor, steps: int, gen: torch.Generator, ba
         logits = res.logits[:, -1, :].float()
         logits[:, ban] = float("-inf")
         nxt = draw(top_p_probs(logits / max(temperature, 1e-5), top_p), gen)
-        if control_id is not None:
-            nxt = torch.where(force, torch.full_like(nxt, control_id), nxt)
-            force = nl[nxt] & ~force
+        if k:
+            forced = pending > 0
+            nxt = torch.where(forced, ctrl[(k - pending).clamp(0, k - 1)], nxt)
+            pending = torch.where(forced, pending - 1, nl[nxt].long() * k)
         tokens[:, t] = nxt
         used = t + 1
         done |= nxt == eos_id
@@ -171,30 +177,32 @@ def _all_ranks_left(left: torch.Tensor) -> int:
     return int(distributed.all_sum(left.reshape(1))[0])
 
 
-def control_args(tok, sp: dict[str, int], condition: str, protocol: str = "newline", segmenter: str = "line") -> dict:
-    """`sample`'s banned tokens, control token and the tokens after which it is inserted, for a condition under a
-    protocol and the shard set's segmenter (the one place that decides them). Special tokens are never sampled."""
+def control_args(tok, sp: dict[str, int], attributes: tuple[Attribute, ...], condition: str,
+                 protocol: str = "newline", segmenter: str = "line") -> dict:
+    """`sample`'s banned tokens, control tokens and the tokens after which they are inserted, for a condition
+    (prefpretrain.conditioning) under a protocol and the shard set's segmenter (the one place that decides them).
+    Special tokens are never sampled."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"control protocol {protocol!r}: expected one of {', '.join(PROTOCOLS)}")
-    control = {"aligned": sp["aligned"], "misaligned": sp["misaligned"]}.get(condition)
+    controls = conditioning.control_ids(attributes, condition)
     after: set[int] = set()
-    if control is not None and (protocol == "newline" or protocol == "segment" and segmenter != "document"):
+    if controls and (protocol == "newline" or protocol == "segment" and segmenter != "document"):
         after = newline_token_ids(tok)
-    if control is not None and protocol == "segment" and segmenter == "sentence":
+    if controls and protocol == "segment" and segmenter == "sentence":
         after |= sentence_end_token_ids(tok)
-    return {"banned": [sp["pad"], sp["mask"], sp["aligned"], sp["misaligned"]], "control_id": control,
+    return {"banned": [sp["pad"], sp["mask"], *conditioning.all_control_ids(attributes)], "control_ids": controls,
             "newline_ids": after}
 
 
-def sample_texts(model, tok, sp: dict[str, int], n: int, max_new_tokens: int, *, condition: str, temperature: float,
-                 top_p: float, seed: int, max_positions: int | None, prompt_ids: list[int] = (), rank: int = 0,
-                 world: int = 1, lockstep: bool = False, protocol: str = "newline",
-                 segmenter: str = "line") -> list[str]:
+def sample_texts(model, tok, sp: dict[str, int], n: int, max_new_tokens: int, *, attributes: tuple[Attribute, ...],
+                 condition: str, temperature: float, top_p: float, seed: int, max_positions: int | None,
+                 prompt_ids: list[int] = (), rank: int = 0, world: int = 1, lockstep: bool = False,
+                 protocol: str = "newline", segmenter: str = "line") -> list[str]:
     """This rank's decoded samples (all n with one rank; see `sample`) under `control_args`; control tokens and
     EOS are stripped from the text."""
     seqs = sample(model, n, max_new_tokens, bos_id=sp["eos"], eos_id=sp["eos"],
-                  **control_args(tok, sp, condition, protocol, segmenter),
+                  **control_args(tok, sp, attributes, condition, protocol, segmenter),
                   temperature=temperature, top_p=top_p, seed=seed, max_positions=max_positions, prompt_ids=prompt_ids,
                   rank=rank, world=world, lockstep=lockstep)
-    strip = {sp["aligned"], sp["misaligned"], sp["eos"]}
+    strip = {*conditioning.all_control_ids(attributes), sp["eos"]}
     return [tok.decode([t for t in s if t not in strip]) for s in seqs]
