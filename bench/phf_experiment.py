@@ -105,6 +105,9 @@ def main() -> None:
     ap.add_argument("--out", default="runs/exp")
     ap.add_argument("--control-protocol", choices=["newline", "prefix", "segment"], default="newline",
                     help="where conditional samples get their control token (docs/objectives.md)")
+    ap.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="config overrides for every run of the set (e.g. train.precision=fp32 on a CPU without "
+                         "bf16 units); recorded in the results")
     a = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     out = Path(a.out)
@@ -120,8 +123,8 @@ def main() -> None:
 
             main_scorer = yaml.safe_load(cfg.read_text())["shard"]["scorer"]
             scorers = [main_scorer] + ([STYLE] if main_scorer != STYLE and main_scorer.startswith("pep8") else [])
-        res = [run_one(cfg, out / f"{a.set}_{obj}_s{s}", s, a.steps, a.samples, scorers, protocol=a.control_protocol)
-               for s in a.seeds]
+        res = [run_one(cfg, out / f"{a.set}_{obj}_s{s}", s, a.steps, a.samples, scorers, a.override,
+                       protocol=a.control_protocol) for s in a.seeds]
         raw[obj] = res
         row = {"objective": obj, "seeds": a.seeds}
         for sc in scorers:

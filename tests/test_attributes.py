@@ -15,9 +15,10 @@ from prefpretrain.data_shards.rescore import rescore
 from tests.conftest import ROOT
 
 
-@pytest.fixture
-def shards(tiny_shards, tmp_path):
-    out = tmp_path / "shards"
+@pytest.fixture(scope="module")
+def shards(tiny_shards, tmp_path_factory):
+    """tiny_shards with a `pii` column (the tests read it; they add packing caches only)."""
+    out = tmp_path_factory.mktemp("attributes") / "shards"
     shutil.copytree(tiny_shards, out, ignore=shutil.ignore_patterns("packing_cache"))
     rescore(out, "pii", workers=1)
     return out
