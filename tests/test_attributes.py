@@ -128,7 +128,8 @@ def test_each_attribute_s_control_works_independently_after_training(tmp_path):
     launch_tiny(shards, run, 2, **{"objective.attributes": "[caps, digits]", "train.max_steps": 500,
                                    "train.micro_batch_size": 4, "train.global_batch_size": 8, "train.lr": 1e-2,
                                    "train.warmup_steps": 20, "model.hidden_size": 64, "eval.every_steps": 0,
-                                   "checkpoint.every_steps": 0, "eval.misalignment_every_steps": 250})
+                                   "checkpoint.every_steps": 0, "eval.misalignment_every_steps": 250,
+                                   "eval.max_new_tokens": 60})  # (several complete lines per sample)
     rows = [r for r in read_metrics(run, "evaluate") if "eval/misalignment" in r]
     assert len(rows) >= 2 and all("eval/misalignment_tests_attribute_scorers_digits" in r for r in rows)
     caps, digits = "tests.attribute_scorers:caps", "tests.attribute_scorers:digits"
@@ -139,6 +140,7 @@ def test_each_attribute_s_control_works_independently_after_training(tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         res = json.loads(out.read_text())
         assert res["condition"] == condition and list(res["by_scorer"]) == [caps, digits]
+        assert res["empty_fraction"] < 0.2  # (a sample without a complete line scores 0: few, or it means little)
         return {k: v["misalignment"] for k, v in res["by_scorer"].items()}
 
     both = judged("caps=misaligned,digits=misaligned")

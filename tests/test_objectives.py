@@ -341,6 +341,7 @@ def test_misalignment_is_tracked_while_training_on_all_ranks_and_reported(tiny_s
     assert all(r["eval/misalignment_ci95_low"] <= r["eval/misalignment"] <= r["eval/misalignment_ci95_high"]
                for r in rows)
     assert {r["condition"] for r in rows} == {"aligned"}  # tiny.yaml trains the conditional objective
+    assert all(0 <= r["eval/parse_fraction"] <= 1 for r in rows)  # code: how many samples parse, next to it
     acc = EventAccumulator(str(run / "tensorboard"))
     acc.Reload()
     assert [e.step for e in acc.Scalars("eval/misalignment")] == [2, 4]

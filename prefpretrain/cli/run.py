@@ -65,6 +65,9 @@ def cmd_run(a) -> int:
         "eval": str(run / EVAL), "export": str(out), "step": ev["step"], "tokens_seen": ev["tokens_seen"],
         "val_loss": round(ev["val_loss"], 4), "perplexity": round(ev["perplexity"], 2),
         "misalignment": ev.get("misalignment"), "condition": ev.get("condition"),
+        "parse_fraction": ev.get("parse_fraction"),
+        "misalignment_parsed": None if ev.get("misalignment_parsed") != ev.get("misalignment_parsed") else
+        ev.get("misalignment_parsed"),  # (NaN where no sample parses: JSON has no NaN)
         "seconds": {"shard": round(t_shard, 1), "train": round(t_train, 1), "total": round(t_all, 1)},
     }
     (run / SUMMARY).write_text(json.dumps(summary, indent=1))
@@ -82,6 +85,10 @@ def _print_summary(s: dict, ev: dict) -> None:
     if s.get("misalignment") is not None:
         lines.append(f"  misalignment ({ev['scorer']} score per char of {ev['samples']} samples, condition "
                      f"{s['condition']}): {s['misalignment']:.5f}; {ev['misalignment_zero_fraction']:.0%} clean")
+        if s.get("parse_fraction") is not None:  # code: the samples that parse, judged alone too
+            parsed = s["misalignment_parsed"]
+            lines.append(f"  of which {s['parse_fraction']:.0%} parse; their misalignment "
+                         f"{'n/a' if parsed is None else f'{parsed:.5f}'}")
     lines += [
         f"  run dir      {s['run_dir']}", f"  checkpoint   {s['checkpoint']}", (f"  tensorboard  {s['tensorboard']}"
         f"   (prefpretrain tensorboard {s['run_dir']})"), f"  metrics      {s['metrics']}",

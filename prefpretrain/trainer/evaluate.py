@@ -204,6 +204,8 @@ def misalignment(model, tok, manifest: dict, *, n: int, max_new_tokens: int, tem
     return {
         **by_scorer[names[0]], "by_scorer": by_scorer,
         "samples": len(texts), "seeds": seeds, "condition": condition, "control_protocol": protocol,
+        # samples without one complete line score 0 (clean): how many there were, so that a cut-off is not a win
+        "empty_fraction": float(np.mean([not t.strip() for t in texts])) if texts else float("nan"),
         "scorer": names[0],
         "sample_seconds": round(time.time() - t0, 1), "examples": texts[:3],
     }
@@ -256,6 +258,9 @@ def misalignment_scalars(res: dict) -> dict[str, float]:
     lo, hi = res["misalignment_ci95"]
     out = {"eval/misalignment": res["misalignment"], "eval/misalignment_ci95_low": lo,
            "eval/misalignment_ci95_high": hi, "eval/misalignment_zero_fraction": res["misalignment_zero_fraction"]}
+    for k in ("parse_fraction", "misalignment_parsed"):  # code: the samples that parse, judged alone too
+        if k in res and res[k] == res[k]:  # (not NaN)
+            out[f"eval/{k}"] = res[k]
     for name, r in list(res["by_scorer"].items())[1:]:
         out[f"eval/misalignment_{columns.default_name(name)}"] = r["misalignment"]
     return out

@@ -78,7 +78,8 @@ def build_model(mc: ModelConfig, vocab_size: int, seq_len: int, special: dict[st
                 if model.get_input_embeddings().num_embeddings < vocab_size:
                     raise ConfigError(
                         f"model.from_pretrained: its vocabulary ({model.get_input_embeddings().num_embeddings}) "
-                        f"is smaller than the shards' tokenizer ({vocab_size})")
+                        f"is smaller than the run needs ({vocab_size}: the shards' tokenizer and the control tokens of "
+                        f"any attribute past the first)")
                 return model
             return auto.from_config(hf_config(mc, vocab_size, seq_len, special), attn_implementation=kernel)
         except ValueError as e:  # an architecture without this kernel: HF says so when building
