@@ -288,11 +288,15 @@ class ShardSet:
         """(first token, score) of segments [j0, j1) of document i."""
         s, rec = self._locate(i)
         j1 = int(rec["n_segments"]) if j1 is None else j1
-        raw = np.frombuffer(self._pread(s, int(rec["segments_at"]) + 8 * j0, 8 * (j1 - j0)), dtype="<i4")
-        raw = raw.reshape(-1, 2)
+        raw = self._segment_table(s, rec, j0, j1)
         if self._cols is not None:
             return raw[:, 0].astype(np.int64), self._column_scores(s, i - int(self.starts[s]), j0, j1)[0]
         return raw[:, 0].astype(np.int64), np.ascontiguousarray(raw[:, 1]).view(np.float32)
+
+    def _segment_table(self, s: int, rec: np.void, j0: int, j1: int) -> np.ndarray:
+        """Rows [j0, j1) of a document's segment table in tar part s: (first token, score as float32 bits)."""
+        raw = self._pread(s, int(rec["segments_at"]) + 8 * j0, 8 * (j1 - j0))
+        return np.frombuffer(raw, dtype="<i4").reshape(-1, 2)
 
     def extra_segment_scores(self, i: int, j0: int, j1: int) -> np.ndarray:
         """(extra columns, j1 - j0) float32: the scores of segments [j0, j1) of document i in each extra column."""
@@ -300,8 +304,7 @@ class ShardSet:
         rows = []
         for c in range(1, len(self._sources)):
             if self._sources[c][1] is None:  # the tars' own column
-                raw = np.frombuffer(self._pread(s, int(rec["segments_at"]) + 8 * j0, 8 * (j1 - j0)), dtype="<i4")
-                rows.append(np.ascontiguousarray(raw.reshape(-1, 2)[:, 1]).view(np.float32))
+                rows.append(np.ascontiguousarray(self._segment_table(s, rec, j0, j1)[:, 1]).view(np.float32))
             else:
                 rows.append(self._column_scores(s, i - int(self.starts[s]), j0, j1, c)[0])
         return np.stack(rows) if rows else np.zeros((0, j1 - j0), np.float32)

@@ -272,16 +272,14 @@ def _to_tensorboard(run: Path, step: int, res: dict) -> None:
 
     w = SummaryWriter(str(run / TENSORBOARD))
     rec = {"step": step, "kind": "evaluate", "time": round(time.time(), 3), "tokens_seen": res.get("tokens_seen")}
-    for k in ("val_loss", "perplexity", "val_loss_aligned", "val_loss_plain", "misalignment",
-              "misalignment_zero_fraction", "parse_fraction", "misalignment_parsed"):
-        if k in res and res[k] == res[k]:  # (not NaN)
-            w.add_scalar(f"eval/{k}", res[k], step)
-            rec[f"eval/{k}"] = res[k]
-    if "misalignment_ci95" in res:
-        for k, v in misalignment_scalars(res).items():
-            if k not in rec:
-                w.add_scalar(k, v, step)
-                rec[k] = v
+    scalars = {f"eval/{k}": res[k] for k in ("val_loss", "perplexity", "val_loss_aligned", "val_loss_plain")
+               if k in res}
+    if "misalignment_ci95" in res:  # (samples were drawn)
+        scalars.update(misalignment_scalars(res))
+    for k, v in scalars.items():
+        if v == v:  # (not NaN)
+            w.add_scalar(k, v, step)
+            rec[k] = v
     w.close()
     with open(run / METRICS, "a") as f:
         f.write(json.dumps(rec) + "\n")
