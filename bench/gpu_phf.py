@@ -94,20 +94,24 @@ def main() -> None:
         conds = ["auto", "misaligned"] if obj == "conditional" else ["auto"]
         for c in conds:
             cli("evaluate", str(run), "--samples", str(a.samples), "--condition", c, "--scorer", "pep8_style,pep8",
-                "--out", str(run / f"eval_{c}.json"))
+                "--out", str(run / f"eval_{c}.json"), "--samples-out", str(run / f"eval_{c}.samples.jsonl"))
             res[(obj, c)] = json.loads((run / f"eval_{c}.json").read_text())
     import numpy as np
 
-    def scores(key, sc):
-        return np.asarray(res[key]["by_scorer"][sc]["sample_scores"])
+    def scores(key, sc, parsed=False):  # parsed: the samples that parse alone
+        by = res[key]["by_scorer"][sc]
+        x = np.asarray(by["sample_scores"])
+        return x[np.asarray(by["sample_parses"], dtype=bool)] if parsed else x
 
-    summary = {"gpus": gpus, "steps": a.steps, "samples": a.samples}
+    summary = {"gpus": gpus, "steps": a.steps, "samples": a.samples,
+               "parse_fraction": {k[0] + "_" + k[1]: res[k]["parse_fraction"] for k in res}}
     for sc in ("pep8_style", "pep8"):
-        m, c = scores(("mle", "auto"), sc), scores(("conditional", "auto"), sc)
-        mis = scores(("conditional", "misaligned"), sc)
-        summary[sc] = {"mle": bootstrap_ci_of(m), "conditional": bootstrap_ci_of(c),
-                       "misaligned": bootstrap_ci_of(mis), "mle_over_conditional": ratio_ci(m, c),
-                       "misaligned_over_aligned": ratio_ci(mis, c)}
+        for tag, parsed in (("", False), ("_parsed", True)):
+            m, c = scores(("mle", "auto"), sc, parsed), scores(("conditional", "auto"), sc, parsed)
+            mis = scores(("conditional", "misaligned"), sc, parsed)
+            summary[sc + tag] = {"mle": bootstrap_ci_of(m), "conditional": bootstrap_ci_of(c),
+                                 "misaligned": bootstrap_ci_of(mis), "mle_over_conditional": ratio_ci(m, c),
+                                 "misaligned_over_aligned": ratio_ci(mis, c)}
     summary["val_loss"] = {o: res[(o, "auto")].get("val_loss_plain", res[(o, "auto")]["val_loss"])
                            for o in ("mle", "conditional")}
     print(json.dumps(summary))

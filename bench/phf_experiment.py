@@ -12,7 +12,8 @@ intervals are two-level percentile bootstraps of the mean (training seeds resamp
 seed), so they cover seed-to-seed variation; with one seed they cover sampling noise only, and the output says
 so. Validation loss is on the plain held-out text (no control tokens, no filtering), so it is comparable across
 objectives. Writes SET_results[_PROTOCOL].json and SET_misalignment[_PROTOCOL].png under --out, prints a table
-and ends with ONE line of JSON.
+and ends with ONE line of JSON. Every evaluation also writes its samples (RUN/eval_*.samples.jsonl), which
+bench/sample_anatomy.py breaks down by code, line type and kind of sample.
 """
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ def run_one(cfg: Path, run: Path, seed: int, steps: int | None, samples: int, sc
         f = run / (f"eval_{cond}.json" if plain else f"eval_{cond}_{protocol}.json")
         if not f.is_file():  # (a run trained before is only evaluated: `--control-protocol` re-evaluates a set)
             sh(["evaluate", str(run), "--samples", str(samples), "--condition", cond, "--scorer", ",".join(scorers),
-                "--control-protocol", "newline" if plain else protocol, "--out", str(f)])
+                "--control-protocol", "newline" if plain else protocol, "--out", str(f),
+                "--samples-out", str(f.with_suffix(".samples.jsonl"))])
         out[cond] = json.loads(f.read_text())
     return out
 
@@ -62,9 +64,21 @@ class Pooled(np.ndarray):
     seeds: np.ndarray
 
 
-def pooled(results: list[dict], cond: str, scorer: str) -> Pooled:
-    parts = [(r["seed"], r[cond]["by_scorer"][scorer]["sample_scores"]) for r in results if cond in r]
-    x = np.concatenate([np.asarray(s, dtype=np.float64) for _, s in parts]).view(Pooled)
+def pooled(results: list[dict], cond: str, scorer: str, parsed: bool = False) -> Pooled | None:
+    """The pooled sample scores; `parsed`: of the samples that parse alone (None where the evaluations did not
+    record which parse)."""
+    parts = []
+    for r in results:
+        if cond not in r:
+            continue
+        by = r[cond]["by_scorer"][scorer]
+        s = np.asarray(by["sample_scores"], dtype=np.float64)
+        if parsed:
+            if "sample_parses" not in by:
+                return None
+            s = s[np.asarray(by["sample_parses"], dtype=bool)]
+        parts.append((r["seed"], s))
+    x = np.concatenate([s for _, s in parts]).view(Pooled)
     x.seeds = np.concatenate([np.full(len(s), seed) for seed, s in parts])
     return x
 
@@ -81,13 +95,14 @@ def bootstrap_ci_of(x: np.ndarray) -> dict:
             "interval_covers": interval_covers(len(np.unique(g)) if g is not None else 1)}
 
 
-def ratio_ci(a: np.ndarray, b: np.ndarray, reps: int = 2000, seed: int = 0) -> tuple[float, float, float] | None:
+def ratio_ci(a: np.ndarray | None, b: np.ndarray | None, reps: int = 2000,
+             seed: int = 0) -> tuple[float, float, float] | None:
     """mean(a) / mean(b) with a bootstrap 95 % interval (a and b resampled independently, each over its seeds
     then its samples); None when b has no violation at all (the ratio is unbounded: say so rather than divide by
-    zero)."""
+    zero) or either is missing or empty."""
     from prefpretrain.trainer.evaluate import bootstrap_means
 
-    if not b.any():
+    if a is None or b is None or not len(a) or not b.any():
         return None
     ra = bootstrap_means(np.asarray(a), reps, seed, seeds_of(a))
     rb = bootstrap_means(np.asarray(b), reps, seed + 1, seeds_of(b))
@@ -133,8 +148,9 @@ def main() -> None:
         ev = [r["auto"] for r in res]
         if "parse_fraction" in ev[0]["by_scorer"][scorers[-1]]:  # code: how many samples parse, style of those
             row["parse_fraction"] = float(np.mean([e["by_scorer"][scorers[-1]]["parse_fraction"] for e in ev]))
-            parsed = [e["by_scorer"][scorers[-1]]["misalignment_parsed"] for e in ev]
-            row[f"{scorers[-1]}_parsed"] = float(np.nanmean(parsed)) if not np.isnan(parsed).all() else None
+            for sc in scorers:
+                x = pooled(res, "auto", sc, parsed=True)
+                row[f"{sc}_parsed"] = bootstrap_ci_of(x) if x is not None and len(x) else None
         row["val_loss"] = float(np.mean([e.get("val_loss_plain", e["val_loss"]) for e in ev]))
         row["tokens"] = int(np.mean([e["tokens_seen"] for e in ev]))
         row["wall_s"] = float(np.mean([r["wall_s"] for r in res]))
@@ -143,12 +159,18 @@ def main() -> None:
                 m = pooled(res, "misaligned", sc)
                 row[f"misaligned_{sc}"] = bootstrap_ci_of(m)
                 row[f"control_ratio_{sc}"] = ratio_ci(m, pooled(res, "auto", sc))
+                if "parse_fraction" in row:
+                    row[f"control_ratio_{sc}_parsed"] = ratio_ci(pooled(res, "misaligned", sc, parsed=True),
+                                                                 pooled(res, "auto", sc, parsed=True))
         rows.append(row)
     if "mle" in raw:
         for row in rows:
             for sc in scorers:
                 base, this = pooled(raw["mle"], "auto", sc), pooled(raw[row["objective"]], "auto", sc)
                 row[f"vs_mle_{sc}"] = ratio_ci(base, this)
+                if "parse_fraction" in row:
+                    row[f"vs_mle_{sc}_parsed"] = ratio_ci(pooled(raw["mle"], "auto", sc, parsed=True),
+                                                          pooled(raw[row["objective"]], "auto", sc, parsed=True))
     tag = "" if a.control_protocol == "newline" else f"_{a.control_protocol}"
     (out / f"{a.set}_results{tag}.json").write_text(json.dumps({"rows": rows, "args": vars(a)}, indent=1))
     print_table(rows, scorers)
@@ -161,27 +183,32 @@ def fmt_ratio(c: tuple[float, float, float] | None, n: int) -> str:
     return f"{c[0]:.2f} [{c[1]:.2f}, {c[2]:.2f}]" if c else f"unbounded (none in {n:,} samples)"
 
 
+def _mean_cell(c: dict | None) -> str:
+    return "-" if c is None else f"{c['mean']:.3g} [{c['ci95'][0]:.3g}, {c['ci95'][1]:.3g}]"
+
+
 def print_table(rows: list[dict], scorers: list[str]) -> None:
+    """The comparison; for code, the samples that parse next to all of them (style apart from competence)."""
     print(f"intervals cover {rows[0][scorers[0]]['interval_covers']}")
-    code = "parse_fraction" in rows[0]
+    code, s0 = "parse_fraction" in rows[0], scorers[0]
     head = "| objective | " + " | ".join(f"{s} per char [95 % CI]" for s in scorers) + " | MLE / this |" + \
-        (" parse | style (parsed) |" if code else "") + " val loss | tokens | wall s |"
+        (f" parse | {s0}, parsing samples | MLE / this, parsing |" if code else "") + " val loss | tokens | wall s |"
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for r in rows:
-        cells = [f"{r[s]['mean']:.3g} [{r[s]['ci95'][0]:.3g}, {r[s]['ci95'][1]:.3g}]" for s in scorers]
-        vs = f"vs_mle_{scorers[0]}"
-        parsed = r.get(f"{scorers[-1]}_parsed")
-        print(f"| {r['objective']} | " + " | ".join(cells) +
-              f" | {fmt_ratio(r[vs], r[scorers[0]]['n']) if vs in r else '-'} |" +
-              (f" {r['parse_fraction']:.2f} | {'-' if parsed is None else f'{parsed:.5f}'} |" if code else "") +
-              f" {r['val_loss']:.3f} | {r['tokens']:,} | {r['wall_s']:.0f} |")
+        cells = [_mean_cell(r[s]) for s in scorers]
+        vs, n = f"vs_mle_{s0}", r[s0]["n"]
+        parsed = (f" {r['parse_fraction']:.2f} | {_mean_cell(r.get(f'{s0}_parsed'))} | "
+                  f"{fmt_ratio(r[vs + '_parsed'], n) if vs + '_parsed' in r else '-'} |") if code else ""
+        print(f"| {r['objective']} | " + " | ".join(cells) + f" | {fmt_ratio(r[vs], n) if vs in r else '-'} |" +
+              parsed + f" {r['val_loss']:.3f} | {r['tokens']:,} | {r['wall_s']:.0f} |")
     for r in rows:
         if "misaligned_" + scorers[-1] in r:
             for s in scorers:
-                c = r[f"control_ratio_{s}"]
+                c, cp = r[f"control_ratio_{s}"], r.get(f"control_ratio_{s}_parsed", "absent")
                 print(f"conditional, {s}: <|misaligned|> samples have {fmt_ratio(c, r[s]['n'])}x the "
-                      f"violations of <|aligned|> ones ({r['misaligned_' + s]['mean']:.3g} vs {r[s]['mean']:.3g})")
+                      f"violations of <|aligned|> ones ({r['misaligned_' + s]['mean']:.3g} vs {r[s]['mean']:.3g})" +
+                      ("" if cp == "absent" else f"; among the samples that parse {fmt_ratio(cp, r[s]['n'])}x"))
 
 
 def subplots(ncols: int, width: float):

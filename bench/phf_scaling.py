@@ -62,7 +62,10 @@ def point(size: str, steps: int, seeds: list[int], samples: int, out: Path) -> d
     for sc in scorers:
         m, c = pooled(res["mle"], "auto", sc), pooled(res["conditional"], "auto", sc)
         row[sc] = {"mle": float(m.mean()), "conditional": float(c.mean()), "mle_over_conditional": ratio_ci(m, c),
-                   "control_ratio": ratio_ci(pooled(res["conditional"], "misaligned", sc), c)}
+                   "control_ratio": ratio_ci(pooled(res["conditional"], "misaligned", sc), c),
+                   # the samples that parse alone (None for evaluations that did not record which parse)
+                   "mle_over_conditional_parsed": ratio_ci(pooled(res["mle"], "auto", sc, parsed=True),
+                                                           pooled(res["conditional"], "auto", sc, parsed=True))}
     return row
 
 
@@ -97,15 +100,22 @@ def fmt(r: tuple[float, float, float] | None) -> str:
     return f"{r[0]:.2f} [{r[1]:.2f}, {r[2]:.2f}]" if r else "unbounded (conditional: none)"
 
 
+def fmt_or_na(r: tuple[float, float, float] | None) -> str:
+    """A ratio of the samples that parse: n/a where none parse, none violates, or which parse was not recorded."""
+    return fmt(r) if r else "n/a"
+
+
 def print_table(rows: list[dict]) -> None:
     print("| model | params | tokens | seeds | val loss MLE / cond | parse MLE / cond | pep8 MLE / cond | "
-          "style MLE / cond | control (style, misaligned / aligned) | wall s MLE / cond |")
-    print("|" + "---|" * 10)
+          "style MLE / cond | style MLE / cond, parsing samples | control (style, misaligned / aligned) | "
+          "wall s MLE / cond |")
+    print("|" + "---|" * 11)
     for r in rows:
         print(f"| {r['size']} | {r['params'] / 1e6:.2f} M | {r['tokens'] / 1e6:.2f} M | {len(r['seeds'])} | "
               f"{r['val_loss_mle']:.3f} / {r['val_loss_conditional']:.3f} | "
               f"{r['parse_mle']:.2f} / {r['parse_conditional']:.2f} | {fmt(r[SET]['mle_over_conditional'])} | "
-              f"{fmt(r[STYLE]['mle_over_conditional'])} | {fmt(r[STYLE]['control_ratio'])} | "
+              f"{fmt(r[STYLE]['mle_over_conditional'])} | {fmt_or_na(r[STYLE].get('mle_over_conditional_parsed'))} | "
+              f"{fmt(r[STYLE]['control_ratio'])} | "
               f"{r['wall_s']['mle']:.0f} / {r['wall_s']['conditional']:.0f} |")
 
 

@@ -78,7 +78,13 @@ def plot_misalignment(runs: list[dict], out: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for name in dict.fromkeys(n for n, _, _ in pts):
         xs = sorted((t, m) for n, t, m in pts if n == name)
-        ax.plot([t for t, _ in xs], [m for _, m in xs], "o-", label=name)
+        line, = ax.plot([t for t, _ in xs], [m for _, m in xs], "o-", label=name)
+        run = next(r for r in runs if r["name"] == name)  # code: the samples that parse, judged alone (dashed)
+        ps = sorted((e["tokens_seen"], e["eval/misalignment_parsed"]) for e in run["evaluations"]
+                    if e.get("eval/misalignment_parsed") is not None and e.get("tokens_seen") is not None)
+        if ps:
+            ax.plot([t for t, _ in ps], [m for _, m in ps], "x--", color=line.get_color(),
+                    label=f"{name} (samples that parse)")
     _line_axes(ax, "Misalignment of samples vs tokens", "misalignment (score per char, lower is better)")
     return _save(plt, fig, out / "misalignment.png")
 
@@ -136,6 +142,11 @@ def _fmt(v, spec: str) -> str:
     return "–" if v is None else format(v, spec)
 
 
+def _number(v):
+    """None for a missing value or NaN (no sample parsed)."""
+    return None if v is None or v != v else v
+
+
 def build_report(run_dirs: list[str], out_dir: str) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -144,7 +155,7 @@ def build_report(run_dirs: list[str], out_dir: str) -> Path:
                          plot_forgetting(runs, out)) if p is not None]
     lines = ["# prefpretrain report", "",
              "| run | objective | params | steps | tokens | val loss | perplexity | misalignment | clean samples "
-             "| train time (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| samples that parse | their misalignment | train time (s) |", "|---" * 12 + "|"]
     for r in runs:
         ev, last = r["eval"], (r["train"][-1] if r["train"] else {})
         steps = last.get("step")
@@ -153,7 +164,8 @@ def build_report(run_dirs: list[str], out_dir: str) -> Path:
             f"| {r['name']} | {r['objective']} | {_fmt(params, '.2f')} M | {_fmt(steps, 'd')} "
             f"| {_fmt(steps and steps * r['tokens_per_step'], ',d')} | {_fmt(ev.get('val_loss'), '.4f')} "
             f"| {_fmt(ev.get('perplexity'), '.2f')} | {_fmt(ev.get('misalignment'), '.5f')} "
-            f"| {_fmt(ev.get('misalignment_zero_fraction'), '.0%')} | {_fmt(r['seconds'], '.0f')} |")
+            f"| {_fmt(ev.get('misalignment_zero_fraction'), '.0%')} | {_fmt(ev.get('parse_fraction'), '.0%')} "
+            f"| {_fmt(_number(ev.get('misalignment_parsed')), '.5f')} | {_fmt(r['seconds'], '.0f')} |")
     lines += _forgetting_table(runs)
     lines += [""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     md = out / "report.md"

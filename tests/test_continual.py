@@ -185,6 +185,22 @@ KW = {"train.log_every": 1, "train.precision": "fp32", "eval.every_steps": 0, "c
       "eval.samples": 2}
 
 
+def test_forgetting_record_carries_the_misalignment_of_the_samples_that_parse(tmp_path):
+    from prefpretrain.continual import forgetting
+
+    before = {"old": {}, "new": {}, "misalignment": 0.02, "misalignment_parsed": 0.01}
+    after = {"old": {}, "new": {}, "misalignment": 0.03, "misalignment_parsed": 0.015}
+    rec = forgetting.report(before, after, {})
+    assert rec["misalignment"] == {"before": 0.02, "after": 0.03, "before_parsed": 0.01, "after_parsed": 0.015}
+    assert forgetting.scalars(rec)["eval/continual/misalignment_parsed_after"] == 0.015
+    (tmp_path / "forgetting.json").write_text(json.dumps(rec))
+    assert "(samples that parse: 0.01000 -> 0.01500)" in "\n".join(forgetting.summary_lines(tmp_path))
+    # none parsed before (or prose): the overall figures alone
+    rec = forgetting.report({**before, "misalignment_parsed": None}, after, {})
+    assert "before_parsed" not in rec["misalignment"]
+    assert "eval/continual/misalignment_parsed_after" not in forgetting.scalars(rec)
+
+
 @pytest.fixture(scope="session")
 def old_run(tmp_path_factory, tiny_shards) -> Path:
     run = tmp_path_factory.mktemp("old") / "old"

@@ -25,11 +25,16 @@ def test_shard_train_evaluate_export_reload(tmp_path, stdlib_files):
     r = run_cli("launch", "configs/tiny.yaml", "--nproc-per-node", "2", *tiny_overrides(shards, run))
     assert r.returncode == 0, r.stderr[-5000:]
 
-    r = cli_forked("evaluate", str(run), "--samples", "4")
+    r = cli_forked("evaluate", str(run), "--samples", "4", "--samples-out", str(tmp_path / "samples.jsonl"))
     assert r.returncode == 0, r.stderr[-5000:]
     ev = json.loads((run / "eval.json").read_text())
     assert ev["step"] == 6 and ev["val_tokens"] > 0 and ev["perplexity"] == pytest.approx(2.718281828 ** ev["val_loss"])
     assert ev["condition"] == "aligned" and ev["samples"] == 4 and ev["misalignment"] >= 0
+    assert "sample_texts" not in ev and len(ev["sample_parses"]) == 4  # (the texts go to --samples-out only)
+    recs = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [x["i"] for x in recs] == [0, 1, 2, 3] and recs[0]["text"] == ev["examples"][0]
+    assert [x["scores"]["pep8"] for x in recs] == ev["sample_scores"]
+    assert [int(x["parses"]) for x in recs] == ev["sample_parses"]
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -71,6 +71,9 @@ def test_report_renders_plots_and_a_table(two_runs, tmp_path):
     assert r.returncode == 0, r.stderr
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "| mle | mle |" in md and "| conditional | conditional |" in md
+    ev = json.loads((two_runs[0] / "eval.json").read_text())  # code: the samples that parse, next to all of them
+    row = next(x for x in md.splitlines() if x.startswith("| mle | mle |")).split(" | ")
+    assert row[9] == f"{ev['parse_fraction']:.0%}" and "samples that parse | their misalignment" in md
     for png in ("loss_curves.png", "misalignment.png", "objectives.png", "forgetting.png"):
         data = (tmp_path / "rep" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000

@@ -264,6 +264,13 @@ def test_intervals_over_several_training_seeds_cover_their_variation():
     assert bootstrap_ci_of(p)["ci95"] == list(two) and "2 training seeds" in bootstrap_ci_of(p)["interval_covers"]
     r = ratio_ci(p, p)
     assert r[0] == pytest.approx(1.0) and r[1] < 0.8 and r[2] > 1.2  # seed-level spread in the ratio, too
+    # the samples that parse alone (code), when the evaluations recorded which parse
+    assert pooled(res, "auto", "pep8", parsed=True) is None and ratio_ci(None, p) is None
+    for r_ in res:
+        r_["auto"]["by_scorer"]["pep8"]["sample_parses"] = [int(i % 4 == 0) for i in range(500)]
+    q = pooled(res, "auto", "pep8", parsed=True)
+    assert len(q) == 250 and list(np.unique(q.seeds)) == [1, 2]
+    assert np.array_equal(q[:125], x[:500][::4])
 
 
 # ---------------------------------------------------------------- each objective trains on 2 ranks

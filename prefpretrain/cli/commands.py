@@ -100,7 +100,8 @@ def cmd_evaluate(a) -> int:
             except ValueError as e:
                 raise ConfigError(f"--scorer: {e}") from None
     check_gpu_if_asked(a.device)
-    res = evaluate_run(a.run_dir, a.samples, a.condition, a.seeds, scorers, a.out, a.device, a.control_protocol)
+    res = evaluate_run(a.run_dir, a.samples, a.condition, a.seeds, scorers, a.out, a.device, a.control_protocol,
+                       a.samples_out)
     print(json.dumps({k: v for k, v in res.items() if k != "examples"}, indent=1))
     return 0
 

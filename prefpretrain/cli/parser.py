@@ -129,6 +129,9 @@ def _evaluate(sub) -> None:
                    help="where the control token goes when sampling (default eval.control_protocol; see "
                         "docs/objectives.md)")
     p.add_argument("--out", default=None, help="where to write the results (default RUN_DIR/eval.json)")
+    p.add_argument("--samples-out", default=None, metavar="FILE",
+                   help="also write every sample (text, seed, scores, whether it parses) to FILE, one JSON per line "
+                        "(bench/sample_anatomy.py reads it)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
                    help="where to run the model (default: the run's engine.device; in its precision on a GPU)")
 

@@ -3,7 +3,8 @@
 RUN/forgetting.json:
   {"old": {NAME: {"path", "before", "after", "forgetting"}},   # earlier validation sets (forgetting = after - before)
    "new": {NAME: {"path", "before", "after"}},                  # the update's own validation set
-   "misalignment": {"before", "after"} (when eval.samples > 0), "replay_fraction", "replay_per_batch",
+   "misalignment": {"before", "after"[, "before_parsed", "after_parsed": code, the samples that parse]} (when
+   eval.samples > 0), "replay_fraction", "replay_per_batch",
    "memory_size", "from", "step"}
 `prefpretrain report` plots `old` (after - before); TensorBoard gets eval/forgetting/NAME (= after - before),
 eval/forgetting/NAME/before and .../after, and eval/continual/new_val_loss.
@@ -56,6 +57,9 @@ def report(before: dict, after: dict, extra: dict) -> dict:
                 rec[part][name]["forgetting"] = a["loss"] - b["loss"]
     if before.get("misalignment") is not None and after.get("misalignment") is not None:
         rec["misalignment"] = {"before": before["misalignment"], "after": after["misalignment"]}
+        if before.get("misalignment_parsed") is not None and after.get("misalignment_parsed") is not None:
+            rec["misalignment"].update(before_parsed=before["misalignment_parsed"],
+                                       after_parsed=after["misalignment_parsed"])  # (code: the samples that parse)
     rec.update(extra)
     return rec
 
@@ -72,6 +76,9 @@ def scalars(rec: dict) -> dict[str, float]:
     if "misalignment" in rec:
         out["eval/continual/misalignment_before"] = rec["misalignment"]["before"]
         out["eval/continual/misalignment_after"] = rec["misalignment"]["after"]
+        if "before_parsed" in rec["misalignment"]:
+            out["eval/continual/misalignment_parsed_before"] = rec["misalignment"]["before_parsed"]
+            out["eval/continual/misalignment_parsed_after"] = rec["misalignment"]["after_parsed"]
     return out
 
 
@@ -89,6 +96,8 @@ def summary_lines(run_dir: Path) -> list[str]:
         lines.append(f"  new data {name}: val loss {v['before']:.4f} -> {v['after']:.4f}")
     if "misalignment" in rec:
         m = rec["misalignment"]
-        lines.append(f"  misalignment {m['before']:.5f} -> {m['after']:.5f}")
+        lines.append(f"  misalignment {m['before']:.5f} -> {m['after']:.5f}" +
+                     (f" (samples that parse: {m['before_parsed']:.5f} -> {m['after_parsed']:.5f})"
+                      if "before_parsed" in m else ""))
     lines.append(f"  forgetting   {p}")
     return lines

@@ -161,13 +161,14 @@ class ContinualUpdate(TrainHooks):
         e, t = self.cfg.eval, self.cfg.train
         out = {part: forgetting.losses(model, sets, e.val_samples, t.micro_batch_size, self.rank, self.world,
                                        self.causal) for part, sets in (("old", old), ("new", new))}
-        out["misalignment"] = self._misalignment(model)  # every rank samples its share (in lockstep at ZeRO-3)
+        out.update(self._misalignment(model))  # every rank samples its share (in lockstep at ZeRO-3)
         return out
 
-    def _misalignment(self, model) -> float | None:
+    def _misalignment(self, model) -> dict:
+        """{"misalignment": mean, "misalignment_parsed": the mean over the samples that parse (code; else None)}."""
         e = self.cfg.eval
         if e.samples <= 0 or not self.causal:
-            return None
+            return {"misalignment": None}
         from prefpretrain.data_shards import tokenizer as toklib
         from prefpretrain.trainer.evaluate import misalignment
 
@@ -179,7 +180,8 @@ class ContinualUpdate(TrainHooks):
                            seed=self.cfg.run.seed, max_positions=self.cfg.data.seq_len, rank=self.rank,
                            world=self.world, lockstep=self.cfg.engine.zero_stage == 3, protocol=e.control_protocol)
         model.train(was)
-        return res["misalignment"]
+        parsed = res.get("misalignment_parsed")
+        return {"misalignment": res["misalignment"], "misalignment_parsed": None if parsed != parsed else parsed}
 
     def _measure_before(self) -> None:
         p = self.dir / "before.json"

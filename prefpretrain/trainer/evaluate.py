@@ -150,6 +150,7 @@ def summarize_scores(scores: list[float], *, texts: list[str] | None = None, k: 
         ok = np.array([parses(t) for t in texts], dtype=bool)
         out["parse_fraction"] = float(ok.mean()) if len(ok) else float("nan")
         out["misalignment_parsed"] = float(sc[ok].mean()) if ok.any() else float("nan")
+        out["sample_parses"] = ok.astype(int).tolist()  # (intervals and ratios over the parsing samples alone)
     return out
 
 
@@ -208,14 +209,30 @@ def misalignment(model, tok, manifest: dict, *, n: int, max_new_tokens: int, tem
         "empty_fraction": float(np.mean([not t.strip() for t in texts])) if texts else float("nan"),
         "scorer": names[0],
         "sample_seconds": round(time.time() - t0, 1), "examples": texts[:3],
+        "sample_texts": texts,  # (not written to eval.json: `evaluate --samples-out` writes them one per line)
     }
+
+
+def write_samples(path: str | Path, res: dict, texts: list[str]) -> None:
+    """`evaluate --samples-out`: one JSON line per sample, in sample order: its sampling seed, text, whether it
+    parses (code), and its score by every scorer."""
+    n, names = max(1, res["samples"] // res["seeds"]), list(res["by_scorer"])
+    code = "parse_fraction" in res
+    with open(path, "w") as f:
+        for j, text in enumerate(texts):
+            rec = {"i": j, "seed": j // n, "text": text,
+                   "scores": {m: res["by_scorer"][m]["sample_scores"][j] for m in names}}
+            if code:
+                rec["parses"] = parses(text)
+            f.write(json.dumps(rec) + "\n")
 
 
 def evaluate_run(run_dir: str | Path, samples: int | None = None, condition: str | None = None, seeds: int = 1,
                  scorers: list[str] | None = None, out: str | Path | None = None, device: str | None = None,
-                 protocol: str | None = None) -> dict:
+                 protocol: str | None = None, samples_out: str | Path | None = None) -> dict:
     """`prefpretrain evaluate RUN_DIR`: load the newest checkpoint onto the run's device (engine.device, or
-    `device`) in its training precision there, write RUN_DIR/eval.json (or `out`)."""
+    `device`) in its training precision there, write RUN_DIR/eval.json (or `out`), and every sample with its
+    scores to `samples_out` (JSON lines) when given."""
     from prefpretrain.objectives import eval_condition, layout_for
     from prefpretrain.trainer.data import mask_spec, run_attributes, run_layout
     from prefpretrain.trainer.finished import FinishedRun, inference_placement
@@ -247,6 +264,9 @@ def evaluate_run(run_dir: str | Path, samples: int | None = None, condition: str
                                 temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, condition=cond,
                                 seed=cfg.run.seed, max_positions=cfg.data.seq_len, seeds=seeds, scorers=scorers,
                                 attributes=attributes, protocol=protocol or cfg.eval.control_protocol))
+    texts = res.pop("sample_texts", None)
+    if samples_out and texts is not None:
+        write_samples(samples_out, res, texts)
     Path(out or run / EVAL).write_text(json.dumps(res, indent=1))
     _to_tensorboard(run, state["step"], res)
     return res
