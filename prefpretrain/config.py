@@ -46,8 +46,9 @@ class DataConfig:
     log_sample_ids: bool = False  # debug: RUN/sample_ids/rankR.jsonl, the global positions each rank used per step
     on_corrupt: Literal["error", "skip"] = "error"  # skip: a sample touching a bad shard carries no loss, counted
     max_corrupt_fraction: float = 0.01  # with skip: stop (exit 2) once more than this share of samples was corrupt
-    document_mask: bool = True  # causal models: attention stays inside each document of a packed window and
-    # positions restart per document (false: windows attend across documents, as the PHF reference does)
+    document_mask: bool = True  # causal models: attention stays inside each document of a packed window (its
+    # block opens with the EOS before it) and positions restart per block (false: windows attend across
+    # documents, as the PHF reference does)
 
     @property
     def reference(self) -> str:

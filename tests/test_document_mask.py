@@ -49,10 +49,35 @@ def test_packed_samples_restart_positions_where_documents_start(tiny_shards):
             assert "position_ids" not in y and all((x[k] == y[k]).all() for k in y)  # same tokens, same labels
             pos = x["position_ids"]
             restart = {i * 64 + t for t in range(1, 64) if pos[t] == 0}
-            assert restart == {s for s in starts if i * 64 < s < (i + 1) * 64}  # exactly at document starts
+            # exactly at the EOS before a document's start (it opens the document's block)
+            assert restart == {s - 1 for s in starts if i * 64 < s - 1 < (i + 1) * 64}
+            assert all(x["input_ids"][t - i * 64] == sp["eos"] for t in restart)
             assert pos[0] == 0 and all(pos[t] in (0, pos[t - 1] + 1) for t in range(1, 64))
     mlm = PackedSet(ss, layout_for("mle", 0.0, 0.0, 1, sp), 64, mlm=object(), document_mask=True)
     assert not mlm.document_mask  # masked LMs: not applied (their bidirectional block mask is not wired)
+
+
+def test_a_packed_document_starts_as_a_sample_does(tiny_shards):
+    """Training and sampling see a document's start alike: sampling prompts [EOS] (MLE) or [EOS, control] and a
+    packed document's block opens with the EOS before it, so the logits there equal those of the bare prompt."""
+    ss = ShardSet(tiny_shards)
+    sp = ss.manifest["tokenizer"]["special_ids"]
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="gpt2", hidden_size=32, num_layers=2, num_heads=2), vocab_size=512,
+                        seq_len=64, special=sp, precision="fp32").eval()
+    for kind in ("mle", "conditional"):
+        ps = PackedSet(ss, layout_for(kind, 0.0, 0.0, 1, sp), 64, document_mask=True)
+        x = next(ps[i] for i in range(len(ps)) if (ps[i]["position_ids"][1:] == 0).any())
+        t = int(np.flatnonzero(x["position_ids"][1:] == 0)[0]) + 1  # a block inside the window
+        assert x["input_ids"][t] == sp["eos"]
+        prompt = [sp["eos"]] + ([int(x["input_ids"][t + 1])] if kind == "conditional" else [])
+        if kind == "conditional":
+            assert prompt[1] in (sp["aligned"], sp["misaligned"])  # (drop_prob 0: every segment has its token)
+        batch = {k: torch.as_tensor(x[k])[None] for k in ("input_ids", "position_ids")}
+        with torch.no_grad():
+            packed = model(**lm_inputs(batch)).logits[0, t: t + len(prompt)]
+            alone = model(input_ids=torch.tensor([prompt])).logits[0]
+        torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
 
 
 def test_lm_inputs_passes_positions_without_a_cache_and_selects_rows():

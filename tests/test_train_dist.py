@@ -62,6 +62,13 @@ def test_resume_from_checkpoint_is_exact(tiny_shards, tmp_path):
     # attention must not change mid-run: resuming without the document mask the run was trained with is refused
     r = launch_tiny(tiny_shards, cut, expect=2, **kw, **{"data.document_mask": "false"})
     assert "data.document_mask: false, but" in r.stderr and "was trained with document masking" in r.stderr
+    # nor with another cut into attention blocks (checkpoints from before the EOS opened a document's block)
+    state = cut / "checkpoints" / "step_00000003" / "state.json"
+    kept = state.read_text()
+    state.write_text(json.dumps({k: v for k, v in json.loads(kept).items() if k != "document_blocks"}))
+    r = launch_tiny(tiny_shards, cut, expect=2, **kw)
+    assert "was trained with an earlier document-mask layout" in r.stderr
+    state.write_text(kept)
     assert not (cut / "checkpoints" / "step_00000006").exists()
     r = launch_tiny(tiny_shards, cut, **kw)
     assert "resumed from" in r.stderr

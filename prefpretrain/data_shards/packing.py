@@ -32,6 +32,10 @@ IGNORE = -100
 # the per-token arrays of a packed sample (position_ids only with document masking)
 SAMPLE_ARRAYS = ("input_ids", "labels", "scores", "control", "position_ids")
 CACHE_DIR = "packing_cache"
+# how document masking cuts a window into attention blocks (recorded in checkpoints: a run resumes with the layout it
+# was trained with): 2 = a document's block opens with the EOS that ends the document before it (1, before
+# 2026-12-01: each document's own EOS closed its block)
+DOCUMENT_BLOCKS = 2
 log = logging.getLogger(__name__)
 
 
@@ -231,18 +235,35 @@ def packing_index(ss: ShardSet, layout: Layout) -> np.ndarray:
     return cum
 
 
+def block_positions(lengths: list[int], ends_with_eos: list[bool]) -> np.ndarray:
+    """Position ids of a window of consecutive document parts (`lengths`): they restart where a block starts, at
+    the window's start and at the EOS that ends a part (the EOS opens the next document's block)."""
+    pos = np.arange(sum(lengths), dtype=np.int64)
+    at, start = 0, 0
+    for n, eos in zip(lengths, ends_with_eos, strict=True):
+        at += n
+        nxt = at - 1 if eos else at  # (a part ending with its EOS: the next block starts at that EOS)
+        pos[start:nxt] -= start
+        start = max(start, nxt)
+    pos[start:] -= start
+    return pos
+
+
 class PackedSet:
     """Packed samples of `seq_len` tokens over one split of one shard set, for one layout.
 
     `document_mask` (causal samples only): each sample also carries `position_ids` that restart at 0 where a
-    document (or the part of one the window holds) starts. A model given them attends within documents only:
-    transformers turns restarting positions into a block-diagonal causal mask (SDPA, eager) or a variable-length
-    flash-attention call (prefpretrain.trainer.model.lm_inputs passes them)."""
+    document's attention block starts: at the EOS that ends the document before it (or where the window starts).
+    So a document's first token is predicted from [EOS] at position 0, which is how sampling starts (a prompt of
+    EOS, then the control tokens), and the EOS that ends a document is still its last target. A model given them
+    attends within blocks only: transformers turns restarting positions into a block-diagonal causal mask (SDPA,
+    eager) or a variable-length flash-attention call (prefpretrain.trainer.model.lm_inputs passes them)."""
 
     def __init__(self, ss: ShardSet, layout: Layout, seq_len: int, mlm: MaskSpec | None = None,
                  skip_corrupt: bool = False, document_mask: bool = False):
         self.ss, self.layout, self.seq_len, self.mlm, self.skip_corrupt = ss, layout, seq_len, mlm, skip_corrupt
         self.document_mask = document_mask and mlm is None
+        self.eos = ss.manifest["tokenizer"]["special_ids"]["eos"]
         self.cum = packing_index(ss, layout)
         self._named: set[str] = set()
         self.total_tokens = int(self.cum[-1])
@@ -285,7 +306,8 @@ class PackedSet:
         if self.mlm is not None:
             out["input_ids"], out["labels"] = mlm_mask(out["input_ids"], out["labels"], self.mlm, (epoch, i))
         if self.document_mask:
-            out["position_ids"] = np.concatenate([np.arange(len(p["ids"]), dtype=np.int64) for p in parts])
+            out["position_ids"] = block_positions([len(p["ids"]) for p in parts],
+                                                  [len(p["ids"]) > 0 and p["ids"][-1] == self.eos for p in parts])
         out["corrupt"] = np.bool_(False)
         return out
 

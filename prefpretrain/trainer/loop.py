@@ -18,6 +18,7 @@ import torch
 from prefpretrain import distributed
 from prefpretrain.config import Config
 from prefpretrain.data_shards.loader import train_loader
+from prefpretrain.data_shards.packing import DOCUMENT_BLOCKS
 from prefpretrain.errors import (
     EXIT_DIVERGED,
     EXIT_PREEMPTED,
@@ -201,7 +202,8 @@ def save(s: Session) -> None:
              "tokens_seen": s.tokens_seen, "world_size": s.info.world_size, "config_hash": cfg.hash(),
              "zero_stage": cfg.engine.zero_stage, "model_kind": cfg.model.kind, "objective": cfg.train.objective,
              "global_batch_size": cfg.train.global_batch_size, "data_quality": s.quality.state(),
-             "document_mask": s.data.val.document_mask, "scores_digest": s.data.scores_digest,
+             "document_mask": s.data.val.document_mask, "document_blocks": DOCUMENT_BLOCKS,
+             "scores_digest": s.data.scores_digest,
              **s.hooks.checkpoint_state(s.step)}
     d = ckptlib.save(s.engine, s.ckpt_root, s.step, state, cfg.checkpoint.keep_last, s.info.rank, parts)
     s.last_saved = s.step

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from prefpretrain import distributed
 from prefpretrain.config import Config
+from prefpretrain.data_shards.packing import DOCUMENT_BLOCKS
 from prefpretrain.errors import ConfigError, InputError
 from prefpretrain.trainer import checkpoint as ckptlib
 
@@ -79,6 +80,11 @@ def resume_point(cfg: Config, ckpt_root: Path, rank: int, world: int, tokenizer_
         raise ConfigError(f"data.document_mask: {str(cfg.data.document_mask).lower()}, but {ckpt} was trained "
                           f"{'with' if then else 'without'} document masking; keep it when resuming "
                           f"(data.document_mask={str(then).lower()}), or start afresh with run.resume=never")
+    if then and st.get("document_blocks", 1) != DOCUMENT_BLOCKS:
+        raise ConfigError(f"data.document_mask: {ckpt} was trained with an earlier document-mask layout (each "
+                          f"document's EOS closed its attention block; now it opens the next document's block, as "
+                          f"sampling starts); finish it with the version that wrote it, or start afresh with "
+                          f"run.resume=never")
     if st.get("scores_digest") != scores_digest:  # (None: the tars' own scores, before columns existed too)
         raise ConfigError(f"objective.attributes: the score column {ckpt} was trained on has changed since (rescored, "
                           f"or another column); rescore it back, or start afresh with run.resume=never")
