@@ -199,6 +199,15 @@ def print_tables(sets: dict[str, dict], data: dict | None) -> None:
     print("|---|" + "---|" * len(names))
     for c in codes:
         print(f"| {c} | " + " | ".join(f"{a['per_1k_chars'].get(c, 0):.2f}" for a in sets.values()) + " |")
+    print("\n| line type | " + " | ".join(f"{k}: top codes (per 1,000 chars of the type)" for k in names) + " |")
+    print("|---|" + "---|" * len(names))
+    for t in ("code", "comment", "docstring", "whitespace"):
+        cells = []
+        for a in sets.values():
+            bt = a["by_type"][t]
+            cells.append(", ".join(f"{c} {1000 * n / bt['chars']:.1f}" for c, n in list(bt["codes"].items())[:5])
+                         or "-")
+        print(f"| {t} | " + " | ".join(cells) + " |")
     print("\n| kind of sample | " + " | ".join(f"{k}: samples | {k}: mean rate | {k}: share of headline"
                                              for k in names) + " |")
     print("|---|" + "---|---|---|" * len(names))
