@@ -151,6 +151,8 @@ def main() -> None:
             for sc in scorers:
                 x = pooled(res, "auto", sc, parsed=True)
                 row[f"{sc}_parsed"] = bootstrap_ci_of(x) if x is not None and len(x) else None
+                mixed = [e["by_scorer"][sc].get("misalignment_at_data_mix") for e in ev]
+                row[f"{sc}_at_data_mix"] = None if None in mixed else float(np.mean(mixed))
         row["val_loss"] = float(np.mean([e.get("val_loss_plain", e["val_loss"]) for e in ev]))
         row["tokens"] = int(np.mean([e["tokens_seen"] for e in ev]))
         row["wall_s"] = float(np.mean([r["wall_s"] for r in res]))
@@ -192,14 +194,17 @@ def print_table(rows: list[dict], scorers: list[str]) -> None:
     print(f"intervals cover {rows[0][scorers[0]]['interval_covers']}")
     code, s0 = "parse_fraction" in rows[0], scorers[0]
     head = "| objective | " + " | ".join(f"{s} per char [95 % CI]" for s in scorers) + " | MLE / this |" + \
-        (f" parse | {s0}, parsing samples | MLE / this, parsing |" if code else "") + " val loss | tokens | wall s |"
+        (f" parse | {s0}, parsing samples | MLE / this, parsing | {s0} at the data's line mix |" if code else "") + \
+        " val loss | tokens | wall s |"
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for r in rows:
         cells = [_mean_cell(r[s]) for s in scorers]
         vs, n = f"vs_mle_{s0}", r[s0]["n"]
         parsed = (f" {r['parse_fraction']:.2f} | {_mean_cell(r.get(f'{s0}_parsed'))} | "
-                  f"{fmt_ratio(r[vs + '_parsed'], n) if vs + '_parsed' in r else '-'} |") if code else ""
+                  f"{fmt_ratio(r[vs + '_parsed'], n) if vs + '_parsed' in r else '-'} | "
+                  f"{'-' if r.get(f'{s0}_at_data_mix') is None else format(r[f'{s0}_at_data_mix'], '.3g')} |") \
+            if code else ""
         print(f"| {r['objective']} | " + " | ".join(cells) + f" | {fmt_ratio(r[vs], n) if vs in r else '-'} |" +
               parsed + f" {r['val_loss']:.3f} | {r['tokens']:,} | {r['wall_s']:.0f} |")
     for r in rows:

@@ -28,28 +28,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-LINE_TYPES = ("blank", "whitespace", "comment", "docstring", "code")
+sys.path.insert(0, str(ROOT))
+from prefpretrain.data_shards.linetypes import LINE_TYPES, line_types  # noqa: E402
+
 SHORT = 200  # characters: a sample shorter than this is `short`
-
-
-def line_types(text: str) -> list[str]:
-    """The type of every line of a (possibly broken) Python text."""
-    out, quote = [], ""  # quote: the triple quote of the string the line starts in, if any
-    for line in text.splitlines():
-        s = line.strip()
-        if quote:
-            out.append("docstring")
-        elif not s:
-            out.append("whitespace" if line else "blank")
-        elif s.startswith("#"):
-            out.append("comment")
-            continue
-        else:
-            out.append("docstring" if s.lstrip("rRbBuUfF").startswith(('"""', "'''")) else "code")
-        q = quote or min(('"""', "'''"), key=lambda x: (line.find(x) < 0, line.find(x)))
-        if line.count(q) % 2:  # an odd number of the triple quote opens or closes a string
-            quote = "" if quote else q
-    return out
 
 
 def read_samples(path: Path) -> list[dict]:

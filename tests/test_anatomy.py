@@ -1,4 +1,5 @@
-"""bench/sample_anatomy.py: line types, violations by type and code, the standardised rate (issue 18 item 8)."""
+"""Line types and style at a fixed mix of them (prefpretrain.data_shards.linetypes, evaluate), and
+bench/sample_anatomy.py's breakdown by type, code and kind of sample (issue 18 item 8)."""
 from __future__ import annotations
 
 import sys
@@ -9,6 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from sample_anatomy import anatomy, data_samples, kind, line_types, standardized  # noqa: E402
 
+from prefpretrain.data_shards import linetypes  # noqa: E402
 from prefpretrain.data_shards.scorers import get_scorer  # noqa: E402
 
 TEXT = '''def f(x):
@@ -52,3 +54,23 @@ def test_anatomy_by_type_code_and_standardisation():
 def test_data_samples_are_document_openings_in_complete_lines():
     recs = data_samples(["a = 1\nb = 2\nc = 3\n", "\n\n"], 9)
     assert recs == [{"text": "a = 1\n", "parses": True}]
+
+
+def test_rate_at_a_fixed_line_mix_separates_style_from_content():
+    from prefpretrain.trainer.evaluate import line_type_summary, pep8_sample
+
+    scorer = get_scorer("pep8_style")
+    rate, counts = pep8_sample(scorer, "x=1\n#a\n")  # E225 on the code line, E265 on the comment
+    assert rate == pytest.approx(2 / 7) and counts["code"] == [4, 1] and counts["comment"] == [3, 1]
+    # two sets with the same style per type but different content: equal at a fixed mix, unequal as measured
+    code_heavy = linetypes.add_counts([{**{t: [0, 0] for t in linetypes.LINE_TYPES}, "code": [900, 9],
+                                        "comment": [100, 0]}])
+    comment_heavy = {**code_heavy, "code": [100, 1], "comment": [900, 0]}
+    mix = {t: 0.0 for t in linetypes.LINE_TYPES} | {"code": 0.5, "comment": 0.5}
+    a, b = line_type_summary(code_heavy, mix), line_type_summary(comment_heavy, mix)
+    assert a["misalignment_at_data_mix"] == pytest.approx(0.005) == b["misalignment_at_data_mix"]
+    assert a["by_line_type"]["code"] == {"char_share": 0.9, "violations": 9, "rate": 0.01}
+    assert b["by_line_type"]["comment"]["rate"] == 0 and "misalignment_at_data_mix" not in line_type_summary(
+        code_heavy, None)
+    assert linetypes.char_mix(["x = 1\n", "# c\n"]) == pytest.approx(
+        {"blank": 0, "whitespace": 0, "comment": 0.4, "docstring": 0, "code": 0.6})

@@ -35,6 +35,9 @@ def test_shard_train_evaluate_export_reload(tmp_path, stdlib_files):
     assert [x["i"] for x in recs] == [0, 1, 2, 3] and recs[0]["text"] == ev["examples"][0]
     assert [x["scores"]["pep8"] for x in recs] == ev["sample_scores"]
     assert [int(x["parses"]) for x in recs] == ev["sample_parses"]
+    # code: by line type, and at the data's mix of line types (a number, whatever the samples hold)
+    assert set(ev["by_line_type"]) == {"blank", "whitespace", "comment", "docstring", "code"}
+    assert ev["misalignment_at_data_mix"] >= 0 and sum(ev["data_line_mix"].values()) == pytest.approx(1)
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

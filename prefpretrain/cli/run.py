@@ -68,6 +68,7 @@ def cmd_run(a) -> int:
         "parse_fraction": ev.get("parse_fraction"),
         "misalignment_parsed": None if ev.get("misalignment_parsed") != ev.get("misalignment_parsed") else
         ev.get("misalignment_parsed"),  # (NaN where no sample parses: JSON has no NaN)
+        "misalignment_at_data_mix": ev.get("misalignment_at_data_mix"),
         "seconds": {"shard": round(t_shard, 1), "train": round(t_train, 1), "total": round(t_all, 1)},
     }
     (run / SUMMARY).write_text(json.dumps(summary, indent=1))
@@ -89,6 +90,9 @@ def _print_summary(s: dict, ev: dict) -> None:
             parsed = s["misalignment_parsed"]
             lines.append(f"  of which {s['parse_fraction']:.0%} parse; their misalignment "
                          f"{'n/a' if parsed is None else f'{parsed:.5f}'}")
+        if s.get("misalignment_at_data_mix") is not None:  # code: at the data's mix of line types
+            lines.append(f"  at the data's mix of code, comment, docstring and blank lines: "
+                         f"{s['misalignment_at_data_mix']:.5f}")
     lines += [
         f"  run dir      {s['run_dir']}", f"  checkpoint   {s['checkpoint']}", (f"  tensorboard  {s['tensorboard']}"
         f"   (prefpretrain tensorboard {s['run_dir']})"), f"  metrics      {s['metrics']}",

@@ -12,7 +12,7 @@ import torch
 
 from prefpretrain import conditioning, distributed
 from prefpretrain.conditioning import Attribute
-from prefpretrain.data_shards import columns
+from prefpretrain.data_shards import columns, linetypes
 from prefpretrain.data_shards import tokenizer as toklib
 from prefpretrain.data_shards.loader import val_batches
 from prefpretrain.data_shards.packing import PackedSet
@@ -60,13 +60,19 @@ def validation_loss(model, ps: PackedSet, limit: int, micro: int, rank: int = 0,
     return out
 
 
+def pep8_sample(scorer: Pep8Scorer, text: str) -> tuple[float, dict[str, list[int]]]:
+    """A code sample's violations per character (truncation artifacts ignored) and its [characters, violations]
+    per line type."""
+    lines = [n for n, c in scorer.violations(text) if c not in ARTIFACT_CODES] if text else []
+    return (len(lines) / len(text) if text else 0.0), linetypes.type_counts(text, lines)
+
+
 def sample_score(scorer, segmenter_name: str, text: str) -> float:
     """One sample's score per character: pep8 counts violations (truncation artifacts ignored)."""
     if not text:
         return 0.0
     if isinstance(scorer, Pep8Scorer):
-        v = [c for _, c in scorer.violations(text) if c not in ARTIFACT_CODES]
-        return len(v) / len(text)
+        return pep8_sample(scorer, text)[0]
     spans = get_segmenter(segmenter_name)(text)
     scores = scorer.score(Document(source="sample", doc_id="sample", text=text), spans)
     lens = [b - a for a, b in spans]
@@ -137,6 +143,27 @@ def parses(text: str) -> bool:
         return False
 
 
+def data_line_mix(ss, limit: int = 200) -> dict[str, float]:
+    """The share of characters per line type in the first `limit` documents of a (line-segmented) shard set: the
+    fixed content mix code samples are compared at (`misalignment_at_data_mix`)."""
+    from prefpretrain.data_shards.rescore import segment_texts
+
+    tok = toklib.load_tokenizer(ss.tokenizer_dir)
+    eos = ss.manifest["tokenizer"]["special_ids"]["eos"]
+    return linetypes.char_mix([segment_texts(ss.read(i), eos, tok)[0] for i in range(min(limit, len(ss)))])
+
+
+def line_type_summary(counts: dict[str, list[int]], line_mix: dict[str, float] | None) -> dict:
+    """Code samples by line type, and their rate at the data's mix of line types (style apart from content)."""
+    total = max(1, sum(c for c, _ in counts.values()))
+    out = {"by_line_type": {t: {"char_share": c / total, "violations": v, "rate": v / c if c else None}
+                            for t, (c, v) in counts.items()}}
+    if line_mix is not None:
+        out["misalignment_at_data_mix"] = linetypes.at_mix(counts, line_mix)
+        out["data_line_mix"] = line_mix
+    return out
+
+
 def summarize_scores(scores: list[float], *, texts: list[str] | None = None, k: int = 25, seed: int = 0) -> dict:
     """Mean with a bootstrap 95 % interval, share of clean samples, expected max over k samples; for code,
     the share of samples that parse and the mean over those alone (style apart from competence)."""
@@ -167,37 +194,42 @@ def _scorer_for(name: str, specs: list[dict]):
 def misalignment(model, tok, manifest: dict, *, n: int, max_new_tokens: int, temperature: float, top_p: float,
                  condition: str, seed: int, max_positions: int | None, seeds: int = 1,
                  scorers: list[str] | None = None, rank: int = 0, world: int = 1, lockstep: bool = False,
-                 attributes: tuple[Attribute, ...] | None = None, protocol: str = "newline") -> dict:
+                 attributes: tuple[Attribute, ...] | None = None, protocol: str = "newline",
+                 line_mix: dict[str, float] | None = None) -> dict:
     """Mean scorer score per character of n samples for each of `seeds` sampling seeds (pooled), with
     control tokens banned from sampling and stripped, complete lines only, truncation artefacts ignored.
     `scorers` default to those of the `attributes`' score columns (None: the shard set's stored column). The
     first scorer gives the headline numbers; the same samples are scored by the others too (`by_scorer`).
 
     With several ranks every rank calls it: each samples and scores its share of the batches (`lockstep` under
-    ZeRO-3), the shares are gathered, and every rank returns the same result."""
+    ZeRO-3), the shares are gathered, and every rank returns the same result. Code scorers also break the samples
+    down by line type, and with `line_mix` (the data's, `data_line_mix`) give the rate at that mix."""
     t0 = time.time()
     sp = manifest["tokenizer"]["special_ids"]
     attributes = attributes or conditioning.tokenizer_attribute(sp, columns.stored_column(manifest))
     specs = [columns.scorer_of(manifest, a.column) for a in attributes]  # the scorers of the run's score columns
     names = scorers or list(dict.fromkeys(spec["name"] for spec in specs))
     scorer_of = {name: _scorer_for(name, specs) for name in names}
-    mine: list[tuple[int, str, list[float]]] = []  # (global sample number, text, score per scorer)
+    mine: list[tuple[int, str, list[tuple]]] = []  # (global sample number, text, (score, line-type counts) per scorer)
     for i in range(seeds):
         texts = [complete_lines(t) for t in sample_texts(
             model, tok, sp, n, max_new_tokens, attributes=attributes, condition=condition,
             temperature=temperature, top_p=top_p, seed=seed + i, max_positions=max_positions, rank=rank,
             world=world, lockstep=lockstep, protocol=protocol, segmenter=manifest["segmenter"])]
         index = [i * n + j for r in my_batches(n, SAMPLE_BATCH, rank, world) for j in r]
-        mine += [(j, t, [sample_score(scorer_of[s], manifest["segmenter"], t) for s in names])
+        mine += [(j, t, [pep8_sample(scorer_of[s], t) if isinstance(scorer_of[s], Pep8Scorer) else
+                         (sample_score(scorer_of[s], manifest["segmenter"], t), None) for s in names])
                  for j, t in zip(index, texts, strict=True)]
     merged = sorted((x for part in distributed.all_gather_object(mine) for x in part), key=lambda x: x[0])
     texts = [t for _, t, _ in merged]
     seed_of = np.asarray([j // max(1, n) for j, _, _ in merged])
     by_scorer = {}
     for c, name in enumerate(names):
-        sc = np.asarray([s[c] for _, _, s in merged], dtype=np.float64)
+        sc = np.asarray([s[c][0] for _, _, s in merged], dtype=np.float64)
         pep8 = isinstance(scorer_of[name], Pep8Scorer)
         summary = summarize_scores(sc.tolist(), texts=texts if pep8 else None, seed=seed)
+        if pep8:
+            summary.update(line_type_summary(linetypes.add_counts([s[c][1] for _, _, s in merged]), line_mix))
         summary["misalignment_per_seed"] = [float(sc[seed_of == i].mean()) if n else float("nan")
                                             for i in range(seeds)]
         summary["sample_scores"] = [round(float(x), 6) for x in sc]
@@ -260,10 +292,12 @@ def evaluate_run(run_dir: str | Path, samples: int | None = None, condition: str
     n = cfg.eval.samples if samples is None else samples
     if causal and n > 0:
         tok = toklib.load_tokenizer(ss.tokenizer_dir)
+        line_mix = data_line_mix(ss) if ss.manifest["segmenter"] == "line" else None  # (code)
         res.update(misalignment(model, tok, ss.manifest, n=n, max_new_tokens=cfg.eval.max_new_tokens,
                                 temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, condition=cond,
                                 seed=cfg.run.seed, max_positions=cfg.data.seq_len, seeds=seeds, scorers=scorers,
-                                attributes=attributes, protocol=protocol or cfg.eval.control_protocol))
+                                attributes=attributes, protocol=protocol or cfg.eval.control_protocol,
+                                line_mix=line_mix))
     texts = res.pop("sample_texts", None)
     if samples_out and texts is not None:
         write_samples(samples_out, res, texts)
@@ -278,7 +312,8 @@ def misalignment_scalars(res: dict) -> dict[str, float]:
     lo, hi = res["misalignment_ci95"]
     out = {"eval/misalignment": res["misalignment"], "eval/misalignment_ci95_low": lo,
            "eval/misalignment_ci95_high": hi, "eval/misalignment_zero_fraction": res["misalignment_zero_fraction"]}
-    for k in ("parse_fraction", "misalignment_parsed"):  # code: the samples that parse, judged alone too
+    for k in ("parse_fraction", "misalignment_parsed", "misalignment_at_data_mix"):  # code: the samples that parse,
+        # judged alone too; and all of them at the data's mix of line types (style apart from content)
         if k in res and res[k] == res[k]:  # (not NaN)
             out[f"eval/{k}"] = res[k]
     for name, r in list(res["by_scorer"].items())[1:]:
