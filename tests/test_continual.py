@@ -268,6 +268,8 @@ def test_run_command_updates_and_reports_forgetting(new_shards, old_run, tmp_pat
         "continual.memory_size": 16})))
     assert r.returncode == 0, r.stderr[-4000:]
     assert "forgetting on" in r.stdout and "continual update from" in r.stdout
+    assert "at the data's mix of code, comment, docstring and blank lines:" in r.stdout  # (code samples)
+    assert json.loads((run / "summary.json").read_text())["misalignment_at_data_mix"] >= 0
     fg = json.loads((run / "forgetting.json").read_text())
     assert json.loads((run / "summary.json").read_text())["step"] == 3
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
