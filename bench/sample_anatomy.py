@@ -29,7 +29,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from prefpretrain.data_shards.linetypes import LINE_TYPES, line_types  # noqa: E402
+from prefpretrain.data_shards.linetypes import LINE_TYPES, at_mix, line_types  # noqa: E402
 
 SHORT = 200  # characters: a sample shorter than this is `short`
 
@@ -110,7 +110,9 @@ def anatomy(recs: list[dict], scorer) -> dict:
 
 def standardized(a: dict, ref: dict) -> float:
     """a's pooled rate with ref's mix of characters over line types."""
-    return sum(ref["by_type"][t]["char_share"] * (a["by_type"][t]["rate"] or 0.0) for t in LINE_TYPES)
+    bt = a["by_type"]
+    return at_mix({t: [bt[t]["chars"], bt[t]["violations"]] for t in LINE_TYPES},
+                  {t: ref["by_type"][t]["char_share"] for t in LINE_TYPES})
 
 
 def data_labels(path: str, split: str, threshold: float, max_docs: int) -> tuple[dict, list[str]]:

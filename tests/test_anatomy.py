@@ -57,10 +57,10 @@ def test_data_samples_are_document_openings_in_complete_lines():
 
 
 def test_rate_at_a_fixed_line_mix_separates_style_from_content():
-    from prefpretrain.trainer.evaluate import line_type_summary, pep8_sample
+    from prefpretrain.trainer.evaluate import line_type_summary, sample_score
 
     scorer = get_scorer("pep8_style")
-    rate, counts = pep8_sample(scorer, "x=1\n#a\n")  # E225 on the code line, E265 on the comment
+    rate, counts = sample_score(scorer, "line", "x=1\n#a\n")  # E225 on the code line, E265 on the comment
     assert rate == pytest.approx(2 / 7) and counts["code"] == [4, 1] and counts["comment"] == [3, 1]
     # two sets with the same style per type but different content: equal at a fixed mix, unequal as measured
     code_heavy = linetypes.add_counts([{**{t: [0, 0] for t in linetypes.LINE_TYPES}, "code": [900, 9],

@@ -60,23 +60,18 @@ def validation_loss(model, ps: PackedSet, limit: int, micro: int, rank: int = 0,
     return out
 
 
-def pep8_sample(scorer: Pep8Scorer, text: str) -> tuple[float, dict[str, list[int]]]:
-    """A code sample's violations per character (truncation artifacts ignored) and its [characters, violations]
-    per line type."""
-    lines = [n for n, c in scorer.violations(text) if c not in ARTIFACT_CODES] if text else []
-    return (len(lines) / len(text) if text else 0.0), linetypes.type_counts(text, lines)
-
-
-def sample_score(scorer, segmenter_name: str, text: str) -> float:
-    """One sample's score per character: pep8 counts violations (truncation artifacts ignored)."""
-    if not text:
-        return 0.0
+def sample_score(scorer, segmenter_name: str, text: str) -> tuple[float, dict[str, list[int]] | None]:
+    """One sample's score per character, and for code (pep8: violations, truncation artifacts ignored) its
+    [characters, violations] per line type (None for other scorers)."""
     if isinstance(scorer, Pep8Scorer):
-        return pep8_sample(scorer, text)[0]
+        lines = [n for n, c in scorer.violations(text) if c not in ARTIFACT_CODES] if text else []
+        return (len(lines) / len(text) if text else 0.0), linetypes.type_counts(text, lines)
+    if not text:
+        return 0.0, None
     spans = get_segmenter(segmenter_name)(text)
     scores = scorer.score(Document(source="sample", doc_id="sample", text=text), spans)
     lens = [b - a for a, b in spans]
-    return float(np.dot(scores, lens) / max(1, sum(lens)))
+    return float(np.dot(scores, lens) / max(1, sum(lens))), None
 
 
 def complete_lines(text: str) -> str:
@@ -143,12 +138,11 @@ def parses(text: str) -> bool:
         return False
 
 
-def data_line_mix(ss, limit: int = 200) -> dict[str, float]:
-    """The share of characters per line type in the first `limit` documents of a (line-segmented) shard set: the
-    fixed content mix code samples are compared at (`misalignment_at_data_mix`)."""
+def data_line_mix(ss, tok, limit: int = 200) -> dict[str, float]:
+    """The share of characters per line type in the first `limit` documents of a (line-segmented) shard set (`tok`
+    its tokenizer): the fixed content mix code samples are compared at (`misalignment_at_data_mix`)."""
     from prefpretrain.data_shards.rescore import segment_texts
 
-    tok = toklib.load_tokenizer(ss.tokenizer_dir)
     eos = ss.manifest["tokenizer"]["special_ids"]["eos"]
     return linetypes.char_mix([segment_texts(ss.read(i), eos, tok)[0] for i in range(min(limit, len(ss)))])
 
@@ -217,8 +211,7 @@ def misalignment(model, tok, manifest: dict, *, n: int, max_new_tokens: int, tem
             temperature=temperature, top_p=top_p, seed=seed + i, max_positions=max_positions, rank=rank,
             world=world, lockstep=lockstep, protocol=protocol, segmenter=manifest["segmenter"])]
         index = [i * n + j for r in my_batches(n, SAMPLE_BATCH, rank, world) for j in r]
-        mine += [(j, t, [pep8_sample(scorer_of[s], t) if isinstance(scorer_of[s], Pep8Scorer) else
-                         (sample_score(scorer_of[s], manifest["segmenter"], t), None) for s in names])
+        mine += [(j, t, [sample_score(scorer_of[s], manifest["segmenter"], t) for s in names])
                  for j, t in zip(index, texts, strict=True)]
     merged = sorted((x for part in distributed.all_gather_object(mine) for x in part), key=lambda x: x[0])
     texts = [t for _, t, _ in merged]
@@ -249,13 +242,13 @@ def write_samples(path: str | Path, res: dict, texts: list[str]) -> None:
     """`evaluate --samples-out`: one JSON line per sample, in sample order: its sampling seed, text, whether it
     parses (code), and its score by every scorer."""
     n, names = max(1, res["samples"] // res["seeds"]), list(res["by_scorer"])
-    code = "parse_fraction" in res
+    ok = res.get("sample_parses")  # (code: which parse, found when the samples were scored)
     with open(path, "w") as f:
         for j, text in enumerate(texts):
             rec = {"i": j, "seed": j // n, "text": text,
                    "scores": {m: res["by_scorer"][m]["sample_scores"][j] for m in names}}
-            if code:
-                rec["parses"] = parses(text)
+            if ok is not None:
+                rec["parses"] = bool(ok[j])
             f.write(json.dumps(rec) + "\n")
 
 
@@ -292,7 +285,7 @@ def evaluate_run(run_dir: str | Path, samples: int | None = None, condition: str
     n = cfg.eval.samples if samples is None else samples
     if causal and n > 0:
         tok = toklib.load_tokenizer(ss.tokenizer_dir)
-        line_mix = data_line_mix(ss) if ss.manifest["segmenter"] == "line" else None  # (code)
+        line_mix = data_line_mix(ss, tok) if ss.manifest["segmenter"] == "line" else None  # (code)
         res.update(misalignment(model, tok, ss.manifest, n=n, max_new_tokens=cfg.eval.max_new_tokens,
                                 temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, condition=cond,
                                 seed=cfg.run.seed, max_positions=cfg.data.seq_len, seeds=seeds, scorers=scorers,
