@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from prefpretrain.data_shards.build import ShardOptions, build_shards  # noqa: E402
 from prefpretrain.data_shards.rescore import rescore  # noqa: E402
-from prefpretrain.data_shards.writer import ShardOptions, build_shards  # noqa: E402
 
 
 def _timed(fn) -> float:

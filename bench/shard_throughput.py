@@ -15,9 +15,9 @@ import tempfile
 import time
 
 from prefpretrain.data_shards import sources
+from prefpretrain.data_shards.build import ShardOptions, build_shards
 from prefpretrain.data_shards.scorers import get_scorer
 from prefpretrain.data_shards.segment import line_spans
-from prefpretrain.data_shards.writer import ShardOptions, build_shards
 
 
 def main() -> None:
@@ -28,13 +28,13 @@ def main() -> None:
     files = sources.expand_inputs(["@stdlib"])
     if a.max_files:
         files = files[: a.max_files]
-    paths = [p for p, _ in files]
+    paths = [f.path for f in files]
     mb = sum(len(open(p, "rb").read()) for p in paths) / 1e6
 
     scorer = get_scorer("pep8")
     t0 = time.perf_counter()
-    for p, n in files:
-        for d in sources.read_file(p, n).docs:
+    for f in files:
+        for d in sources.read_file(f.path, f.name).docs:
             scorer.score(d, line_spans(d.text))
     t_scorer = time.perf_counter() - t0
 

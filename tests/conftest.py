@@ -103,7 +103,7 @@ def stdlib_files() -> list[str]:
 
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory, stdlib_files) -> Path:
-    from prefpretrain.data_shards.writer import ShardOptions, build_shards
+    from prefpretrain.data_shards.build import ShardOptions, build_shards
 
     out = tmp_path_factory.mktemp("shards") / "tiny"
     build_shards(ShardOptions(inputs=stdlib_files, output=str(out), scorer="pep8", vocab_size=512,

@@ -115,7 +115,7 @@ def test_each_attribute_s_control_works_independently_after_training(tmp_path):
     a 2-rank conditional run on both. Switching one attribute's control moves its misalignment >= 2x and leaves
     the other's (held at misaligned) within 1.5x; an export carries the second attribute's tokens and `generate`
     takes any combination."""
-    from prefpretrain.data_shards.writer import ShardOptions, build_shards
+    from prefpretrain.data_shards.build import ShardOptions, build_shards
     from tests.attribute_scorers import write_corpus
     from tests.conftest import launch_tiny, read_metrics
     from tests.ranks import cli_forked

@@ -50,7 +50,7 @@ def test_rescoring_with_the_stored_scorer_gives_the_stored_scores_and_leaves_the
     m = json.loads((shards / "manifest.json").read_text())
     assert set(m["columns"]) == {"again", "pii"} and m["columns"]["pii"]["scorer"]["name"] == "pii"
     # the same `shard` command run again over the finished set rewrites its manifest: the columns stay
-    from prefpretrain.data_shards.writer import ShardOptions, build_shards
+    from prefpretrain.data_shards.build import ShardOptions, build_shards
 
     build_shards(ShardOptions(inputs=stdlib_files, output=str(shards), scorer="pep8", vocab_size=512,
                               val_fraction=0.2, workers=1, progress=False))

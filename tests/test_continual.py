@@ -25,8 +25,8 @@ NEW_FILES = ["heapq.py", "queue.py", "sched.py", "string.py", "token.py", "weakr
 @pytest.fixture(scope="session")
 def new_shards(tmp_path_factory, tiny_shards) -> Path:
     """Other stdlib modules, tokenized with the tiny shards' tokenizer (the 'new data' of an update)."""
+    from prefpretrain.data_shards.build import ShardOptions, build_shards
     from prefpretrain.data_shards.sources import stdlib_root
-    from prefpretrain.data_shards.writer import ShardOptions, build_shards
 
     root = stdlib_root()
     out = tmp_path_factory.mktemp("new") / "new"
@@ -297,7 +297,7 @@ def test_run_command_updates_and_reports_forgetting(new_shards, old_run, tmp_pat
 
 @pytest.mark.dist
 def test_tokenizer_mismatch_and_bad_keys_fail_before_any_process(tiny_shards, old_run, tmp_path, stdlib_files):
-    from prefpretrain.data_shards.writer import ShardOptions, build_shards
+    from prefpretrain.data_shards.build import ShardOptions, build_shards
 
     other = tmp_path / "other_tok"
     build_shards(ShardOptions(inputs=stdlib_files[:4], output=str(other), scorer="none", vocab_size=300,

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 from prefpretrain.data_shards import tokenizer as toklib
+from prefpretrain.data_shards.build import ShardOptions, build_shards
 from prefpretrain.data_shards.order import FeistelPermutation, GlobalOrder, rank_positions
 from prefpretrain.data_shards.packing import IGNORE, Layout, PackedSet, layout_lengths
 from prefpretrain.data_shards.reader import ShardError, ShardSet, parse_tar_members
 from prefpretrain.data_shards.scorers import Pep8Scorer
 from prefpretrain.data_shards.segment import line_spans, sentence_spans
 from prefpretrain.data_shards.sources import Document
-from prefpretrain.data_shards.writer import ShardOptions, build_shards
 
 
 def test_manifest_records_what_was_written(tiny_shards):

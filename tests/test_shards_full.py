@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from prefpretrain.data_shards import tokenizer as toklib
+from prefpretrain.data_shards.build import ShardOptions, build_shards
 from prefpretrain.data_shards.loader import MixtureDataset, train_loader
 from prefpretrain.data_shards.packing import Layout, PackedSet
 from prefpretrain.data_shards.reader import ShardSet
 from prefpretrain.data_shards.scorers import get_scorer
 from prefpretrain.data_shards.sources import Document, stdlib_root
-from prefpretrain.data_shards.writer import ShardOptions, build_shards
 from tests.conftest import ROOT, cli_env
 
 

@@ -327,3 +327,34 @@ def test_threads_per_rank_and_child_env_follow_the_cpu_affinity(monkeypatch):
     assert local.child_env(4)["OMP_NUM_THREADS"] == "1"
     monkeypatch.setenv("OMP_NUM_THREADS", "5")  # a user's own setting wins
     assert local.child_env(4)["OMP_NUM_THREADS"] == "5"
+
+
+def test_shard_array_job_on_both_nodes_reports_a_failed_task_and_equals_one_task(slurm, tmp_path):
+    """`shard --executor slurm --tasks 2`: a real array job (one task per node); a task that fails is named with
+    its logs, the same command runs it again (only it), and the result equals the one-task result."""
+    from prefpretrain.data_shards import engine, plan
+    from prefpretrain.data_shards.build import build_shards
+    from tests.test_shard_engine import _opt, _same_set
+
+    build_shards(_opt(tmp_path / "one"))
+    out = tmp_path / "array"
+    opt = _opt(out, tasks=2, executor="slurm")
+    plan.make_plan(opt)
+    (out / "train-000001-000.tar").mkdir()  # task 1 writes chunk 1 and cannot open its first tar
+    cmd = ("shard", "--input", *opt.inputs, "--output", str(out), "--tasks", "2", "--executor", "slurm",
+           "--cpus-per-task", str(os.cpu_count()), "--shard-size-mb", "0.3", "--vocab-size", "1024")
+    r = run_cli(*cmd, timeout=300)
+    edir = engine.engine_dir(out, "slurm", 2)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert f"task 1 of 2 did not finish: log {edir}/logs/task_00001.log, SLURM log {edir}/slurm_logs/" in r.stderr
+    assert "task 0" not in r.stderr.split("prefpretrain shard:")[-1]
+    job = json.loads((edir / "job.json").read_text())["job_id"]
+    nodes = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True).stdout
+    assert {"NodeList=n1", "NodeList=n2"} <= set(nodes.split()), nodes  # one array task on each node
+    assert not (edir / "executor.pik").exists()
+
+    (out / "train-000001-000.tar").rmdir()
+    r = run_cli(*cmd, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((edir / "ranks_to_run.json").read_text()) == [1]  # the finished task is not redone
+    _same_set(tmp_path / "one", out)

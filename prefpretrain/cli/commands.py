@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from prefpretrain.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_REFUSED, ConfigError
+from prefpretrain.errors import EXIT_DIVERGED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_REFUSED, ConfigError
 from prefpretrain.preflight import check_gpu_if_asked, validated
 
 
@@ -17,16 +17,26 @@ def world_from_env() -> int:
 
 
 def cmd_shard(a) -> int:
+    from prefpretrain.data_shards.build import build_shards, dry_run
+    from prefpretrain.data_shards.engine import Cluster, EngineError
     from prefpretrain.data_shards.options import ShardOptions, ShardSettings
-    from prefpretrain.data_shards.writer import MANIFEST, build_shards
+    from prefpretrain.data_shards.writer import MANIFEST
 
     settings = {f.name: getattr(a, f.name) for f in dataclasses.fields(ShardSettings)}
+    opt = ShardOptions(inputs=a.input, output=a.output, overwrite=a.overwrite, progress=sys.stderr.isatty(),
+                       **settings)
+    cluster = Cluster(a.partition, a.time, a.account, a.cpus_per_task)
     try:
-        m = build_shards(ShardOptions(inputs=a.input, output=a.output, overwrite=a.overwrite,
-                                      progress=sys.stderr.isatty(), **settings))
+        if a.dry_run:
+            print(dry_run(opt, cluster))
+            return 0
+        m = build_shards(opt, cluster)
     except (ValueError, OSError) as e:  # unknown scorer, nothing readable, an output that cannot be written...
         print(f"prefpretrain shard: error: {e}", file=sys.stderr)
         return EXIT_REFUSED
+    except EngineError as e:  # a task failed or was killed: which, and where its log is
+        print(f"prefpretrain shard: {e}", file=sys.stderr)
+        return EXIT_FAILED
     if a.seq_len:
         for split in ("train", "val"):
             s = m["splits"][split]

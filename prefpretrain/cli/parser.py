@@ -57,6 +57,14 @@ def _shard(sub) -> None:
                         "happens at train start, per objective; see data.seq_len)")
     p.add_argument("--overwrite", action="store_true", help="replace shards already in --output (default: resume "
                                                              "an interrupted run with the same inputs and options)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and the job (with --executor slurm: the "
+                                                           "sbatch script); write and start nothing")
+    g = p.add_argument_group("SLURM (--executor slurm): an array job, one array task per shard task")
+    g.add_argument("--cpus-per-task", type=int, default=None, help="CPUs of one array task (default: --workers, "
+                                                                    "else 1)")
+    g.add_argument("--partition", default=None, help="SLURM partition (default: the cluster's default one)")
+    g.add_argument("--time", default=None, help="time limit of one task, e.g. 04:00:00 (default: the partition's)")
+    g.add_argument("--account", default=None, help="SLURM account to charge")
 
 
 def _launch(sub, epilog: str) -> None:

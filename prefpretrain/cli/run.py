@@ -19,8 +19,8 @@ log = logging.getLogger("prefpretrain")
 
 def ensure_shards(cfg: Config) -> None:
     """Build data.shards[0] from the config's `shard` section if it has no manifest yet."""
+    from prefpretrain.data_shards.build import build_shards
     from prefpretrain.data_shards.options import ShardOptions, ShardSettings
-    from prefpretrain.data_shards.writer import build_shards
 
     target = Path(cfg.data.reference) if cfg.data.shards else None
     if target is None:

@@ -24,7 +24,7 @@ import numpy as np
 from prefpretrain.data_shards.columns import scorer_of
 from prefpretrain.data_shards.reader import ShardSet
 from prefpretrain.data_shards.stats import ScoreStats
-from prefpretrain.data_shards.writer import FORMAT_VERSION, _atomic_json, _ChunkWriter
+from prefpretrain.data_shards.writer import FORMAT_VERSION, ChunkWriter, _atomic_json
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def load_reservoir(mem_dir: Path, capacity: int, seed: int) -> tuple[Reservoir, 
 
 
 def _window_doc(doc: dict, lo: int, hi: int, mean_score: float, meta: dict) -> dict:
-    """The encoded-document dict `_ChunkWriter.add` takes, for tokens [lo, hi) of a read document."""
+    """The encoded-document dict `ChunkWriter.add` takes, for tokens [lo, hi) of a read document."""
     s0, sc = doc["seg_start"], doc["seg_score"]
     j0 = int(np.searchsorted(s0, lo, side="right") - 1)
     j1 = int(np.searchsorted(s0, hi, side="left"))
@@ -128,7 +128,7 @@ def write_memory(out: Path, res: Reservoir, sources: list[ShardSet], history: li
     base = sources[0]
     shutil.copytree(base.tokenizer_dir, tmp / "tokenizer")
     tok_dtype = np.dtype(base.manifest["token_dtype"])
-    writer = _ChunkWriter(tmp, "train", 0, 256 * 10**6, tok_dtype)
+    writer = ChunkWriter(tmp, "train", 0, 256 * 10**6, tok_dtype)
     slots = np.sort(res.slots, order=["src", "doc", "lo"])
     cached: tuple[int, int, dict] | None = None
     for w in slots:

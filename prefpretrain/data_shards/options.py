@@ -2,9 +2,10 @@
 config's `shard:` section (which adds its inputs; the output is data.shards[0])."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from prefpretrain.host import cpus_available
 
 
 @dataclass
@@ -16,14 +17,17 @@ class ShardSettings:
     vocab_size: int = 8192  # BPE vocabulary (when training a tokenizer)
     val_fraction: float = 0.05  # share of documents held out for validation
     shard_size_mb: float = 64.0  # bound on one tar shard
-    workers: int = 0  # scoring processes (0 = one per CPU)
+    workers: int = 0  # scoring processes per task (0 = one per CPU this process may use)
+    tasks: int = 1  # independent shard tasks (each writes its own chunks; the result does not depend on it)
+    executor: Literal["local", "slurm", "ray"] = "local"  # where the tasks run: this machine, a SLURM array, Ray
+    tokenizer_sample_mb: float = 1024.0  # train the tokenizer on at most this much input (a fixed sample); 0 = all
     max_files: int = 0  # keep only the first N input files (0 = all)
-    text_field: str = "text"  # JSONL: the field with the text
-    score_field: str | None = None  # JSONL: the field with a score (scorer 'field')
+    text_field: str = "text"  # JSONL, Parquet, Arrow: the field (column) with the text
+    score_field: str | None = None  # JSONL, Parquet, Arrow: the field with a score (scorer 'field')
 
     def worker_count(self) -> int:
         """`workers`, or one per CPU this process may run on."""
-        return self.workers or os.cpu_count() or 1
+        return self.workers or cpus_available()
 
 
 @dataclass(kw_only=True)

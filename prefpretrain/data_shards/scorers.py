@@ -9,7 +9,6 @@ import copy
 import hashlib
 import importlib
 import math
-import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -254,8 +253,8 @@ class LexicalScorer:
             raise ValueError(f"scorer 'lexical': mode must be rare_share or ngram_nll, got {mode!r}")
         uni: Counter = Counter()
         bi: Counter = Counter()
-        for p, n in files:
-            for d in sources.read_file(p, n).docs:
+        for f in files:
+            for d in sources.read_file(f.path, f.name).docs:
                 words = [w.lower() for w in _WORD.findall(d.text)]
                 uni.update(words)
                 bi.update(zip(words, words[1:], strict=False))
@@ -263,7 +262,7 @@ class LexicalScorer:
         self._uni, self._bi, self._total = uni, bi, sum(uni.values())
         self._V = len(uni) + 1
         self._mode, self._k, self._lam = mode, add_k, lam
-        digest = hashlib.sha256("\n".join(f"{p}:{os.path.getsize(p)}" for p, _ in files).encode()).hexdigest()[:12]
+        digest = hashlib.sha256("\n".join(f"{f.path}:{f.size}" for f in files).encode()).hexdigest()[:12]
         self.version = "1"
         self.params = {"reference": refs, "reference_digest": digest, "mode": mode, "top_k": top_k,
                        "add_k": add_k, "lambda": lam, "reference_words": self._total}

@@ -1,4 +1,5 @@
-"""Inputs -> documents. Files, directories, globs, `@stdlib`; .py/.txt/.jsonl, optionally .gz/.zst.
+"""Inputs -> documents. Files, directories, globs, `@stdlib`, fsspec URLs (`s3://…`); .py/.txt/.md/.rst/.jsonl,
+optionally .gz/.zst; Parquet and Arrow tables, `datasets.save_to_disk` directories (formats.py).
 
 Bad input never crashes a run and is never silent: every skipped file or record is counted by
 reason (and, for JSONL, logged with file:line).
@@ -7,14 +8,20 @@ from __future__ import annotations
 
 import glob
 import gzip
-import io
 import json
 import logging
 import os
 import sysconfig
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
+
+from prefpretrain.data_shards import formats, storage
+from prefpretrain.data_shards.formats import (  # noqa: F401 - re-exported: the types of this module's results
+    MAX_DOC_CHARS,
+    TABLE_SUFFIXES,
+    Document,
+    FileResult,
+)
 
 log = logging.getLogger(__name__)
 
@@ -24,23 +31,13 @@ TEXT_SUFFIXES = {".py", ".txt", ".jsonl", ".md", ".rst"}
 STDLIB_EXCLUDE = {
     "test", "tests", "idle_test", "encodings", "pydoc_data", "site-packages", "__pycache__",
 }
-MAX_DOC_CHARS = 2_000_000  # a larger document is skipped (reason: too_large)
 
 
-@dataclass
-class Document:
-    source: str  # file path as given (relative to its input root where possible)
-    doc_id: str  # stable id: source, plus #line for JSONL records
-    text: str
-    score: float | None = None  # document score from a JSONL field, if any
-    segment_scores: list[float] | None = None  # per-segment scores from a JSONL field, if any
-
-
-@dataclass
-class FileResult:
-    docs: list[Document] = field(default_factory=list)
-    skipped: Counter = field(default_factory=Counter)
-    problems: list[str] = field(default_factory=list)  # "file:line: reason" for the log
+class InputFile(NamedTuple):
+    path: str  # absolute path or URL
+    name: str  # display name and document-id prefix (the path as given, or the URL)
+    size: int  # bytes
+    version: str  # modification time (ns) or the object's ETag: part of the shard set's fingerprint
 
 
 def stdlib_root() -> Path:
@@ -51,12 +48,50 @@ def _is_wanted(path: Path) -> bool:
     name = path.name
     for suf in (".gz", ".zst"):
         name = name.removesuffix(suf)
-    return Path(name).suffix in TEXT_SUFFIXES
+    return Path(name).suffix in TEXT_SUFFIXES or name.endswith(TABLE_SUFFIXES)
 
 
-def expand_inputs(inputs: list[str]) -> list[tuple[str, str]]:
-    """Resolve inputs into a sorted, de-duplicated list of (absolute path, display name)."""
-    out: dict[str, str] = {}
+def _saved_dataset(d: Path) -> list[Path] | None:
+    """The Arrow files of a `datasets.save_to_disk` directory, in its own order (None: not one)."""
+    state = d / "state.json"
+    if not (state.is_file() and (d / "dataset_info.json").is_file()):
+        return None
+    try:
+        files = [d / f["filename"] for f in json.loads(state.read_text())["_data_files"]]
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"input {str(d)!r}: state.json is not a datasets.save_to_disk state") from None
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"input {str(d)!r}: save_to_disk data file {missing[0]} is missing")
+    return files
+
+
+def _local_files(spec: str) -> list[tuple[Path, str]]:
+    """(path, display name) of the files one local input names."""
+    found = []
+    matches = sorted(glob.glob(spec, recursive=True)) if any(c in spec for c in "*?[") else [spec]
+    if not matches:
+        raise FileNotFoundError(f"input {spec!r} matches nothing")
+    for m in matches:
+        p = Path(m)
+        saved = _saved_dataset(p) if p.is_dir() else None
+        if saved is not None:
+            found += [(q, str(q)) for q in saved]
+        elif p.is_dir():
+            for q in sorted(p.rglob("*")):
+                if q.is_file() and _is_wanted(q) and _saved_dataset(q.parent) is None:
+                    found.append((q, str(q)))
+            found += [(q, str(q)) for sd in sorted(p.rglob("state.json")) for q in (_saved_dataset(sd.parent) or [])]
+        elif p.is_file():
+            found.append((p, str(p)))
+        else:
+            raise FileNotFoundError(f"input {m!r} does not exist")
+    return found
+
+
+def expand_inputs(inputs: list[str]) -> list[InputFile]:
+    """Resolve inputs (paths, directories, globs, @stdlib, URLs) into a sorted, de-duplicated list of files."""
+    out: dict[str, InputFile] = {}
     for spec in inputs:
         if spec == "@stdlib":
             root = stdlib_root()
@@ -65,47 +100,60 @@ def expand_inputs(inputs: list[str]) -> list[tuple[str, str]]:
                 for fn in filenames:
                     if fn.endswith(".py"):
                         p = Path(dirpath) / fn
-                        out[str(p)] = "stdlib/" + str(p.relative_to(root))
-            continue
-        matches = sorted(glob.glob(spec, recursive=True)) if any(c in spec for c in "*?[") else [spec]
-        if not matches:
-            raise FileNotFoundError(f"input {spec!r} matches nothing")
-        for m in matches:
-            p = Path(m)
-            if p.is_dir():
-                for q in sorted(p.rglob("*")):
-                    if q.is_file() and _is_wanted(q):
-                        out[str(q.resolve())] = str(q)
-            elif p.is_file():
-                out[str(p.resolve())] = str(p)
-            else:
-                raise FileNotFoundError(f"input {m!r} does not exist")
-    return sorted(out.items(), key=lambda kv: kv[1])
+                        out[str(p)] = _local(p, "stdlib/" + str(p.relative_to(root)))
+        elif storage.is_url(spec):
+            for url in storage.list_files(spec):
+                if _is_wanted(Path(url.split("://", 1)[1])):
+                    size, version = storage.info(url)
+                    out[url] = InputFile(url, url, size, version)
+        else:
+            for p, name in _local_files(spec):
+                out[str(p.resolve())] = _local(p.resolve(), name)
+    return sorted(out.values(), key=lambda f: f.name)
+
+
+def _local(p: Path, name: str) -> InputFile:
+    st = p.stat()
+    return InputFile(str(p), name, st.st_size, str(st.st_mtime_ns))
+
+
+def _open(path: str):
+    return storage.open_url(path) if storage.is_url(path) else open(path, "rb")  # noqa: SIM115 - callers close it
 
 
 def _read_bytes(path: str) -> bytes:
-    if path.endswith(".gz"):
-        with gzip.open(path, "rb") as f:
-            return f.read()
-    if path.endswith(".zst"):
-        import zstandard  # optional dependency
+    with _open(path) as raw:
+        if path.endswith(".gz"):
+            with gzip.open(raw, "rb") as f:
+                return f.read()
+        if path.endswith(".zst"):
+            import zstandard  # optional dependency
 
-        with open(path, "rb") as f:
-            return zstandard.ZstdDecompressor().stream_reader(f).read()
-    with open(path, "rb") as f:
-        return f.read()
+            return zstandard.ZstdDecompressor().stream_reader(raw).read()
+        return raw.read()
+
+
+def _unreadable(res: FileResult, name: str, e: Exception) -> FileResult:
+    res.skipped["unreadable"] += 1
+    why = str(e).splitlines()[0][:200] if str(e) else ""
+    res.problems.append(f"{name}: unreadable ({type(e).__name__}: {why})")
+    return res
 
 
 def read_file(path: str, name: str, text_field: str = "text", score_field: str | None = None) -> FileResult:
     """Read one input file into documents, counting what had to be skipped and why."""
     res = FileResult()
+    if name.endswith(formats.TABLE_SUFFIXES):
+        try:
+            with _open(path) as f:
+                formats.read_table(f, name, text_field, score_field, res)
+        except Exception as e:  # noqa: BLE001 - ArrowInvalid, OSError, ...: a damaged table is unreadable
+            return _unreadable(res, name, e)
+        return res
     try:
         data = _read_bytes(path)
     except Exception as e:  # noqa: BLE001 - OSError, EOFError, zlib.error, zstandard.ZstdError, ...: all unreadable
-        res.skipped["unreadable"] += 1
-        why = str(e).splitlines()[0][:200] if str(e) else ""
-        res.problems.append(f"{name}: unreadable ({type(e).__name__}: {why})")
-        return res
+        return _unreadable(res, name, e)
     if not data.strip():
         res.skipped["empty"] += 1
         return res
@@ -121,7 +169,7 @@ def read_file(path: str, name: str, text_field: str = "text", score_field: str |
         return res
     base = name[:-3] if name.endswith(".gz") else name.removesuffix(".zst")
     if base.endswith(".jsonl"):
-        _read_jsonl(text, name, text_field, score_field, res)
+        formats.read_jsonl(text, name, text_field, score_field, res)
     elif score_field is not None:
         res.skipped["missing_score"] += 1
         res.problems.append(f"{name}: not JSONL, so no score field {score_field!r}")
@@ -131,36 +179,3 @@ def read_file(path: str, name: str, text_field: str = "text", score_field: str |
     else:
         res.docs.append(Document(source=name, doc_id=name, text=text))
     return res
-
-
-def _read_jsonl(text: str, name: str, text_field: str, score_field: str | None, res: FileResult) -> None:
-    for lineno, line in enumerate(io.StringIO(text), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            res.skipped["malformed_jsonl"] += 1
-            res.problems.append(f"{name}:{lineno}: malformed JSON")
-            continue
-        body = rec.get(text_field) if isinstance(rec, dict) else None
-        if not isinstance(body, str) or not body.strip():
-            res.skipped["missing_text"] += 1
-            res.problems.append(f"{name}:{lineno}: no string field {text_field!r}")
-            continue
-        if len(body) > MAX_DOC_CHARS:
-            res.skipped["too_large"] += 1
-            res.problems.append(f"{name}:{lineno}: {len(body)} chars > {MAX_DOC_CHARS}")
-            continue
-        doc = Document(source=name, doc_id=f"{name}#{lineno}", text=body)
-        if score_field is not None:
-            val = rec.get(score_field)
-            if isinstance(val, (int, float)) and not isinstance(val, bool):
-                doc.score = float(val)
-            elif isinstance(val, list) and all(isinstance(v, (int, float)) for v in val):
-                doc.segment_scores = [float(v) for v in val]
-            else:
-                res.skipped["missing_score"] += 1
-                res.problems.append(f"{name}:{lineno}: no numeric field {score_field!r}")
-                continue
-        res.docs.append(doc)

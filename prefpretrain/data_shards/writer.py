@@ -11,10 +11,11 @@ set serves every objective and MLE stays true MLE.
 Input files are grouped, in sorted order, into chunks of about `shard_size_mb` of output; chunk c
 becomes `train-CCCCCC-PPP.tar` (part PPP > 000 only when a chunk outgrows the bound) and
 `val-CCCCCC-PPP.tar`. A chunk is finished when its record `_progress/chunk-CCCCCC.json` exists, so an
-interrupted run resumes at the first unfinished chunk. Beside each tar, `NAME.idx.npy` holds one
-INDEX_DTYPE record per sample (byte offsets of the sample and of its arrays' data, counts, mean score):
-the reader reads exactly the token range a training sample needs, and the manifest stays small.
-The output bytes do not depend on the number of workers.
+interrupted run resumes at its unfinished chunks. The chunks are planned once (plan.py) and written by
+one or many tasks (task.py, on the engine of engine.py); `merge` writes the manifest. Beside each tar,
+`NAME.idx.npy` holds one INDEX_DTYPE record per sample (byte offsets of the sample and of its arrays'
+data, counts, mean score): the reader reads exactly the token range a training sample needs, and the
+manifest stays small. The output bytes do not depend on the number of tasks or workers.
 """
 from __future__ import annotations
 
@@ -22,21 +23,13 @@ import hashlib
 import io
 import json
 import logging
-import multiprocessing as mp
 import os
-import shutil
 import tarfile
-import time
 from collections import Counter
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from prefpretrain.data_shards import encode, sources
-from prefpretrain.data_shards import tokenizer as toklib
-from prefpretrain.data_shards.options import ShardOptions, ShardSettings  # noqa: F401 - re-exported
-from prefpretrain.data_shards.scorers import default_segmenter, get_scorer
 from prefpretrain.data_shards.stats import ScoreStats
 from prefpretrain.rundir import atomic_write
 
@@ -49,7 +42,6 @@ INDEX_DTYPE = np.dtype([
     ("offset", "<u8"), ("size", "<u8"), ("tokens_at", "<u8"), ("scores_at", "<u8"), ("segments_at", "<u8"),
     ("n_tokens", "<u4"), ("n_segments", "<u4"), ("mean_score", "<f4"),
 ])
-OUTPUT_PER_INPUT_BYTE = 1.5  # tokens (2-4 B) + float16 scores per ~3.5 chars, plus tar headers
 
 
 def _npy_bytes(a: np.ndarray) -> bytes:
@@ -62,7 +54,7 @@ def _atomic_json(path: Path, obj) -> None:
     atomic_write(path, json.dumps(obj, indent=1))
 
 
-class _ChunkWriter:
+class ChunkWriter:
     """The tar part(s) of one split of one chunk, their indexes and statistics."""
 
     def __init__(self, out: Path, split: str, chunk: int, max_bytes: int, tok_dtype):
@@ -139,151 +131,6 @@ def is_val(doc_id: str, fraction: float) -> bool:
     return h / 2**64 < fraction
 
 
-def plan_chunks(sizes: list[int], chunk_bytes: float) -> list[list[int]]:
-    """Consecutive groups of file indices holding about chunk_bytes of input each."""
-    chunks, cur, acc = [], [], 0
-    for i, s in enumerate(sizes):
-        cur.append(i)
-        acc += s
-        if acc >= chunk_bytes:
-            chunks.append(cur)
-            cur, acc = [], 0
-    if cur:
-        chunks.append(cur)
-    return chunks
-
-
-def _fingerprint(opt: ShardOptions, files: list[tuple[str, str]], segmenter: str) -> str:
-    desc = {"format": FORMAT_VERSION, "files": [(n, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p, n in files]}
-    o = asdict(opt)
-    for k in ("output", "workers", "progress", "overwrite", "inputs"):
-        o.pop(k)
-    desc["options"] = dict(o, segmenter=segmenter)
-    return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-
-def _prepare_output(out: Path, fingerprint: str, overwrite: bool) -> bool:
-    """Make `out` ready; return True when it holds a compatible unfinished (or finished) run to resume."""
-    plan = out / "_progress" / "plan.json"
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--output: {out} is a file, not a directory")
-    probe = next((p for p in [out, *out.parents] if p.exists()), None)
-    if probe is not None and not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"--output: {probe} is not writable")
-    if overwrite and out.exists():
-        for p in out.iterdir():
-            ours = p.name.endswith((".tar", ".idx.npy")) or ".tar.score-" in p.name  # (score columns: columns.py)
-            if ours or p.name in ("_progress", "tokenizer", MANIFEST, "skipped.log", "packing_cache"):
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-    if plan.is_file():
-        if json.loads(plan.read_text())["fingerprint"] == fingerprint:
-            return True
-        raise ValueError(f"{out} holds shards built from other inputs or options; use another directory "
-                         f"or --overwrite")
-    if out.exists() and any(p.name.endswith(".tar") or p.name == MANIFEST for p in out.iterdir()):
-        raise ValueError(f"{out} already holds shards; use another directory or --overwrite")
-    (out / "_progress").mkdir(parents=True, exist_ok=True)
-    return False
-
-
-def build_shards(opt: ShardOptions) -> dict:
-    """Run (or resume) the whole shard pipeline; returns the manifest (also OUTPUT/manifest.json)."""
-    t0 = time.time()
-    out = Path(opt.output)
-    files = sources.expand_inputs(opt.inputs)
-    if opt.max_files:
-        files = files[: opt.max_files]
-    if not files:
-        raise ValueError("no input files found")
-    segmenter = default_segmenter(opt.scorer) if opt.segmenter == "auto" else opt.segmenter
-    scorer = get_scorer(opt.scorer, opt.scorer_params)  # fail early on an unknown scorer or bad params
-    fingerprint = _fingerprint(opt, files, segmenter)
-    resuming = _prepare_output(out, fingerprint, opt.overwrite)
-    progress = out / "_progress"
-    sizes = [os.stat(p).st_size for p, _ in files]
-    log.info("shard: %d files, %.1f MB, scorer=%s, segmenter=%s%s", len(files), sum(sizes) / 1e6, scorer.name,
-             segmenter, " (resuming)" if resuming else "")
-
-    tok_dir = out / "tokenizer"
-    if resuming and (tok_dir / "tokenizer.json").is_file():
-        tok = toklib.load_tokenizer(tok_dir)
-    elif opt.tokenizer == "train":
-        tok = toklib.train_tokenizer(
-            (d.text for p, n in files for d in sources.read_file(p, n, opt.text_field, opt.score_field).docs),
-            opt.vocab_size)
-        log.info("shard: trained byte-level BPE, vocab %d, in %.1fs", tok.get_vocab_size(), time.time() - t0)
-    else:
-        tok = toklib.load_tokenizer(opt.tokenizer)
-    tok_hash = toklib.save_tokenizer(tok, tok_dir)
-    vocab = tok.get_vocab_size()
-    tok_dtype = np.uint16 if vocab <= 65535 else np.int32
-    chunks = plan_chunks(sizes, opt.shard_size_mb * 1e6 / OUTPUT_PER_INPUT_BYTE)
-    _atomic_json(progress / "plan.json", {"fingerprint": fingerprint, "chunks": len(chunks), "tokenizer": tok_hash})
-
-    done = {c for c in range(len(chunks)) if (progress / f"chunk-{c:06d}.json").is_file()}
-    todo = [c for c in range(len(chunks)) if c not in done]
-    if done:
-        log.info("shard: %d of %d chunks already finished, resuming", len(done), len(chunks))
-    _run_chunks(opt, out, files, sizes, chunks, todo, tok, scorer.name, segmenter, tok_dtype)
-
-    manifest = _merge(out, opt, files, sizes, len(chunks), tok_hash, vocab, toklib.special_ids(tok), scorer,
-                      segmenter, tok_dtype, time.time() - t0)
-    tr, va = manifest["splits"]["train"], manifest["splits"]["val"]
-    log.info("shard: %d train / %d val documents, %d / %d tokens, %d skipped, %.1fs -> %s", tr["samples"],
-             va["samples"], tr["tokens"], va["tokens"], sum(manifest["skipped"].values()), time.time() - t0, out)
-    return manifest
-
-
-def _run_chunks(opt, out, files, sizes, chunks, todo, tok, scorer_name, segmenter, tok_dtype) -> None:
-    from tqdm import tqdm
-
-    if not todo:
-        return
-    max_bytes = int(opt.shard_size_mb * 1e6)
-    # within a chunk, the largest files go to the pool first (less idle time at the chunk's end); the
-    # chunk is written in file order once all its results are in, so the bytes do not change
-    order = {c: sorted(chunks[c], key=lambda i: (-sizes[i], i)) for c in todo}
-    items = [files[i] for c in todo for i in order[c]]
-    t_start, done_bytes, total = time.time(), 0, sum(sizes[i] for c in todo for i in chunks[c])
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="shard",
-               disable=not opt.progress, mininterval=1.0, smoothing=0.1)
-    initargs = (tok.to_str(), scorer_name, opt.scorer_params, segmenter, opt.text_field, opt.score_field)
-    pool = None
-    if opt.worker_count() > 1:
-        pool = mp.get_context("spawn").Pool(opt.worker_count(), initializer=encode.init_worker, initargs=initargs)
-        results = pool.imap(encode.process_file, items, chunksize=1)
-    else:
-        encode.init_worker(*initargs)
-        results = map(encode.process_file, items)
-    try:
-        for c in todo:
-            writers = {s: _ChunkWriter(out, s, c, max_bytes, tok_dtype) for s in ("train", "val")}
-            skipped: Counter = Counter()
-            problems: list[str] = []
-            got = {i: next(results) for i in order[c]}
-            for i in chunks[c]:
-                _name, encs, skip, probs = got.pop(i)
-                for enc in encs:
-                    writers["val" if is_val(enc["meta"]["doc_id"], opt.val_fraction) else "train"].add(enc)
-                skipped.update(skip)
-                problems.extend(probs)
-                bar.update(sizes[i])
-            rec = {"chunk": c, "files": len(chunks[c]), "input_bytes": sum(sizes[i] for i in chunks[c]),
-                   "splits": {s: w.record() for s, w in writers.items()}, "skipped": dict(skipped),
-                   "problems": problems}
-            _atomic_json(out / "_progress" / f"chunk-{c:06d}.json", rec)  # the chunk is finished now
-            done_bytes += rec["input_bytes"]
-            if not opt.progress:  # plain log lines where there is no progress bar (cluster logs)
-                rate = done_bytes / max(1e-9, time.time() - t_start)
-                log.info("shard: chunk %d of %d done, %.1f of %.1f MB, %.2f MB/s, ETA %.0fs", todo.index(c) + 1,
-                         len(todo), done_bytes / 1e6, total / 1e6, rate / 1e6, (total - done_bytes) / max(rate, 1))
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-
-
 def _keep_columns(out: Path, manifest: dict) -> None:
     """A finished shard set sharded again (the same inputs and options: the same tars) keeps its score columns."""
     try:
@@ -296,12 +143,27 @@ def _keep_columns(out: Path, manifest: dict) -> None:
         manifest["columns"] = old["columns"]
 
 
-def _merge(out, opt, files, sizes, n_chunks, tok_hash, vocab, special, scorer, segmenter, tok_dtype, secs) -> dict:
+def chunk_record(out: Path, c: int) -> Path:
+    """A chunk is finished when this record exists (written last, atomically, by the task that wrote it)."""
+    return out / "_progress" / f"chunk-{c:06d}.json"
+
+
+def finished_chunks(out: Path, n_chunks: int) -> set[int]:
+    return {c for c in range(n_chunks) if chunk_record(out, c).is_file()}
+
+
+def merge(out: Path, p: dict, inputs: list[str], secs: float) -> dict:
+    """One manifest from every chunk's record (all must be finished); written last, atomically."""
+    n_chunks = len(p["chunks"])
+    missing = sorted(set(range(n_chunks)) - finished_chunks(out, n_chunks))
+    if missing:
+        raise ValueError(f"{out}: {len(missing)} of {n_chunks} chunks are not finished (first: {missing[:5]}); "
+                         f"run the same command again to finish them")
     splits = {s: {"samples": 0, "tokens": 0, "shards": [], "stats": ScoreStats()} for s in ("train", "val")}
     skipped: Counter = Counter()
     problems: list[str] = []
     for c in range(n_chunks):
-        rec = json.loads((out / "_progress" / f"chunk-{c:06d}.json").read_text())
+        rec = json.loads(chunk_record(out, c).read_text())
         for s, r in rec["splits"].items():
             sp = splits[s]
             for sh in r["shards"]:
@@ -311,25 +173,30 @@ def _merge(out, opt, files, sizes, n_chunks, tok_hash, vocab, special, scorer, s
             sp["stats"].merge(ScoreStats.from_state(r["stats"]))
         skipped.update(rec["skipped"])
         problems.extend(rec["problems"])
-    for p in problems:
-        log.warning("shard: skipped %s", p)
-    (out / "skipped.log").write_text("".join(p + "\n" for p in problems))
+    for line in problems:
+        log.warning("shard: skipped %s", line)
+    (out / "skipped.log").write_text("".join(line + "\n" for line in problems))
     if splits["train"]["samples"] == 0:
         raise ValueError(f"no documents survived reading; see {out / 'skipped.log'}")
     for sp in splits.values():
         sp["score_stats"] = sp.pop("stats").summary()
+    from prefpretrain.data_shards import tokenizer as toklib
+
+    tok = toklib.load_tokenizer(out / "tokenizer")
+    st = p["settings"]
     manifest = {
         "format_version": FORMAT_VERSION,
         "created_by": "prefpretrain shard",
-        "inputs": opt.inputs,
-        "files": len(files),
-        "input_bytes": sum(sizes),
-        "tokenizer": {"path": "tokenizer", "hash": tok_hash, "vocab_size": vocab, "special_ids": special},
-        "token_dtype": np.dtype(tok_dtype).name,
-        "scorer": {"name": scorer.name, "version": scorer.version, "params": scorer.params},
-        "segmenter": segmenter,
-        "val_fraction": opt.val_fraction,
-        "shard_size_mb": opt.shard_size_mb,
+        "inputs": inputs,
+        "files": len(p["files"]),
+        "input_bytes": sum(f[2] for f in p["files"]),
+        "tokenizer": {"path": "tokenizer", "hash": p["tokenizer"], "vocab_size": p["vocab_size"],
+                      "special_ids": toklib.special_ids(tok)},
+        "token_dtype": "uint16" if p["vocab_size"] <= 65535 else "int32",
+        "scorer": p["scorer_info"],
+        "segmenter": p["segmenter"],
+        "val_fraction": st["val_fraction"],
+        "shard_size_mb": st["shard_size_mb"],
         "index_dtype": [list(d) for d in INDEX_DTYPE.descr],
         "splits": splits,
         "skipped": dict(sorted(skipped.items())),

@@ -1,0 +1,101 @@
+"""Record formats: JSONL lines, Parquet rows, Arrow tables (`datasets.save_to_disk`'s `data-*.arrow` files).
+
+Every record becomes one document with a stable id (`NAME#LINE` for JSONL, 1-based; `NAME#ROW` for tables,
+0-based), or is counted as skipped with its reason and place, like every other bad input.
+"""
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+
+MAX_DOC_CHARS = 2_000_000  # a larger document is skipped (reason: too_large)
+TABLE_SUFFIXES = (".parquet", ".arrow")  # read by read_table (a text column by name)
+
+
+@dataclass
+class Document:
+    source: str  # file path as given (relative to its input root where possible)
+    doc_id: str  # stable id: source, plus #line for JSONL records
+    text: str
+    score: float | None = None  # document score from a JSONL field, if any
+    segment_scores: list[float] | None = None  # per-segment scores from a JSONL field, if any
+
+
+@dataclass
+class FileResult:
+    docs: list[Document] = field(default_factory=list)
+    skipped: Counter = field(default_factory=Counter)
+    problems: list[str] = field(default_factory=list)  # "file:line: reason" for the log
+
+
+def add_record(res: FileResult, name: str, where: str, rec, text_field: str, score_field: str | None) -> None:
+    """One record (a mapping) -> a document in `res`, or one skipped count with its reason."""
+    body = rec.get(text_field) if isinstance(rec, dict) else None
+    if not isinstance(body, str) or not body.strip():
+        res.skipped["missing_text"] += 1
+        res.problems.append(f"{name}:{where}: no string field {text_field!r}")
+        return
+    if len(body) > MAX_DOC_CHARS:
+        res.skipped["too_large"] += 1
+        res.problems.append(f"{name}:{where}: {len(body)} chars > {MAX_DOC_CHARS}")
+        return
+    doc = Document(source=name, doc_id=f"{name}#{where}", text=body)
+    if score_field is not None:
+        val = rec.get(score_field)
+        if isinstance(val, (int, float)) and not isinstance(val, bool):
+            doc.score = float(val)
+        elif isinstance(val, list) and all(isinstance(v, (int, float)) for v in val):
+            doc.segment_scores = [float(v) for v in val]
+        else:
+            res.skipped["missing_score"] += 1
+            res.problems.append(f"{name}:{where}: no numeric field {score_field!r}")
+            return
+    res.docs.append(doc)
+
+
+def read_jsonl(text: str, name: str, text_field: str, score_field: str | None, res: FileResult) -> None:
+    for lineno, line in enumerate(io.StringIO(text), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            res.skipped["malformed_jsonl"] += 1
+            res.problems.append(f"{name}:{lineno}: malformed JSON")
+            continue
+        add_record(res, name, str(lineno), rec, text_field, score_field)
+
+
+def _open_table(f, name: str):
+    """A pyarrow Table from a Parquet file or an Arrow IPC stream/file (what save_to_disk writes)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if name.endswith(".parquet"):
+        return pq.ParquetFile(f)
+    data = f.read()
+    try:
+        return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
+    except pa.ArrowInvalid:
+        return pa.ipc.open_file(pa.py_buffer(data)).read_all()
+
+
+def read_table(f, name: str, text_field: str, score_field: str | None, res: FileResult) -> None:
+    """Every row of a Parquet or Arrow file (`f` an open binary file); only the columns needed are read."""
+    t = _open_table(f, name)
+    schema = t.schema_arrow if hasattr(t, "schema_arrow") else t.schema
+    missing = [c for c in (text_field, score_field) if c is not None and c not in schema.names]
+    if missing:
+        res.skipped["missing_column"] += 1
+        res.problems.append(f"{name}: no column {missing[0]!r} (columns: {', '.join(schema.names[:12])})")
+        return
+    cols = [c for c in (text_field, score_field) if c is not None]
+    batches = (t.iter_batches(columns=cols, batch_size=4096) if hasattr(t, "iter_batches")
+               else t.select(cols).to_batches(max_chunksize=4096))
+    row = 0
+    for b in batches:
+        for rec in b.to_pylist():
+            add_record(res, name, str(row), rec, text_field, score_field)
+            row += 1
