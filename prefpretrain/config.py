@@ -33,7 +33,7 @@ class RunConfig:
 class ShardSetConfig:
     FROM_STR: ClassVar[str] = "path"  # `data.shards: [DIR]` means [{path: DIR}]
 
-    path: str = ""  # a directory written by `prefpretrain shard` (holds manifest.json)
+    path: str = ""  # a directory written by `prefpretrain shard` (holds manifest.json), or its URL (s3://...)
     weight: float = 1.0  # mixture weight; weights are normalised over data.shards
 
 
@@ -43,6 +43,8 @@ class DataConfig:
     seq_len: int = 256  # tokens per training sample (packed across documents)
     num_workers: int = 0  # DataLoader worker processes per rank (order does not depend on it)
     verify_checksums: bool = True  # check each shard's sha256 against the manifest when first opened
+    cache_dir: str = ""  # shard sets at URLs: local mirrors and downloaded tar parts ("": ~/.cache/prefpretrain)
+    cache_max_gb: float = 50.0  # bound on the downloaded tar parts; the least recently used go first
     log_sample_ids: bool = False  # debug: RUN/sample_ids/rankR.jsonl, the global positions each rank used per step
     on_corrupt: Literal["error", "skip"] = "error"  # skip: a sample touching a bad shard carries no loss, counted
     max_corrupt_fraction: float = 0.01  # with skip: stop (exit 2) once more than this share of samples was corrupt

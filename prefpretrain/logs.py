@@ -21,5 +21,6 @@ def setup_logging(rank: int | None = None, verbose: bool = False) -> None:
     root.setLevel(level)
     # deprecation chatter from torch.distributed / transformers internals, not from anything a user can change
     warnings.filterwarnings("ignore", category=FutureWarning)
-    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "urllib3", "filelock", "matplotlib"):
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "urllib3", "filelock", "matplotlib", "botocore",
+                  "aiobotocore", "s3fs", "fsspec"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))

@@ -48,10 +48,16 @@ def check_paths(cfg: Config) -> None:
     """Paths the run needs must exist (called once the shards were built)."""
     if not cfg.data.shards:
         raise ConfigError("data.shards: no shard set given")
+    from prefpretrain.data_shards import remote, storage
     from prefpretrain.data_shards.writer import FORMAT_VERSION, MANIFEST, READABLE_FORMATS
 
+    remote.configure(cfg.data.cache_dir or None, cfg.data.cache_max_gb)
     for i, s in enumerate(cfg.data.shards):
-        mf = Path(s.path) / MANIFEST
+        try:
+            local = remote.mirror(s.path) if storage.is_url(s.path) else Path(s.path)
+        except (storage.StorageError, OSError) as e:
+            raise ConfigError(f"data.shards[{i}].path: {e}") from None
+        mf = local / MANIFEST
         if not mf.is_file():
             raise ConfigError(f"data.shards[{i}].path: no {MANIFEST} in {s.path!r} (run `prefpretrain shard`)")
         try:

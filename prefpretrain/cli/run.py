@@ -19,13 +19,16 @@ log = logging.getLogger("prefpretrain")
 
 def ensure_shards(cfg: Config) -> None:
     """Build data.shards[0] from the config's `shard` section if it has no manifest yet."""
+    from prefpretrain.data_shards import storage
     from prefpretrain.data_shards.build import build_shards
     from prefpretrain.data_shards.options import ShardOptions, ShardSettings
 
-    target = Path(cfg.data.reference) if cfg.data.shards else None
-    if target is None:
+    if not cfg.data.shards:
         raise ConfigError("data.shards: no shard set given")
-    if (target / MANIFEST).is_file():
+    target = cfg.data.reference
+    exists = (storage.filesystem(target).exists(f"{target.rstrip('/')}/{MANIFEST}") if storage.is_url(target)
+              else (Path(target) / MANIFEST).is_file())
+    if exists:
         log.info("shards: using %s", target)
         return
     s = cfg.shard
@@ -40,10 +43,7 @@ def cmd_run(a) -> int:
     cfg = load_config(a.config, a.overrides)
     check_engine(cfg, cfg.launch.nproc_per_node)
     ensure_shards(cfg)
-    for s in cfg.data.shards[1:]:
-        if not (Path(s.path) / MANIFEST).is_file():
-            raise ConfigError(f"data.shards: no {MANIFEST} in {s.path!r}")
-    check_paths(cfg)
+    check_paths(cfg)  # every shard set (also at a URL) has a readable manifest
     t_shard = time.time() - t0
     from prefpretrain.launcher.local import launch_local
 

@@ -5,11 +5,13 @@ finished chunks, and the manifest is written last from every chunk's record.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import time
 from pathlib import Path
 
-from prefpretrain.data_shards import engine
+from prefpretrain.data_shards import engine, remote, storage
 from prefpretrain.data_shards.options import ShardOptions  # noqa: F401 - re-exported (scripts import it here)
 from prefpretrain.data_shards.plan import make_plan
 from prefpretrain.data_shards.writer import merge
@@ -17,13 +19,26 @@ from prefpretrain.data_shards.writer import merge
 log = logging.getLogger(__name__)
 
 
+def staging_dir(url: str) -> Path:
+    """Where a shard set bound for object storage is built (and resumed) before it is uploaded."""
+    return remote.cache_root().parent / "stage" / hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
+
+
 def build_shards(opt: ShardOptions, cluster: engine.Cluster | None = None) -> dict:
-    """Run (or resume) the whole shard job; returns the manifest (also OUTPUT/manifest.json)."""
+    """Run (or resume) the whole shard job; returns the manifest (also OUTPUT/manifest.json). An output URL is
+    built in a local staging directory (shared by the tasks: with SLURM, set PREFPRETRAIN_CACHE to a shared
+    filesystem) and uploaded once finished, the manifest last."""
     t0 = time.time()
+    url = opt.output if storage.is_url(opt.output) else None
+    if url is not None:
+        storage.check_reachable(url)  # one line before any work: no credentials, no bucket, a wrong endpoint
+        opt = dataclasses.replace(opt, output=str(staging_dir(url)))
     out = Path(opt.output)
     p = make_plan(opt)
     engine.run_tasks(out, opt.tasks, opt.executor, opt.workers, opt.progress, cluster)
     manifest = merge(out, p, opt.inputs, time.time() - t0)
+    if url is not None:
+        remote.upload(out, url)
     tr, va = manifest["splits"]["train"], manifest["splits"]["val"]
     log.info("shard: %d train / %d val documents, %d / %d tokens, %d skipped, %.1fs -> %s", tr["samples"],
              va["samples"], tr["tokens"], va["tokens"], sum(manifest["skipped"].values()), time.time() - t0, out)

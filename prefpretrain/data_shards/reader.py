@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from prefpretrain.data_shards import remote, storage
 from prefpretrain.data_shards.writer import FORMAT_VERSION, INDEX_DTYPE, MANIFEST, READABLE_FORMATS
 from prefpretrain.errors import InputError
 
@@ -75,7 +76,8 @@ class ShardSet:
         """`column`: the score column samples carry (columns.py); None: the stored one (or what replaced it),
         TAR_SCORES: the scores the tars hold whatever the manifest says. `extra_columns`: more columns whose segment
         scores `extra_segment_scores` reads (conditioning on several attributes)."""
-        self.path = Path(path)
+        self.path = remote.mirror(str(path)) if storage.is_url(str(path)) else Path(path)
+        self._origin = remote.origin(self.path)  # a mirror of object storage: tar parts come on first read
         mf = self.path / MANIFEST
         if not mf.is_file():
             raise ShardError(f"{self.path}: no {MANIFEST}")
@@ -239,6 +241,8 @@ class ShardSet:
                 self._bad[s] = str(e)
                 raise
             f = self._files[s] = open(self.path / self.shards[s]["name"], "rb")  # noqa: SIM115 - random access
+            if self._origin is not None:
+                remote.fetch_part(self.path, self.shards[s]["name"], self.shards[s]["bytes"], "")  # recently used
         return f
 
     def check_part(self, s: int) -> None:
@@ -246,7 +250,14 @@ class ShardSet:
         self._file(s)
 
     def _check_shard(self, s: int) -> None:
-        p = self.path / self.shards[s]["name"]
+        sh = self.shards[s]
+        p = self.path / sh["name"]
+        if self._origin is not None and not p.is_file():
+            try:
+                remote.fetch_part(self.path, sh["name"], sh["bytes"], sh["sha256"])  # checked as it streams in
+            except (OSError, ValueError) as e:
+                raise ShardError(f"{self._origin}/{sh['name']}: {e}") from None
+            self._verified.add(s)
         if not p.is_file():
             raise ShardError(f"{p}: shard missing")
         if p.stat().st_size != self.shards[s]["bytes"]:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from prefpretrain import conditioning
 from prefpretrain.conditioning import Attribute
 from prefpretrain.config import Config
+from prefpretrain.data_shards import remote
 from prefpretrain.data_shards.columns import stats_of, stored_column
 from prefpretrain.data_shards.loader import MixtureDataset
 from prefpretrain.data_shards.packing import Layout, MaskSpec, PackedSet
@@ -20,6 +21,7 @@ from prefpretrain.objectives import layout_for
 def open_split(cfg: Config, path: str, split: str, verify: bool | None = None) -> ShardSet:
     """A split of a shard set with the score columns the run's objective reads."""
     o = cfg.objective
+    remote.configure(cfg.data.cache_dir or None, cfg.data.cache_max_gb)
     return ShardSet(path, split, verify=cfg.data.verify_checksums if verify is None else verify, column=o.column,
                     extra_columns=o.extra_columns)
 
