@@ -85,11 +85,11 @@ def test_a_failed_task_is_reported_with_its_log_and_the_same_command_finishes_it
 def test_dry_run_shows_the_job_and_writes_nothing(tmp_path):
     out = tmp_path / "dry"
     r = run_cli("shard", "--input", str(stdlib_root() / "json"), "--output", str(out), "--tasks", "4",
-                "--executor", "slurm", "--cpus-per-task", "2", "--partition", "cpu", "--time", "01:00:00",
-                "--dry-run", timeout=120)
+                "--executor", "slurm", "--cpus-per-task", "2", "--gpus-per-task", "1", "--partition", "cpu",
+                "--time", "01:00:00", "--dry-run", timeout=120)
     assert r.returncode == 0, r.stderr
-    for line in ("#SBATCH --array=0-3", "#SBATCH --cpus-per-task=2", "#SBATCH --partition=cpu",
-                 "#SBATCH --time=01:00:00", "-m prefpretrain.data_shards.engine"):
+    for line in ("#SBATCH --array=0-3", "#SBATCH --cpus-per-task=2", "#SBATCH --partition=cpu", "--gpus=1",
+                 "#SBATCH --time=01:00:00", "#SBATCH --gres=gpu:1", "-m prefpretrain.data_shards.engine"):
         assert line in r.stdout, r.stdout
     assert "launch_pickled_pipeline" not in r.stdout and not out.exists()
 
@@ -149,3 +149,40 @@ def test_a_parquet_corpus_shards_with_its_score_column(tmp_path):
     assert m["splits"]["train"]["samples"] == 40
     s = ShardSet(tmp_path / "out", "train")
     assert sorted(round(s.mean_score(i)) for i in range(len(s))) == [0] * 20 + [1] * 20
+
+
+@pytest.mark.cli
+def test_ray_tasks_give_the_one_task_result(one_task, tmp_path):
+    """`--executor ray`: no Ray cluster is running, so the command starts a local one (and it ends with it)."""
+    out = tmp_path / "ray"
+    r = run_cli("shard", "--input", *_opt(out).inputs, "--output", str(out), "--tasks", "2", "--executor", "ray",
+                "--workers", "2", "--shard-size-mb", "0.3", "--vocab-size", "1024", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "starting a local one" in r.stderr
+    _same_set(one_task, out)
+    done = sorted(p.name for p in (engine.engine_dir(out, "ray", 2) / "completions").iterdir())
+    assert done == ["00000", "00001"]
+
+
+@pytest.mark.cli
+def test_a_large_parquet_file_is_split_by_row_groups_and_the_tasks_agree(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"text": f"def f{i}(x):\n    return x + {i}\n" * (1 + i % 7)} for i in range(3000)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "big.parquet", row_group_size=200)  # 15 row groups
+    kw = dict(inputs=[str(tmp_path / "big.parquet")], workers=1, vocab_size=400, shard_size_mb=0.02,
+              progress=False)
+    m1 = build_shards(ShardOptions(output=str(tmp_path / "one"), **kw))
+    items = json.loads((tmp_path / "one" / plan.PLAN).read_text())["files"]
+    assert len(items) >= 3 and all(it[3] is not None for it in items) and m1["files"] == 1
+    assert [it[3][2] for it in items] == sorted({it[3][2] for it in items})  # runs in order, first rows rising
+    build_shards(ShardOptions(output=str(tmp_path / "three"), tasks=3, **kw))
+    _same_set(tmp_path / "one", tmp_path / "three")
+    whole = build_shards(ShardOptions(output=str(tmp_path / "whole"), **dict(kw, shard_size_mb=64)))
+    def doc_ids(d: str) -> dict:
+        sets = {sp: ShardSet(tmp_path / d, sp) for sp in ("train", "val")}
+        return {sp: sorted(ss.read(i)["meta"]["doc_id"] for i in range(len(ss))) for sp, ss in sets.items()}
+
+    ids, ids_whole = doc_ids("one"), doc_ids("whole")
+    assert ids == ids_whole and whole["splits"]["train"]["samples"] + whole["splits"]["val"]["samples"] == 3000

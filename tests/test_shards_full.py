@@ -35,7 +35,7 @@ def test_interrupted_shard_run_resumes_to_the_same_bytes(tmp_path):
     ref = tmp_path / "ref"
     subprocess.run([sys.executable, "-m", "prefpretrain", "shard", "--output", str(ref), *args], check=True,
                    env=cli_env(), cwd=ROOT, capture_output=True)
-    n_chunks = json.loads((ref / "_progress" / "plan.json").read_text())["chunks"]
+    n_chunks = len(json.loads((ref / "_progress" / "plan.json").read_text())["chunks"])
     assert n_chunks >= 4
 
     out = tmp_path / "out"
@@ -290,8 +290,11 @@ def test_every_file_the_reader_trusts_is_checked(tmp_path, stdlib_files, caplog)
     c = tmp_path / "c"
     shutil.copytree(out, c)
     _flip(c / shards[0]["index"], (c / shards[0]["index"]).stat().st_size - 20)
+    ss = ShardSet(c)  # opening stats the index files; each is hashed when first used
     with pytest.raises(ShardError, match=f"{shards[0]['index']}: sha256 mismatch \\(damaged index\\)"):
-        ShardSet(c)
+        ss.read(0)
+    with pytest.raises(ShardError, match="damaged index"):
+        PackedSet(ShardSet(c), Layout("mle"), 64)  # (computing the packing index uses them all)
     shutil.rmtree(c)
     shutil.copytree(out, c)
     tj = c / "tokenizer" / "tokenizer.json"
@@ -435,3 +438,18 @@ def test_a_full_disk_during_a_save_is_one_line_and_the_previous_checkpoint_stays
                                                     f"{intact.name} is intact")
     finally:
         subprocess.run(["umount", str(fs)], check=False)
+
+
+def test_classifier_scorer_device_is_chosen_and_checked(tmp_path, tiny_shards, monkeypatch):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from prefpretrain.data_shards.tokenizer import hf_tokenizer
+
+    clf = tmp_path / "clf"
+    BertForSequenceClassification(BertConfig(vocab_size=600, hidden_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, intermediate_size=64)).save_pretrained(clf)
+    hf_tokenizer(tiny_shards / "tokenizer").save_pretrained(clf)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert get_scorer("classifier", {"model_dir": str(clf)}).params["device"] == "cpu"  # auto without a GPU
+    with pytest.raises(ValueError, match="sees no GPU"):
+        get_scorer("classifier", {"model_dir": str(clf), "device": "cuda"})

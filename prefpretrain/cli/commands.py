@@ -25,7 +25,7 @@ def cmd_shard(a) -> int:
     settings = {f.name: getattr(a, f.name) for f in dataclasses.fields(ShardSettings)}
     opt = ShardOptions(inputs=a.input, output=a.output, overwrite=a.overwrite, progress=sys.stderr.isatty(),
                        **settings)
-    cluster = Cluster(a.partition, a.time, a.account, a.cpus_per_task)
+    cluster = Cluster(a.partition, a.time, a.account, a.cpus_per_task, a.gpus_per_task)
     try:
         if a.dry_run:
             print(dry_run(opt, cluster))

@@ -62,6 +62,8 @@ def _shard(sub) -> None:
     g = p.add_argument_group("SLURM (--executor slurm): an array job, one array task per shard task")
     g.add_argument("--cpus-per-task", type=int, default=None, help="CPUs of one array task (default: --workers, "
                                                                     "else 1)")
+    g.add_argument("--gpus-per-task", type=int, default=0, help="GPUs of one array task (#SBATCH --gres=gpu:N), for "
+                                                                 "a classifier scorer (device auto takes the first)")
     g.add_argument("--partition", default=None, help="SLURM partition (default: the cluster's default one)")
     g.add_argument("--time", default=None, help="time limit of one task, e.g. 04:00:00 (default: the partition's)")
     g.add_argument("--account", default=None, help="SLURM account to charge")

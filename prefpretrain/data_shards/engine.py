@@ -42,6 +42,7 @@ class Cluster:
     time: str | None = None
     account: str | None = None
     cpus_per_task: int | None = None  # CPUs of one array task (default: --workers, else 1)
+    gpus_per_task: int = 0  # GPUs of one array task (a classifier scorer on device auto uses the first)
     python: str = field(default_factory=lambda: sys.executable)
 
 
@@ -162,6 +163,8 @@ class _ShardArray(SlurmPipelineExecutor):
              "output": f"{self.slurm_logs_folder}/%A_%a.out", "error": f"{self.slurm_logs_folder}/%A_%a.out",
              "array": f"0-{max_array - 1}", "requeue": "", "open-mode": "append"}
         c = self.cluster
+        if c.gpus_per_task:
+            a["gres"] = f"gpu:{c.gpus_per_task}"
         for k, v in (("partition", c.partition), ("time", c.time), ("account", c.account)):
             if v is not None:
                 a[k] = v
@@ -175,7 +178,8 @@ def task_argv(out: Path, tasks: int, workers: int, cluster: Cluster) -> list[str
     argv = [cluster.python, "-m", "prefpretrain.data_shards.engine", str(out.resolve()), str(tasks), str(workers),
             str(cluster.cpus_per_task or 0)]
     return argv + [f"--{k}={v}" for k, v in (("partition", cluster.partition), ("time", cluster.time),
-                                              ("account", cluster.account)) if v is not None]
+                                              ("account", cluster.account), ("gpus", cluster.gpus_per_task or None))
+                   if v is not None]
 
 
 def _squeue(job_id: str) -> list[str]:
@@ -225,7 +229,7 @@ def main(argv: list[str]) -> int:
     """Inside one SLURM array task: rebuild the executor and run this array index's shard task(s)."""
     out, tasks, workers, cpus, *flags = argv
     kw = dict(f[2:].split("=", 1) for f in flags)
-    cluster = Cluster(kw.get("partition"), kw.get("time"), kw.get("account"), int(cpus) or None)
+    cluster = Cluster(kw.get("partition"), kw.get("time"), kw.get("account"), int(cpus) or None, int(kw.get("gpus", 0)))
     if "SLURM_ARRAY_TASK_ID" not in os.environ:
         print("prefpretrain.data_shards.engine: runs inside a SLURM array task (use `prefpretrain shard`)",
               file=sys.stderr)

@@ -82,8 +82,28 @@ def _open_table(f, name: str):
         return pa.ipc.open_file(pa.py_buffer(data)).read_all()
 
 
-def read_table(f, name: str, text_field: str, score_field: str | None, res: FileResult) -> None:
-    """Every row of a Parquet or Arrow file (`f` an open binary file); only the columns needed are read."""
+def row_group_pieces(f, target_bytes: float) -> list[tuple[int, int, int, int]]:
+    """A Parquet file as consecutive runs of row groups of about `target_bytes` (compressed) each:
+    [(first group, end group, its first row, bytes)]; one piece when the file has one row group."""
+    import pyarrow.parquet as pq
+
+    md = pq.ParquetFile(f).metadata
+    pieces, lo, row, acc, first_row = [], 0, 0, 0, 0
+    for g in range(md.num_row_groups):
+        rg = md.row_group(g)
+        acc += sum(rg.column(c).total_compressed_size for c in range(rg.num_columns))
+        row += rg.num_rows
+        if acc >= target_bytes or g == md.num_row_groups - 1:
+            pieces.append((lo, g + 1, first_row, acc))
+            lo, acc, first_row = g + 1, 0, row
+    return pieces
+
+
+def read_table(f, name: str, text_field: str, score_field: str | None, res: FileResult,
+               row_groups: tuple[int, int, int] | None = None) -> None:
+    """Every row of a Parquet or Arrow file (`f` an open binary file); only the columns needed are read.
+    `row_groups` (Parquet): (first group, end group, the first row's number): that run of row groups only, with
+    the row numbers (document ids) the whole file would give them."""
     t = _open_table(f, name)
     schema = t.schema_arrow if hasattr(t, "schema_arrow") else t.schema
     missing = [c for c in (text_field, score_field) if c is not None and c not in schema.names]
@@ -92,9 +112,13 @@ def read_table(f, name: str, text_field: str, score_field: str | None, res: File
         res.problems.append(f"{name}: no column {missing[0]!r} (columns: {', '.join(schema.names[:12])})")
         return
     cols = [c for c in (text_field, score_field) if c is not None]
-    batches = (t.iter_batches(columns=cols, batch_size=4096) if hasattr(t, "iter_batches")
-               else t.select(cols).to_batches(max_chunksize=4096))
     row = 0
+    if row_groups is not None:
+        groups, row = list(range(row_groups[0], row_groups[1])), row_groups[2]
+        batches = t.iter_batches(columns=cols, batch_size=4096, row_groups=groups)
+    else:
+        batches = (t.iter_batches(columns=cols, batch_size=4096) if hasattr(t, "iter_batches")
+                   else t.select(cols).to_batches(max_chunksize=4096))
     for b in batches:
         for rec in b.to_pylist():
             add_record(res, name, str(row), rec, text_field, score_field)

@@ -110,22 +110,30 @@ def _keep_control(layout: Layout, doc: np.ndarray, seg: np.ndarray) -> np.ndarra
     return u >= layout.drop_prob
 
 
-def layout_lengths(ss: ShardSet, layout: Layout) -> np.ndarray:
-    n = ss.column("n_tokens").astype(np.int64)
+def layout_lengths(ss: ShardSet, layout: Layout, part: int | None = None) -> np.ndarray:
+    """Every document's length as the layout presents it (int64); `part`: only tar part `part`'s documents."""
+    parts = range(len(ss.shards)) if part is None else [part]
+    if not parts:
+        return np.zeros(0, np.int64)
+    return np.concatenate([_part_lengths(ss, layout, s) for s in parts])
+
+
+def _part_lengths(ss: ShardSet, layout: Layout, s: int) -> np.ndarray:
+    n = np.asarray(ss.column_part("n_tokens", s), dtype=np.int64)
     if layout.kind == "mle":
         return n
     if layout.kind == "filter":
-        return np.where(ss.column("mean_score") <= layout.threshold, n, 0)
+        return np.where(np.asarray(ss.column_part("mean_score", s)) <= layout.threshold, n, 0)
     if layout.kind == "conditional":
-        nseg = ss.column("n_segments").astype(np.int64)
+        nseg = np.asarray(ss.column_part("n_segments", s), dtype=np.int64)
         out = n.copy()
-        docs = np.arange(len(n), dtype=np.int64)
+        docs = int(ss.starts[s]) + np.arange(len(n), dtype=np.int64)  # global document numbers (the keep hash)
         for lo in range(0, len(n), 1 << 16):  # chunked: memory stays bounded on large shard sets
             hi = min(len(n), lo + (1 << 16))
             d = np.repeat(docs[lo:hi], nseg[lo:hi])
             first = np.repeat(np.cumsum(np.r_[0, nseg[lo:hi]])[:-1], nseg[lo:hi])
             keep = _keep_control(layout, d, np.arange(len(d), dtype=np.int64) - first).sum(axis=1)
-            out[lo:hi] += np.bincount(d - lo, weights=keep, minlength=hi - lo).astype(np.int64)
+            out[lo:hi] += np.bincount(d - docs[lo], weights=keep, minlength=hi - lo).astype(np.int64)
         return out
     raise ValueError(f"unknown layout {layout.kind!r}")
 
@@ -218,21 +226,37 @@ def packing_index(ss: ShardSet, layout: Layout) -> np.ndarray:
         except (OSError, ValueError):
             pass
         log.warning("%s: packing index damaged (shape or CRC-32); recomputing it", path)
-    cum = np.concatenate([[0], np.cumsum(layout_lengths(ss, layout))]).astype(np.int64)
     tmp = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")  # nodes may share the directory
     try:
         path.parent.mkdir(exist_ok=True)
-        with open(tmp, "wb") as f:
-            np.save(f, cum, allow_pickle=False)
+        crc = _write_index(ss, layout, tmp)
         crc_tmp = tmp.with_name(tmp.name + ".crc32")
-        crc_tmp.write_text(_crc(cum) + "\n")
+        crc_tmp.write_text(crc + "\n")
         os.replace(crc_tmp, _crc_file(path))  # (same content from every rank: the order does not matter)
         os.replace(tmp, path)  # ranks that compute it at once each write their own file; the last one stays
+        return np.load(path, mmap_mode="r", allow_pickle=False)
     except OSError as e:
-        log.info("packing index not cached (%s); computed in memory", e)
+        log.info("packing index not cached (%s); computed in memory (8 bytes a document)", e)
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-    return cum
+    return np.concatenate([[0], np.cumsum(layout_lengths(ss, layout))]).astype(np.int64)
+
+
+def _write_index(ss: ShardSet, layout: Layout, tmp: Path) -> str:
+    """Write [0, cumulative lengths] to `tmp` (a .npy) part by part, so memory holds one part's documents, not the
+    set's; return the CRC-32 of the array's bytes."""
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int64, shape=(len(ss) + 1,))
+    out[0] = 0
+    crc, acc = zlib.crc32(memoryview(out[:1]).cast("B")), 0
+    for s in range(len(ss.shards)):
+        lo, hi = int(ss.starts[s]) + 1, int(ss.starts[s + 1]) + 1
+        part = np.cumsum(_part_lengths(ss, layout, s)) + acc
+        out[lo:hi] = part
+        crc = zlib.crc32(memoryview(np.ascontiguousarray(part)).cast("B"), crc)
+        acc = int(part[-1]) if len(part) else acc
+    out.flush()
+    del out
+    return f"{crc:08x}"
 
 
 def block_positions(lengths: list[int], ends_with_eos: list[bool]) -> np.ndarray:

@@ -1,8 +1,8 @@
 """The first step of every shard job: inputs -> a plan every task reads (`_progress/plan.json`).
 
 The plan is made once, on the machine that runs `prefpretrain shard`, before any task starts: the input
-files with their sizes, the chunks (consecutive groups of files of about `shard_size_mb` of output, the
-unit of work and of output), and the tokenizer, trained here from a deterministic sample of the inputs
+files with their sizes as work items (a file, or a run of row groups of a Parquet file larger than a chunk), the
+chunks (consecutive groups of items of about `shard_size_mb` of output, the unit of work and of output), and the tokenizer, trained here from a deterministic sample of the inputs
 (or copied from --tokenizer). Tasks only read it, so N tasks encode with one vocabulary and a chunk's bytes
 do not depend on which task or how many tasks wrote it: task r of N takes chunks r, r+N, r+2N, ...
 """
@@ -112,9 +112,11 @@ def make_plan(opt: ShardOptions, write: bool = True) -> dict:
     segmenter = default_segmenter(opt.scorer) if opt.segmenter == "auto" else opt.segmenter
     scorer = get_scorer(opt.scorer, opt.scorer_params)  # fail early on an unknown scorer or bad params
     fp = fingerprint(opt, files, segmenter)
-    sizes = [f.size for f in files]
-    chunks = plan_chunks(sizes, opt.shard_size_mb * 1e6 / OUTPUT_PER_INPUT_BYTE)
-    plan = {"fingerprint": fp, "files": [[f.path, f.name, f.size] for f in files], "chunks": chunks,
+    target = opt.shard_size_mb * 1e6 / OUTPUT_PER_INPUT_BYTE
+    items = sources.work_items(files, target)  # files, and runs of row groups of large Parquet files
+    sizes = [it[2] for it in items]
+    chunks = plan_chunks(sizes, target)
+    plan = {"fingerprint": fp, "files": items, "n_files": len(files), "chunks": chunks,
             "segmenter": segmenter, "scorer": scorer.name, "settings": _settings(opt),
             "scorer_info": {"name": scorer.name, "version": scorer.version, "params": scorer.params}}
     log.info("shard: %d files, %.1f MB, %d chunks, scorer=%s, segmenter=%s", len(files), sum(sizes) / 1e6,
@@ -137,7 +139,8 @@ def make_plan(opt: ShardOptions, write: bool = True) -> dict:
     plan["tokenizer"] = toklib.save_tokenizer(tok, tok_dir)
     plan["vocab_size"] = tok.get_vocab_size()
     if resuming:
-        log.info("shard: resuming (%d of %d chunks finished)", len(finished_chunks(out, len(chunks))), len(chunks))
+        log.info("shard: %d of %d chunks already finished, resuming", len(finished_chunks(out, len(chunks))),
+                 len(chunks))
     atomic_write(out / PLAN, json.dumps(plan, indent=1))
     return plan
 

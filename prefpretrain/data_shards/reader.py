@@ -6,7 +6,6 @@ about its share of the data. Per-shard indexes are memory-mapped: resident memor
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -17,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from prefpretrain.data_shards import remote, storage
+from prefpretrain.data_shards.indexes import Indexes, ShardError, _sha256  # noqa: F401 - ShardError: re-exported
 from prefpretrain.data_shards.writer import FORMAT_VERSION, INDEX_DTYPE, MANIFEST, READABLE_FORMATS
-from prefpretrain.errors import InputError
 
 log = logging.getLogger(__name__)
 _WARNED: set[str] = set()
@@ -28,20 +27,6 @@ TAR_SCORES = ""  # ShardSet(column=TAR_SCORES): the scores the tars hold, even w
 def _per_token(starts: np.ndarray, seg_scores: np.ndarray, a: int, b: int) -> np.ndarray:
     """The score of tokens [a, b): each its segment's (segments given by their first tokens, covering [a, b))."""
     return seg_scores[np.searchsorted(starts, np.arange(a, b), side="right") - 1]
-
-
-class ShardError(InputError):
-    """A shard is missing, truncated, corrupt, or does not match its manifest (one line, exit 2)."""
-
-
-def _sha256(p: Path) -> str | None:
-    if not p.is_file():
-        return None
-    h = hashlib.sha256()
-    with open(p, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def parse_tar_members(buf: bytes, where: str) -> dict[str, bytes]:
@@ -97,22 +82,7 @@ class ShardSet:
         self.shards = self.manifest["splits"][split]["shards"]
         self.tok_dtype = np.dtype(self.manifest["token_dtype"])
         self._check_tokenizer()
-        self.indexes = []
-        for sh in self.shards:
-            p = self.path / sh["index"]
-            if not p.is_file():
-                raise ShardError(f"{p}: index missing")
-            if verify and "index_sha256" in sh and _sha256(p) != sh["index_sha256"]:  # (a flipped bit shifts tokens)
-                raise ShardError(f"{p}: sha256 mismatch (damaged index)")
-            if verify and "index_sha256" not in sh and fmt == FORMAT_VERSION:
-                raise ShardError(f"{p}: the manifest records no checksum for it")
-            try:
-                a = np.load(p, mmap_mode="r", allow_pickle=False)
-            except (OSError, ValueError) as e:
-                raise ShardError(f"{p}: unreadable index ({e})") from None
-            if a.dtype != INDEX_DTYPE or len(a) != sh["samples"]:
-                raise ShardError(f"{p}: index does not match the manifest")
-            self.indexes.append(a)
+        self.indexes = Indexes(self.path, self.shards, verify, fmt == FORMAT_VERSION)
         self.starts = np.cumsum([0] + [sh["samples"] for sh in self.shards])
         self._col_arrays: dict[tuple[int, int], np.ndarray] = {}  # (column number, tar part) -> its file
         self._sources = [self._open_column(c) for c in (column, *extra_columns)]  # [(name, files or None)]
@@ -161,6 +131,8 @@ class ShardSet:
                 raise ShardError(f"{p}: unreadable score column ({e})") from None
             if a.dtype != np.float32 or a.shape != (len(idx) + int(np.sum(idx["n_segments"], dtype=np.int64)),):
                 raise ShardError(f"{p}: does not match its shard's index")
+            while len(self._col_arrays) >= Indexes.MAX_OPEN:  # (mapped regions per process are limited)
+                self._col_arrays.pop(next(iter(self._col_arrays)))
             self._col_arrays[(c, s)] = a
         return a
 
@@ -209,13 +181,17 @@ class ShardSet:
         return int(self.starts[-1])
 
     def column(self, name: str) -> np.ndarray:
-        """One index field for every document (for packing-index construction); `mean_score` is the score
-        column's."""
+        """One index field for every document (all in memory: 4-8 bytes a document; the packing index reads
+        `column_part` shard by shard instead); `mean_score` is the score column's."""
         if not self.indexes:
             return np.zeros(0, INDEX_DTYPE[name])
+        return np.concatenate([self.column_part(name, s) for s in range(len(self.indexes))])
+
+    def column_part(self, name: str, s: int) -> np.ndarray:
+        """One index field for the documents of tar part s (memory-mapped where it can be)."""
         if name == "mean_score" and self._cols is not None:
-            return np.concatenate([np.asarray(self._col(s)[:len(a)]) for s, a in enumerate(self.indexes)])
-        return np.concatenate([np.asarray(a[name]) for a in self.indexes])
+            return np.array(self._col(s)[:self.shards[s]["samples"]])
+        return self.indexes.column(s, name)
 
     def mean_score(self, i: int) -> float:
         """Document i's mean score (segments weighted by their characters) in the selected column."""

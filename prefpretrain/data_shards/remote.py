@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from prefpretrain.data_shards import storage
+from prefpretrain.rundir import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -60,21 +61,28 @@ def _download(url: str, dest: Path, sha256: str | None = None) -> str:
 def mirror(url: str) -> Path:
     """The local mirror of the shard set at `url`, with its small files fresh from the store."""
     url = url.rstrip("/")
-    d = cache_root() / hashlib.sha256(url.encode()).hexdigest()[:16]
     storage.check_reachable(url)
     fs = storage.filesystem(url)
+    try:
+        with storage.open_url(f"{url}/manifest.json") as f:
+            manifest = f.read()
+    except FileNotFoundError:
+        raise storage.StorageError(f"{url}: no manifest.json (not a shard set, or not finished)") from None
+    # one mirror per URL and manifest: a set sharded again at the same URL gets a fresh one (no stale index)
+    d = cache_root() / (hashlib.sha256(url.encode()).hexdigest()[:12] + "-" + hashlib.sha256(manifest).hexdigest()[:8])
     fs.invalidate_cache()  # what the store holds now (a long-lived process may have listed it before)
     prefix = url.split("://", 1)[1]
-    names = [f[len(prefix) + 1:] for f in fs.find(url)]
-    if "manifest.json" not in names:
+    sizes = {f[len(prefix) + 1:]: int(i["size"]) for f, i in fs.find(url, detail=True).items()}  # one listing
+    if "manifest.json" not in sizes:
         raise storage.StorageError(f"{url}: no manifest.json (not a shard set, or not finished)")
-    for name in names:
+    for name, size in sizes.items():
         if name.endswith(".tar") or name.startswith(SKIP):
             continue
         p = d / name
-        size, _ = storage.info(f"{url}/{name}")
-        if name == "manifest.json" or not p.is_file() or p.stat().st_size != size:
+        if name != "manifest.json" and (not p.is_file() or p.stat().st_size != size):
             _download(f"{url}/{name}", p)
+    d.mkdir(parents=True, exist_ok=True)
+    atomic_write(d / "manifest.json", manifest)
     (d / ORIGIN).write_text(json.dumps({"url": url}))
     return d
 

@@ -190,12 +190,16 @@ class PiiScorer:
 class ClassifierScorer:
     """A local HF sequence classifier: the probability of `label` for each segment (batched).
 
-    Lower is better, so point `label` at the undesired class (e.g. "toxic"). Never downloads.
+    Lower is better, so point `label` at the undesired class (e.g. "toxic"). Never downloads. `device`: "auto"
+    (the task's first visible GPU when it has one, else the CPU), "cpu", "cuda" or "cuda:N". On a GPU, give a
+    shard task one scoring process per GPU (`--workers 1`): each process holds its own copy of the model.
+    Scores computed on a GPU may differ from the CPU's in the last bits, so the device is part of the params.
     """
 
     name = "classifier"
 
-    def __init__(self, model_dir: str, label: str | int = 1, batch_size: int = 32, max_length: int = 256):
+    def __init__(self, model_dir: str, label: str | int = 1, batch_size: int = 32, max_length: int = 256,
+                 device: str = "auto"):
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -203,8 +207,12 @@ class ClassifierScorer:
             raise ValueError(f"scorer 'classifier': no HF model directory at {model_dir!r}")
         self._torch = torch  # threads: the process's (a sharding worker sets one, a training rank keeps its own)
         self._tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
+        self._device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                                    "cpu" if device == "auto" else device)
+        if self._device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"scorer 'classifier': device {device!r}, but this process sees no GPU")
         self._model = AutoModelForSequenceClassification.from_pretrained(
-            model_dir, local_files_only=True, trust_remote_code=False).eval()
+            model_dir, local_files_only=True, trust_remote_code=False).eval().to(self._device)
         l2i = {str(k): v for k, v in self._model.config.label2id.items()}
         if isinstance(label, int) or str(label).isdigit():
             self._label = int(label)
@@ -213,7 +221,8 @@ class ClassifierScorer:
         else:
             raise ValueError(f"scorer 'classifier': label {label!r} not in {sorted(l2i)}")
         self.version = "transformers"
-        self.params = {"model_dir": str(model_dir), "label": label, "batch_size": batch_size, "max_length": max_length}
+        self.params = {"model_dir": str(model_dir), "label": label, "batch_size": batch_size, "max_length": max_length,
+                       "device": self._device.type}
         self._bs, self._max_len = batch_size, max_length
 
     def score(self, doc: Document, spans: list[Span]) -> list[float]:
@@ -222,7 +231,7 @@ class ClassifierScorer:
         with self._torch.no_grad():
             for i in range(0, len(texts), self._bs):
                 enc = self._tok(texts[i: i + self._bs], padding=True, truncation=True, max_length=self._max_len,
-                                return_tensors="pt")
+                                return_tensors="pt").to(self._device)
                 probs = self._model(**enc).logits.float().softmax(-1)[:, self._label]
                 out.extend(probs.tolist())
         return out

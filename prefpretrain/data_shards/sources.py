@@ -133,6 +133,26 @@ def _read_bytes(path: str) -> bytes:
         return raw.read()
 
 
+def work_items(files: list[InputFile], target_bytes: float) -> list[list]:
+    """The plan's units of work: [path, name, bytes, row groups or None] — a file, or for a Parquet file larger
+    than `target_bytes`, each run of its row groups of about that size (so one huge file is many tasks' work)."""
+    items = []
+    for f in files:
+        pieces = None
+        if f.name.endswith(".parquet") and f.size > target_bytes:
+            try:
+                with _open(f.path) as fh:
+                    pieces = formats.row_group_pieces(fh, target_bytes)
+            except Exception:  # noqa: BLE001 - unreadable: the task reading it whole counts it
+                pieces = None
+        if pieces and len(pieces) > 1:
+            total = sum(p[3] for p in pieces) or 1
+            items += [[f.path, f.name, max(1, round(f.size * p[3] / total)), list(p[:3])] for p in pieces]
+        else:
+            items.append([f.path, f.name, f.size, None])
+    return items
+
+
 def _unreadable(res: FileResult, name: str, e: Exception) -> FileResult:
     res.skipped["unreadable"] += 1
     why = str(e).splitlines()[0][:200] if str(e) else ""
@@ -140,13 +160,15 @@ def _unreadable(res: FileResult, name: str, e: Exception) -> FileResult:
     return res
 
 
-def read_file(path: str, name: str, text_field: str = "text", score_field: str | None = None) -> FileResult:
-    """Read one input file into documents, counting what had to be skipped and why."""
+def read_file(path: str, name: str, text_field: str = "text", score_field: str | None = None,
+              row_groups: tuple[int, int, int] | None = None) -> FileResult:
+    """Read one input file (`row_groups`: of a Parquet file, one run of them) into documents, counting what had to
+    be skipped and why."""
     res = FileResult()
     if name.endswith(formats.TABLE_SUFFIXES):
         try:
             with _open(path) as f:
-                formats.read_table(f, name, text_field, score_field, res)
+                formats.read_table(f, name, text_field, score_field, res, row_groups)
         except Exception as e:  # noqa: BLE001 - ArrowInvalid, OSError, ...: a damaged table is unreadable
             return _unreadable(res, name, e)
         return res

@@ -82,7 +82,7 @@ def run_task(out: Path, rank: int, world: int, workers: int = 1, progress: bool 
     # within a chunk, the largest files go to the pool first (less idle time at the chunk's end); the
     # chunk is written in file order once all its results are in, so the bytes do not change
     order = {c: sorted(chunks[c], key=lambda i: (-sizes[i], i)) for c in todo}
-    items = [(files[i][0], files[i][1]) for c in todo for i in order[c]]
+    items = [(files[i][0], files[i][1], files[i][3]) for c in todo for i in order[c]]
     total = sum(sizes[i] for c in todo for i in chunks[c])
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"shard {rank}/{world}", disable=not progress,
                mininterval=1.0, smoothing=0.1)
@@ -94,7 +94,7 @@ def run_task(out: Path, rank: int, world: int, workers: int = 1, progress: bool 
     else:
         encode.init_worker(*initargs)
         results = map(encode.process_file, items)
-    t_start, done_bytes = time.time(), 0
+    t_start, done_bytes, skipped = time.time(), 0, 0
     try:
         for n, c in enumerate(todo, 1):
             got = {i: next(results) for i in order[c]}
@@ -103,10 +103,12 @@ def run_task(out: Path, rank: int, world: int, workers: int = 1, progress: bool 
             atomic_write(plan.chunk_record(out, c), json.dumps(rec, indent=1))  # the chunk is finished now
             bar.update(rec["input_bytes"])
             done_bytes += rec["input_bytes"]
+            skipped += sum(rec["skipped"].values())
             if not progress:  # plain log lines where there is no progress bar (cluster logs)
                 rate = done_bytes / max(1e-9, time.time() - t_start)
-                log.info("shard task %d: chunk %d of %d done, %.1f of %.1f MB, %.2f MB/s, ETA %.0fs", rank, n,
-                         len(todo), done_bytes / 1e6, total / 1e6, rate / 1e6, (total - done_bytes) / max(rate, 1))
+                log.info("shard task %d: chunk %d of %d done, %.1f of %.1f MB, %.2f MB/s, ETA %.0fs, %d skipped so far "
+                         "(reasons in its record)", rank, n, len(todo), done_bytes / 1e6, total / 1e6, rate / 1e6,
+                         (total - done_bytes) / max(rate, 1), skipped)
     finally:
         bar.close()
         if pool is not None:

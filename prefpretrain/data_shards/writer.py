@@ -188,7 +188,7 @@ def merge(out: Path, p: dict, inputs: list[str], secs: float) -> dict:
         "format_version": FORMAT_VERSION,
         "created_by": "prefpretrain shard",
         "inputs": inputs,
-        "files": len(p["files"]),
+        "files": p.get("n_files", len(p["files"])),
         "input_bytes": sum(f[2] for f in p["files"]),
         "tokenizer": {"path": "tokenizer", "hash": p["tokenizer"], "vocab_size": p["vocab_size"],
                       "special_ids": toklib.special_ids(tok)},
