@@ -26,3 +26,7 @@ class TrainingDiverged(RuntimeError):
 
 class Preempted(RuntimeError):
     """SIGTERM, SIGUSR1 or SIGINT arrived; the run saved a checkpoint and stopped (exit code 4)."""
+
+
+class TasksFailed(RuntimeError):
+    """Tasks of a distributed job (shard tasks) that did not finish: the message names each with its log (exit 1)."""

@@ -186,3 +186,42 @@ def test_a_large_parquet_file_is_split_by_row_groups_and_the_tasks_agree(tmp_pat
 
     ids, ids_whole = doc_ids("one"), doc_ids("whole")
     assert ids == ids_whole and whole["splits"]["train"]["samples"] + whole["splits"]["val"]["samples"] == 3000
+
+
+def _kill_corpus(d: Path) -> list[str]:
+    d.mkdir()
+    for i in range(6):  # one chunk each at --shard-size-mb 0.005; chunk 1 (task 1 of 2) holds KILLME
+        (d / f"f{i}.txt").write_text("".join(f"line {j} of file {i} xx\n" for j in range(400))
+                                     + ("KILLME\n" if i == 1 else ""))
+    return [str(d)]
+
+
+@pytest.mark.cli
+def test_a_killed_task_does_not_hang_and_the_same_command_finishes_it(tmp_path, monkeypatch):
+    kw = dict(inputs=_kill_corpus(tmp_path / "in"), workers=2, vocab_size=300, shard_size_mb=0.005,
+              scorer="tests.scorer_fns:x_share_or_die", progress=False)
+    build_shards(ShardOptions(output=str(tmp_path / "one"), **kw))
+    monkeypatch.setenv("PREFPRETRAIN_TEST_KILL", "1")
+    with pytest.raises(engine.EngineError, match="task 1 of 2 did not finish"):
+        build_shards(ShardOptions(output=str(tmp_path / "two"), tasks=2, **kw))  # (a hang would time the suite out)
+    assert not (tmp_path / "two" / "manifest.json").exists()
+    monkeypatch.delenv("PREFPRETRAIN_TEST_KILL")
+    build_shards(ShardOptions(output=str(tmp_path / "two"), tasks=2, **kw))
+    _same_set(tmp_path / "one", tmp_path / "two")
+    assert not list((tmp_path / "two").glob("*.tmp-*"))  # what the killed task left half-written is gone
+
+
+def test_one_writer_per_directory_and_a_written_plan_is_kept(tmp_path, monkeypatch):
+    import fcntl
+
+    from prefpretrain.data_shards import sources
+
+    out = tmp_path / "s"
+    out.mkdir()
+    with open(out / ".shard.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another command writing it
+        with pytest.raises(ValueError, match="another `prefpretrain shard` is writing it"):
+            build_shards(_opt(out))
+    first = plan.make_plan(_opt(out))
+    monkeypatch.setattr(sources, "work_items", lambda *a: pytest.fail("a written plan was planned again"))
+    assert plan.make_plan(_opt(out)) == first  # resuming: the stored items, chunks and tokenizer, as they are

@@ -450,6 +450,7 @@ def test_classifier_scorer_device_is_chosen_and_checked(tmp_path, tiny_shards, m
                                              num_attention_heads=2, intermediate_size=64)).save_pretrained(clf)
     hf_tokenizer(tiny_shards / "tokenizer").save_pretrained(clf)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert get_scorer("classifier", {"model_dir": str(clf)}).params["device"] == "cpu"  # auto without a GPU
+    auto = get_scorer("classifier", {"model_dir": str(clf)})
+    assert auto._device.type == "cpu" and auto.params["device"] == "auto"  # auto without a GPU
     with pytest.raises(ValueError, match="sees no GPU"):
         get_scorer("classifier", {"model_dir": str(clf), "device": "cuda"})

@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 
-from prefpretrain.errors import EXIT_REFUSED, ConfigError, InputError
+from prefpretrain.errors import EXIT_FAILED, EXIT_REFUSED, ConfigError, InputError, TasksFailed
 from prefpretrain.logs import setup_logging
 
 log = logging.getLogger("prefpretrain")
@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"prefpretrain: error: {e}", file=sys.stderr)
         return EXIT_REFUSED
+    except TasksFailed as e:  # (e.g. shard tasks under `run`): which, and where their logs are
+        print(f"prefpretrain: {e}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 def entry() -> None:

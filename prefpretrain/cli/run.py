@@ -35,7 +35,10 @@ def ensure_shards(cfg: Config) -> None:
     if not s.inputs:
         raise ConfigError(f"shard.inputs: {target} has no {MANIFEST} and the config says nothing to build it from")
     settings = {f.name: getattr(s, f.name) for f in dataclasses.fields(ShardSettings)}
-    build_shards(ShardOptions(inputs=s.inputs, output=str(target), progress=sys.stderr.isatty(), **settings))
+    try:
+        build_shards(ShardOptions(inputs=s.inputs, output=str(target), progress=sys.stderr.isatty(), **settings))
+    except (ValueError, OSError) as e:  # an input, output or store that cannot be used: one line
+        raise ConfigError(f"shard: {e}") from None
 
 
 def cmd_run(a) -> int:

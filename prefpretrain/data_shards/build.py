@@ -34,11 +34,12 @@ def build_shards(opt: ShardOptions, cluster: engine.Cluster | None = None) -> di
         storage.check_reachable(url)  # one line before any work: no credentials, no bucket, a wrong endpoint
         opt = dataclasses.replace(opt, output=str(staging_dir(url)))
     out = Path(opt.output)
-    p = make_plan(opt)
-    engine.run_tasks(out, opt.tasks, opt.executor, opt.workers, opt.progress, cluster)
-    manifest = merge(out, p, opt.inputs, time.time() - t0)
-    if url is not None:
-        remote.upload(out, url)
+    with engine.exclusive(out, opt.executor, opt.tasks, opt.overwrite):
+        p = make_plan(opt)
+        engine.run_tasks(out, opt.tasks, opt.executor, opt.workers, opt.progress, cluster)
+        manifest = merge(out, p, opt.inputs, time.time() - t0)
+        if url is not None:
+            remote.upload(out, url)
     tr, va = manifest["splits"]["train"], manifest["splits"]["val"]
     log.info("shard: %d train / %d val documents, %d / %d tokens, %d skipped, %.1fs -> %s", tr["samples"],
              va["samples"], tr["tokens"], va["tokens"], sum(manifest["skipped"].values()), time.time() - t0, out)

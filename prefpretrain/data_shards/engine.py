@@ -11,14 +11,18 @@ rebuilds the executor from plain arguments: datatrove's own launcher would unpic
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import multiprocessing
 import os
 import shlex
 import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,11 +31,13 @@ from datatrove.executor.slurm import SlurmPipelineExecutor
 from datatrove.utils.stats import PipelineStats
 
 from prefpretrain.data_shards.task import ShardTask
+from prefpretrain.errors import TasksFailed
 from prefpretrain.host import cpus_available
+from prefpretrain.rundir import atomic_write
 
 log = logging.getLogger(__name__)
 
-POLL_S = 2.0
+POLL_S = 5.0  # how often the command asks SLURM whether the array is done
 
 
 @dataclass
@@ -51,8 +57,41 @@ def engine_dir(out: Path, executor: str, tasks: int) -> Path:
     return out / "_progress" / "engine" / f"{executor}-{tasks}"
 
 
-class EngineError(RuntimeError):
+class EngineError(TasksFailed):
     """Tasks that did not finish; the message names each with its log."""
+
+
+def slurm_job_file(out: Path) -> Path:
+    """The SLURM array job writing this shard set (one per directory, whatever the task count)."""
+    return out / "_progress" / "slurm_job.json"
+
+
+def running_slurm_job(out: Path) -> dict | None:
+    """{job_id, tasks} of this shard set's array job while SLURM still lists it; else None."""
+    f = slurm_job_file(out)
+    if not f.is_file() or not shutil.which("squeue"):
+        return None
+    job = json.loads(f.read_text())
+    return job if _squeue(job["job_id"]) else None
+
+
+@contextmanager
+def exclusive(out: Path, executor: str, tasks: int, overwrite: bool):
+    """One writer of a shard directory at a time: a lock held by this command (on the shared filesystem too), and
+    no new work while an array job of an earlier command still runs (unless this is that job, to be followed)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output: {out} is a file, not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".shard.lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"{out}: another `prefpretrain shard` is writing it (holds {out}/.shard.lock)") from None
+        job = running_slurm_job(out)
+        if job is not None and (overwrite or executor != "slurm" or job["tasks"] != tasks):
+            raise ValueError(f"{out}: SLURM array job {job['job_id']} ({job['tasks']} tasks) of this shard set is "
+                             f"still running; wait for it (the command that started it follows it) or scancel it")
+        yield
 
 
 def run_tasks(out: Path, tasks: int, executor: str, workers: int, progress: bool, cluster: Cluster | None = None,
@@ -84,15 +123,37 @@ def _check_done(ex, out: Path, executor: str, tasks: int, extra_logs=None) -> No
 # ---- local: processes on this machine
 
 
+def _run_rank(ex: LocalPipelineExecutor, rank: int) -> None:
+    ex._run_for_rank(rank)
+
+
 class _Local(LocalPipelineExecutor):
-    """datatrove's local executor, where a failed task does not stop the others (datatrove's own pool ends at the
-    first error, killing tasks midway): the failure is in the task's log, and reported after."""
+    """datatrove's local executor, where a failed task does not stop the others and a killed one does not hang
+    the command (datatrove's own pool ends at the first error, killing tasks midway, and waits for ever on a task
+    whose process was killed): tasks run on a ProcessPoolExecutor, whose broken pool is an error. A failure is in
+    the task's log (datatrove writes it) and reported after."""
 
     def _launch_run_for_rank(self, rank: int, ranks_q, completed=None, completed_lock=None):
         try:
             return super()._launch_run_for_rank(rank, ranks_q, completed, completed_lock)
         except Exception:  # noqa: BLE001 - logged by datatrove in the task's log; _check_done reports it
             return PipelineStats()
+
+    def run(self):
+        if self.workers == 1:  # one at a time, in this process (where one task scores with its own pool)
+            return super().run()
+        ranks = self.get_incomplete_ranks()
+        if not ranks:
+            return None
+        self.save_executor_as_json()
+        with ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_run_rank, self, r): r for r in ranks}
+            for f in as_completed(futures):
+                try:
+                    f.result()
+                except Exception as e:  # noqa: BLE001 - BrokenProcessPool (a killed task) or the task's own error
+                    log.error("shard: task %d did not finish (%s: %s)", futures[f], type(e).__name__, e)
+        return None
 
 
 def _local(out: Path, tasks: int, workers: int, progress: bool, dry_run: bool) -> str | None:
@@ -120,9 +181,9 @@ def _ray(out: Path, tasks: int, workers: int, dry_run: bool) -> str | None:
         raise ValueError("--executor ray needs Ray: pip install 'prefpretrain[ray]'") from None
     from datatrove.executor.ray import RayPipelineExecutor
 
-    per_task = max(1, workers // tasks) if tasks > 1 else workers
     if dry_run:
-        return f"ray: {tasks} task(s), {per_task} CPU(s) each, on the Ray cluster at RAY_ADDRESS or a local one"
+        return (f"ray: {tasks} task(s), 1 CPU (one scoring process) each, on the Ray cluster ray.init('auto') "
+                f"finds, else a local one")
     if not ray.is_initialized():
         try:
             ray.init(address="auto", log_to_driver=False)
@@ -182,14 +243,25 @@ def task_argv(out: Path, tasks: int, workers: int, cluster: Cluster) -> list[str
                    if v is not None]
 
 
-def _squeue(job_id: str) -> list[str]:
-    """States of the job's array tasks still pending or running (empty: none left)."""
-    r = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True, text=True, timeout=60)
-    if r.returncode != 0:
-        if "Invalid job id" in r.stderr:
-            return []
-        raise EngineError(f"squeue -j {job_id}: {r.stderr.strip() or r.returncode}")
-    return [ln.strip() for ln in r.stdout.splitlines() if ln.strip()]
+def _squeue(job_id: str, tries: int = 5) -> list[str]:
+    """States of the job's array tasks still pending or running (empty: none left); a controller that does not
+    answer is asked again (a few times, a few seconds apart) before it is an error."""
+    why = ""
+    for attempt in range(tries):
+        try:
+            r = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True, text=True,
+                               timeout=60)
+        except subprocess.TimeoutExpired:
+            why = "timed out"
+        else:
+            if r.returncode == 0:
+                return [ln.strip() for ln in r.stdout.splitlines() if ln.strip()]
+            if "Invalid job id" in r.stderr:
+                return []
+            why = r.stderr.strip() or f"exit {r.returncode}"
+        time.sleep(min(30, 2 ** attempt))
+    raise EngineError(f"squeue -j {job_id}: {why} ({tries} tries); the job may still be running: run the same "
+                      f"command again to follow it")
 
 
 def _slurm(out: Path, tasks: int, workers: int, cluster: Cluster, dry_run: bool) -> str | None:
@@ -200,18 +272,23 @@ def _slurm(out: Path, tasks: int, workers: int, cluster: Cluster, dry_run: bool)
     if not shutil.which("sbatch") or not shutil.which("squeue"):
         raise ValueError("--executor slurm: sbatch/squeue are not on PATH (run on a SLURM login node)")
     edir = engine_dir(out, "slurm", tasks)
-    job_file = edir / "job.json"
-    job_id = json.loads(job_file.read_text())["job_id"] if job_file.is_file() else None
-    if job_id is not None and _squeue(job_id):
+    job_file = slurm_job_file(out)
+    running = running_slurm_job(out)  # (exclusive() let only a job of this task count through)
+    if running is not None:
+        job_id = running["job_id"]
         log.info("shard: SLURM job %s of this shard set is still running; following it", job_id)
     else:
         Path(ex.slurm_logs_folder).mkdir(parents=True, exist_ok=True)
-        ex.launch_job()
+        try:
+            ex.launch_job()
+        except subprocess.CalledProcessError as e:  # sbatch refused the script (its own message says why)
+            raise ValueError(f"sbatch refused the shard array job (exit {e.returncode}; its message is above); the "
+                             f"script is {edir}/launch_script.slurm") from None
         if ex.job_id in (None, -1):  # every task finished before
             return None
         job_id = str(ex.job_id)
         (edir / "executor.pik").unlink(missing_ok=True)  # datatrove writes it; nothing here reads it
-        job_file.write_text(json.dumps({"job_id": job_id, "submitted": time.time()}))
+        atomic_write(job_file, json.dumps({"job_id": job_id, "tasks": tasks, "submitted": time.time()}))
         log.info("shard: submitted SLURM array job %s (%d tasks); logs in %s", job_id, tasks, ex.slurm_logs_folder)
     while _squeue(job_id):
         time.sleep(POLL_S)

@@ -1,10 +1,11 @@
 """The first step of every shard job: inputs -> a plan every task reads (`_progress/plan.json`).
 
 The plan is made once, on the machine that runs `prefpretrain shard`, before any task starts: the input
-files with their sizes as work items (a file, or a run of row groups of a Parquet file larger than a chunk), the
-chunks (consecutive groups of items of about `shard_size_mb` of output, the unit of work and of output), and the tokenizer, trained here from a deterministic sample of the inputs
-(or copied from --tokenizer). Tasks only read it, so N tasks encode with one vocabulary and a chunk's bytes
-do not depend on which task or how many tasks wrote it: task r of N takes chunks r, r+N, r+2N, ...
+files with their sizes as work items (a file, or a run of row groups of a Parquet file larger than a chunk),
+the chunks (consecutive groups of items of about `shard_size_mb` of output, the unit of work and of output),
+and the tokenizer, trained here from a deterministic sample of the inputs (or copied from --tokenizer). Tasks
+only read it, so N tasks encode with one vocabulary and a chunk's bytes do not depend on which task or how
+many tasks wrote it: task r of N takes chunks r, r+N, r+2N, ... A plan once written is kept as it is.
 """
 from __future__ import annotations
 
@@ -85,7 +86,7 @@ def prepare_output(out: Path, fp: str, overwrite: bool) -> bool:
         raise ValueError(f"--output: {probe} is not writable")
     if overwrite and out.exists():
         for p in out.iterdir():
-            ours = p.name.endswith((".tar", ".idx.npy")) or ".tar.score-" in p.name  # (score columns: columns.py)
+            ours = p.name.endswith((".tar", ".idx.npy")) or ".tar.score-" in p.name or ".tar.tmp-" in p.name
             if ours or p.name in OURS:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
     if plan.is_file():
@@ -101,7 +102,9 @@ def prepare_output(out: Path, fp: str, overwrite: bool) -> bool:
 
 def make_plan(opt: ShardOptions, write: bool = True) -> dict:
     """Expand the inputs, check the scorer, plan the chunks; with `write`, also prepare the output, train (or
-    load) the tokenizer and write PLAN. Without it (a dry run) nothing is written and no tokenizer trained."""
+    load) the tokenizer and write PLAN. Without it (a dry run) nothing is written and no tokenizer trained.
+    A plan already written for the same inputs and options is used as it is (its work items, chunks and tokenizer
+    never change under a running job, whatever a later listing of the inputs would say)."""
     t0 = time.time()
     out = Path(opt.output)
     files = sources.expand_inputs(opt.inputs)
@@ -112,6 +115,12 @@ def make_plan(opt: ShardOptions, write: bool = True) -> dict:
     segmenter = default_segmenter(opt.scorer) if opt.segmenter == "auto" else opt.segmenter
     scorer = get_scorer(opt.scorer, opt.scorer_params)  # fail early on an unknown scorer or bad params
     fp = fingerprint(opt, files, segmenter)
+    if write and prepare_output(out, fp, opt.overwrite):
+        plan = read_plan(out)
+        _check_tokenizer(out, plan)
+        log.info("shard: %d of %d chunks already finished, resuming", len(finished_chunks(out, len(plan["chunks"]))),
+                 len(plan["chunks"]))
+        return plan
     target = opt.shard_size_mb * 1e6 / OUTPUT_PER_INPUT_BYTE
     items = sources.work_items(files, target)  # files, and runs of row groups of large Parquet files
     sizes = [it[2] for it in items]
@@ -123,11 +132,7 @@ def make_plan(opt: ShardOptions, write: bool = True) -> dict:
              len(chunks), scorer.name, segmenter)
     if not write:
         return plan
-    resuming = prepare_output(out, fp, opt.overwrite)
-    tok_dir = out / "tokenizer"
-    if resuming and (tok_dir / "tokenizer.json").is_file():
-        tok = toklib.load_tokenizer(tok_dir)
-    elif opt.tokenizer == "train":
+    if opt.tokenizer == "train":
         sample = tokenizer_sample(files, opt.tokenizer_sample_mb)
         tok = toklib.train_tokenizer(
             (d.text for f in sample for d in sources.read_file(f.path, f.name, opt.text_field, opt.score_field).docs),
@@ -136,13 +141,17 @@ def make_plan(opt: ShardOptions, write: bool = True) -> dict:
                  tok.get_vocab_size(), time.time() - t0)
     else:
         tok = toklib.load_tokenizer(opt.tokenizer)
-    plan["tokenizer"] = toklib.save_tokenizer(tok, tok_dir)
+    plan["tokenizer"] = toklib.save_tokenizer(tok, out / "tokenizer")
     plan["vocab_size"] = tok.get_vocab_size()
-    if resuming:
-        log.info("shard: %d of %d chunks already finished, resuming", len(finished_chunks(out, len(chunks))),
-                 len(chunks))
-    atomic_write(out / PLAN, json.dumps(plan, indent=1))
+    atomic_write(out / PLAN, json.dumps(plan, indent=1))  # the plan exists (and is complete) from here on
     return plan
+
+
+def _check_tokenizer(out: Path, plan: dict) -> None:
+    tj = out / "tokenizer" / "tokenizer.json"
+    if not tj.is_file() or toklib.tokenizer_hash(tj) != plan["tokenizer"]:
+        raise ValueError(f"{tj}: missing or not the plan's tokenizer (hash {plan['tokenizer']}); it was changed "
+                         f"after the plan was made: shard again with --overwrite")
 
 
 def _settings(opt: ShardOptions) -> dict:

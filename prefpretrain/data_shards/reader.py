@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from prefpretrain.data_shards.writer import FORMAT_VERSION, INDEX_DTYPE, MANIFES
 
 log = logging.getLogger(__name__)
 _WARNED: set[str] = set()
+MAX_OPEN_PARTS = 64  # tar parts a ShardSet keeps open (least recently used closed first)
 TAR_SCORES = ""  # ShardSet(column=TAR_SCORES): the scores the tars hold, even where a column replaces them
 
 
@@ -88,7 +90,8 @@ class ShardSet:
         self._sources = [self._open_column(c) for c in (column, *extra_columns)]  # [(name, files or None)]
         self.score_column, self._cols = self._sources[0]
         self._seg_offsets: dict[int, np.ndarray] = {}
-        self._files: dict[int, object] = {}
+        self._files: dict[int, object] = {}  # open tar parts, least recently used first
+        self._touched: dict[int, float] = {}
         self._pid = os.getpid()
         self._verified: set[int] = set()
         self._bad: dict[int, str] = {}  # shards that failed a check: refused again at once, not re-hashed
@@ -207,8 +210,13 @@ class ShardSet:
     def _file(self, s: int):
         if os.getpid() != self._pid:  # a forked DataLoader worker gets its own handles
             self._files, self._pid = {}, os.getpid()
-        f = self._files.get(s)
-        if f is None:
+        f = self._files.pop(s, None)
+        if f is not None:
+            self._files[s] = f  # most recently used last
+            if self._origin is not None and time.monotonic() - self._touched.get(s, 0.0) > 60:
+                self._touched[s] = time.monotonic()
+                remote.touch(self.path / self.shards[s]["name"])  # (a cached part in use is not evicted first)
+        else:
             if s in self._bad:
                 raise ShardError(self._bad[s])
             try:
@@ -216,9 +224,16 @@ class ShardSet:
             except ShardError as e:
                 self._bad[s] = str(e)
                 raise
-            f = self._files[s] = open(self.path / self.shards[s]["name"], "rb")  # noqa: SIM115 - random access
-            if self._origin is not None:
-                remote.fetch_part(self.path, self.shards[s]["name"], self.shards[s]["bytes"], "")  # recently used
+            while len(self._files) >= MAX_OPEN_PARTS:  # bounded: file handles, and cache space evicted parts hold
+                self._files.pop(next(iter(self._files))).close()
+            try:
+                f = open(self.path / self.shards[s]["name"], "rb")  # noqa: SIM115 - random access
+            except FileNotFoundError:
+                if self._origin is None:
+                    raise ShardError(f"{self.path / self.shards[s]['name']}: shard missing") from None
+                self._check_shard(s)  # evicted by another rank since the check: fetched again
+                f = open(self.path / self.shards[s]["name"], "rb")  # noqa: SIM115
+            self._files[s] = f
         return f
 
     def check_part(self, s: int) -> None:

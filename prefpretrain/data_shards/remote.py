@@ -17,7 +17,9 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import time
+import uuid
 from pathlib import Path
 
 from prefpretrain.data_shards import storage
@@ -43,7 +45,7 @@ def cache_root() -> Path:
 def _download(url: str, dest: Path, sha256: str | None = None) -> str:
     """Copy one object to `dest` atomically, hashing it as it streams; return its sha256."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + f".part{os.getpid()}")
+    tmp = dest.with_name(f"{dest.name}.part-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     h = hashlib.sha256()
     try:
         with storage.open_url(url) as src, open(tmp, "wb") as f:
@@ -83,7 +85,7 @@ def mirror(url: str) -> Path:
             _download(f"{url}/{name}", p)
     d.mkdir(parents=True, exist_ok=True)
     atomic_write(d / "manifest.json", manifest)
-    (d / ORIGIN).write_text(json.dumps({"url": url}))
+    atomic_write(d / ORIGIN, json.dumps({"url": url}))
     return d
 
 
@@ -97,7 +99,7 @@ def fetch_part(local: Path, name: str, size: int, sha256: str) -> Path:
     """Tar part `name` of a mirror, downloaded (and checked) if it is not in the cache; marks it recently used."""
     p = Path(local) / name
     if p.is_file() and p.stat().st_size == size:
-        os.utime(p)
+        touch(p)
         return p
     url = origin(local)
     if url is None:
@@ -107,6 +109,15 @@ def fetch_part(local: Path, name: str, size: int, sha256: str) -> Path:
     _download(f"{url}/{name}", p, sha256)
     log.info("shards: fetched %s (%.1f MB) in %.1fs", name, size / 1e6, time.time() - t0)
     return p
+
+
+def touch(p: Path, every_s: float = 60.0) -> None:
+    """Mark a cached part recently used (its mtime orders eviction); at most once a minute per part."""
+    try:
+        if time.time() - p.stat().st_mtime > every_s:
+            os.utime(p)
+    except FileNotFoundError:  # evicted by another rank: this one still reads its open handle
+        pass
 
 
 def _make_room(size: int) -> None:

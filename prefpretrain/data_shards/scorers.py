@@ -193,7 +193,7 @@ class ClassifierScorer:
     Lower is better, so point `label` at the undesired class (e.g. "toxic"). Never downloads. `device`: "auto"
     (the task's first visible GPU when it has one, else the CPU), "cpu", "cuda" or "cuda:N". On a GPU, give a
     shard task one scoring process per GPU (`--workers 1`): each process holds its own copy of the model.
-    Scores computed on a GPU may differ from the CPU's in the last bits, so the device is part of the params.
+    Scores computed on a GPU may differ from the CPU's in the last bits; the device asked for is in the params.
     """
 
     name = "classifier"
@@ -222,7 +222,7 @@ class ClassifierScorer:
             raise ValueError(f"scorer 'classifier': label {label!r} not in {sorted(l2i)}")
         self.version = "transformers"
         self.params = {"model_dir": str(model_dir), "label": label, "batch_size": batch_size, "max_length": max_length,
-                       "device": self._device.type}
+                       "device": device}  # as asked: the plan's machine may have no GPU where the tasks have one
         self._bs, self._max_len = batch_size, max_length
 
     def score(self, doc: Document, spans: list[Span]) -> list[float]:

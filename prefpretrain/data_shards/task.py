@@ -13,6 +13,7 @@ import logging
 import multiprocessing as mp
 import time
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,6 +77,9 @@ def run_task(out: Path, rank: int, world: int, workers: int = 1, progress: bool 
     log.info("shard task %d of %d: %d chunks, %d finished before", rank, world, len(mine), len(mine) - len(todo))
     if not todo:
         return []
+    for c in todo:  # what a killed earlier attempt at these chunks left half-written (never in a manifest)
+        for stale in out.glob(f"*-{c:06d}-*.tar.tmp-*"):
+            stale.unlink(missing_ok=True)
     tok = _tokenizer(out, p)
     tok_dtype = np.uint16 if tok.get_vocab_size() <= 65535 else np.int32
     sizes = [f[2] for f in files]
@@ -88,9 +92,10 @@ def run_task(out: Path, rank: int, world: int, workers: int = 1, progress: bool 
                mininterval=1.0, smoothing=0.1)
     initargs = (tok.to_str(), p["scorer"], s["scorer_params"], p["segmenter"], s["text_field"], s["score_field"])
     pool = None
-    if workers > 1:
-        pool = mp.get_context("spawn").Pool(workers, initializer=encode.init_worker, initargs=initargs)
-        results = pool.imap(encode.process_file, items, chunksize=1)
+    if workers > 1:  # (a killed scoring process breaks the pool: an error, not a hang)
+        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=encode.init_worker,
+                                   initargs=initargs)
+        results = pool.map(encode.process_file, items)
     else:
         encode.init_worker(*initargs)
         results = map(encode.process_file, items)
@@ -112,8 +117,7 @@ def run_task(out: Path, rank: int, world: int, workers: int = 1, progress: bool 
     finally:
         bar.close()
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            pool.shutdown(wait=False, cancel_futures=True)
     return todo
 
 

@@ -24,6 +24,7 @@ import io
 import json
 import logging
 import os
+import socket
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -67,7 +68,8 @@ class ChunkWriter:
 
     def _open(self) -> None:
         name = f"{self.split}-{self.chunk:06d}-{len(self.shards):03d}.tar"
-        self._f = open(self.out / name, "wb")  # noqa: SIM115 - closed in close_part
+        self._tmp = self.out / f"{name}.tmp-{socket.gethostname()}-{os.getpid()}"  # renamed once whole
+        self._f = open(self._tmp, "wb")  # noqa: SIM115 - closed in close_part
         self._tar = tarfile.open(fileobj=self._f, mode="w", format=tarfile.USTAR_FORMAT)
         self.shards.append({"name": name, "samples": 0, "tokens": 0})
         self._index = []
@@ -114,10 +116,12 @@ class ChunkWriter:
         sh = self.shards[-1]
         path = self.out / sh["name"]
         sh["index"] = sh["name"] + ".idx.npy"
-        np.save(self.out / sh["index"], np.asarray(self._index, dtype=INDEX_DTYPE))
-        sh["index_sha256"] = hashlib.sha256((self.out / sh["index"]).read_bytes()).hexdigest()
-        sh["bytes"] = path.stat().st_size
-        sh["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+        index = _npy_bytes(np.asarray(self._index, dtype=INDEX_DTYPE))
+        sh["index_sha256"] = hashlib.sha256(index).hexdigest()
+        sh["bytes"] = self._tmp.stat().st_size
+        sh["sha256"] = hashlib.sha256(self._tmp.read_bytes()).hexdigest()
+        os.replace(self._tmp, path)  # a part appears whole or not at all (a task killed here leaves a .tmp-*)
+        atomic_write(self.out / sh["index"], index)
         self._tar = self._f = None
 
     def record(self) -> dict:
