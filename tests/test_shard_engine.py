@@ -77,7 +77,7 @@ def test_a_failed_task_is_reported_with_its_log_and_the_same_command_finishes_it
                 "--shard-size-mb", "0.3", "--vocab-size", "1024", timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (plan.chunk_record(out, 0).stat().st_mtime_ns, plan.chunk_record(out, 2).stat().st_mtime_ns) == finished
-    assert "Skipping 1 already completed tasks" in r.stderr  # datatrove's own completion bookkeeping
+    assert "1 of 2 tasks finished before; not run again" in r.stderr  # datatrove's completion markers
     _same_set(one_task, out)
 
 
@@ -198,7 +198,7 @@ def _kill_corpus(d: Path) -> list[str]:
 
 @pytest.mark.cli
 def test_a_killed_task_does_not_hang_and_the_same_command_finishes_it(tmp_path, monkeypatch):
-    kw = dict(inputs=_kill_corpus(tmp_path / "in"), workers=2, vocab_size=300, shard_size_mb=0.005,
+    kw = dict(inputs=_kill_corpus(tmp_path / "in"), workers=2, vocab_size=300, shard_size_mb=0.005, val_fraction=0.5,
               scorer="tests.scorer_fns:x_share_or_die", progress=False)
     build_shards(ShardOptions(output=str(tmp_path / "one"), **kw))
     monkeypatch.setenv("PREFPRETRAIN_TEST_KILL", "1")
@@ -211,17 +211,26 @@ def test_a_killed_task_does_not_hang_and_the_same_command_finishes_it(tmp_path, 
     assert not list((tmp_path / "two").glob("*.tmp-*"))  # what the killed task left half-written is gone
 
 
+@pytest.mark.cli
 def test_one_writer_per_directory_and_a_written_plan_is_kept(tmp_path, monkeypatch):
-    import fcntl
+    import subprocess
+    import sys
 
     from prefpretrain.data_shards import sources
 
     out = tmp_path / "s"
     out.mkdir()
-    with open(out / ".shard.lock", "a+") as held:
-        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another command writing it
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time\n"  # another command writing it
+                               f"f = open({str(out / '.shard.lock')!r}, 'a+')\n"
+                               "fcntl.lockf(f, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
         with pytest.raises(ValueError, match="another `prefpretrain shard` is writing it"):
             build_shards(_opt(out))
+    finally:
+        holder.kill()
+        holder.wait()
     first = plan.make_plan(_opt(out))
     monkeypatch.setattr(sources, "work_items", lambda *a: pytest.fail("a written plan was planned again"))
     assert plan.make_plan(_opt(out)) == first  # resuming: the stored items, chunks and tokenizer, as they are

@@ -348,7 +348,7 @@ def test_shard_array_job_on_both_nodes_reports_a_failed_task_and_equals_one_task
     assert r.returncode == 1, r.stderr[-3000:]
     assert f"task 1 of 2 did not finish: log {edir}/logs/task_00001.log, SLURM log {edir}/slurm_logs/" in r.stderr
     assert "task 0" not in r.stderr.split("prefpretrain shard:")[-1]
-    job = json.loads((edir / "job.json").read_text())["job_id"]
+    job = json.loads((out / "_progress" / "slurm_job.json").read_text())["job_id"]
     nodes = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True).stdout
     assert {"NodeList=n1", "NodeList=n2"} <= set(nodes.split()), nodes  # one array task on each node
     assert not (edir / "executor.pik").exists()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from prefpretrain.data_shards import engine, remote, storage
 from prefpretrain.data_shards.options import ShardOptions  # noqa: F401 - re-exported (scripts import it here)
-from prefpretrain.data_shards.plan import make_plan
+from prefpretrain.data_shards.plan import make_plan, survey
 from prefpretrain.data_shards.writer import merge
 
 log = logging.getLogger(__name__)
@@ -34,8 +34,9 @@ def build_shards(opt: ShardOptions, cluster: engine.Cluster | None = None) -> di
         storage.check_reachable(url)  # one line before any work: no credentials, no bucket, a wrong endpoint
         opt = dataclasses.replace(opt, output=str(staging_dir(url)))
     out = Path(opt.output)
+    surveyed = survey(opt)  # inputs and scorer checked before anything is written
     with engine.exclusive(out, opt.executor, opt.tasks, opt.overwrite):
-        p = make_plan(opt)
+        p = make_plan(opt, surveyed=surveyed)
         engine.run_tasks(out, opt.tasks, opt.executor, opt.workers, opt.progress, cluster)
         manifest = merge(out, p, opt.inputs, time.time() - t0)
         if url is not None:

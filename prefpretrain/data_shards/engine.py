@@ -28,7 +28,6 @@ from pathlib import Path
 
 from datatrove.executor import LocalPipelineExecutor
 from datatrove.executor.slurm import SlurmPipelineExecutor
-from datatrove.utils.stats import PipelineStats
 
 from prefpretrain.data_shards.task import ShardTask
 from prefpretrain.errors import TasksFailed
@@ -79,13 +78,14 @@ def running_slurm_job(out: Path) -> dict | None:
 def exclusive(out: Path, executor: str, tasks: int, overwrite: bool):
     """One writer of a shard directory at a time: a lock held by this command (on the shared filesystem too), and
     no new work while an array job of an earlier command still runs (unless this is that job, to be followed)."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--output: {out} is a file, not a directory")
+    from prefpretrain.data_shards.plan import check_writable
+
+    check_writable(out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / ".shard.lock", "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        try:  # a POSIX lock: the process's own (not inherited by the processes it forks, freed when it dies)
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
             raise ValueError(f"{out}: another `prefpretrain shard` is writing it (holds {out}/.shard.lock)") from None
         job = running_slurm_job(out)
         if job is not None and (overwrite or executor != "slurm" or job["tasks"] != tasks):
@@ -128,24 +128,25 @@ def _run_rank(ex: LocalPipelineExecutor, rank: int) -> None:
 
 
 class _Local(LocalPipelineExecutor):
-    """datatrove's local executor, where a failed task does not stop the others and a killed one does not hang
-    the command (datatrove's own pool ends at the first error, killing tasks midway, and waits for ever on a task
-    whose process was killed): tasks run on a ProcessPoolExecutor, whose broken pool is an error. A failure is in
-    the task's log (datatrove writes it) and reported after."""
-
-    def _launch_run_for_rank(self, rank: int, ranks_q, completed=None, completed_lock=None):
-        try:
-            return super()._launch_run_for_rank(rank, ranks_q, completed, completed_lock)
-        except Exception:  # noqa: BLE001 - logged by datatrove in the task's log; _check_done reports it
-            return PipelineStats()
+    """datatrove's local executor (its task runner, logs, completion markers), where a failed task does not stop
+    the others and a killed one does not hang the command (datatrove's own pool ends at the first error, killing
+    tasks midway, and waits for ever on a task whose process was killed): tasks run on a ProcessPoolExecutor,
+    whose broken pool is an error. A failure is in the task's log (datatrove writes it) and reported after."""
 
     def run(self):
-        if self.workers == 1:  # one at a time, in this process (where one task scores with its own pool)
-            return super().run()
         ranks = self.get_incomplete_ranks()
+        if len(ranks) < self.tasks:  # (datatrove's completion markers)
+            log.info("shard: %d of %d tasks finished before; not run again", self.tasks - len(ranks), self.tasks)
         if not ranks:
             return None
         self.save_executor_as_json()
+        if self.workers == 1:  # one at a time, in this process (where one task scores with its own pool); no
+            for r in ranks:    # multiprocess.Manager as datatrove's run() starts: it outlives a killed command
+                try:
+                    self._run_for_rank(r)
+                except Exception as e:  # noqa: BLE001 - in the task's log; reported by _check_done
+                    log.error("shard: task %d did not finish (%s: %s)", r, type(e).__name__, e)
+            return None
         with ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = {pool.submit(_run_rank, self, r): r for r in ranks}
             for f in as_completed(futures):

@@ -76,14 +76,19 @@ def fingerprint(opt: ShardOptions, files: list[sources.InputFile], segmenter: st
     return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def prepare_output(out: Path, fp: str, overwrite: bool) -> bool:
-    """Make `out` ready; return True when it holds a compatible unfinished (or finished) run to resume."""
-    plan = out / PLAN
+def check_writable(out: Path) -> None:
+    """`out` is (or can be made) a directory this process may write: one line otherwise."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--output: {out} is a file, not a directory")
     probe = next((p for p in [out, *out.parents] if p.exists()), None)
     if probe is not None and not os.access(probe, os.W_OK | os.X_OK):
         raise ValueError(f"--output: {probe} is not writable")
+
+
+def prepare_output(out: Path, fp: str, overwrite: bool) -> bool:
+    """Make `out` ready; return True when it holds a compatible unfinished (or finished) run to resume."""
+    plan = out / PLAN
+    check_writable(out)
     if overwrite and out.exists():
         for p in out.iterdir():
             ours = p.name.endswith((".tar", ".idx.npy")) or ".tar.score-" in p.name or ".tar.tmp-" in p.name
@@ -100,13 +105,9 @@ def prepare_output(out: Path, fp: str, overwrite: bool) -> bool:
     return False
 
 
-def make_plan(opt: ShardOptions, write: bool = True) -> dict:
-    """Expand the inputs, check the scorer, plan the chunks; with `write`, also prepare the output, train (or
-    load) the tokenizer and write PLAN. Without it (a dry run) nothing is written and no tokenizer trained.
-    A plan already written for the same inputs and options is used as it is (its work items, chunks and tokenizer
-    never change under a running job, whatever a later listing of the inputs would say)."""
-    t0 = time.time()
-    out = Path(opt.output)
+def survey(opt: ShardOptions) -> tuple:
+    """(input files, segmenter, scorer, fingerprint): every input listed and the scorer made, nothing written.
+    Bad inputs, an unknown scorer and an unusable store fail here, in one line, before any output exists."""
     files = sources.expand_inputs(opt.inputs)
     if opt.max_files:
         files = files[: opt.max_files]
@@ -114,7 +115,17 @@ def make_plan(opt: ShardOptions, write: bool = True) -> dict:
         raise ValueError("no input files found")
     segmenter = default_segmenter(opt.scorer) if opt.segmenter == "auto" else opt.segmenter
     scorer = get_scorer(opt.scorer, opt.scorer_params)  # fail early on an unknown scorer or bad params
-    fp = fingerprint(opt, files, segmenter)
+    return files, segmenter, scorer, fingerprint(opt, files, segmenter)
+
+
+def make_plan(opt: ShardOptions, write: bool = True, surveyed: tuple | None = None) -> dict:
+    """Expand the inputs, check the scorer, plan the chunks; with `write`, also prepare the output, train (or
+    load) the tokenizer and write PLAN. Without it (a dry run) nothing is written and no tokenizer trained.
+    A plan already written for the same inputs and options is used as it is (its work items, chunks and tokenizer
+    never change under a running job, whatever a later listing of the inputs would say)."""
+    t0 = time.time()
+    out = Path(opt.output)
+    files, segmenter, scorer, fp = surveyed or survey(opt)
     if write and prepare_output(out, fp, opt.overwrite):
         plan = read_plan(out)
         _check_tokenizer(out, plan)
