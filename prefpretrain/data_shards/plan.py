@@ -128,7 +128,7 @@ def make_plan(opt: ShardOptions, write: bool = True, surveyed: tuple | None = No
     files, segmenter, scorer, fp = surveyed or survey(opt)
     if write and prepare_output(out, fp, opt.overwrite):
         plan = read_plan(out)
-        _check_tokenizer(out, plan)
+        check_tokenizer(out, plan)
         log.info("shard: %d of %d chunks already finished, resuming", len(finished_chunks(out, len(plan["chunks"]))),
                  len(plan["chunks"]))
         return plan
@@ -158,7 +158,8 @@ def make_plan(opt: ShardOptions, write: bool = True, surveyed: tuple | None = No
     return plan
 
 
-def _check_tokenizer(out: Path, plan: dict) -> None:
+def check_tokenizer(out: Path, plan: dict) -> None:
+    """The tokenizer in `out` is the plan's (a task must not encode with another): one line otherwise."""
     tj = out / "tokenizer" / "tokenizer.json"
     if not tj.is_file() or toklib.tokenizer_hash(tj) != plan["tokenizer"]:
         raise ValueError(f"{tj}: missing or not the plan's tokenizer (hash {plan['tokenizer']}); it was changed "

@@ -75,8 +75,6 @@ def mirror(url: str) -> Path:
     fs.invalidate_cache()  # what the store holds now (a long-lived process may have listed it before)
     prefix = url.split("://", 1)[1]
     sizes = {f[len(prefix) + 1:]: int(i["size"]) for f, i in fs.find(url, detail=True).items()}  # one listing
-    if "manifest.json" not in sizes:
-        raise storage.StorageError(f"{url}: no manifest.json (not a shard set, or not finished)")
     for name, size in sizes.items():
         if name.endswith(".tar") or name.startswith(SKIP):
             continue

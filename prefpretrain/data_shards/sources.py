@@ -78,10 +78,11 @@ def _local_files(spec: str) -> list[tuple[Path, str]]:
         if saved is not None:
             found += [(q, str(q)) for q in saved]
         elif p.is_dir():
-            for q in sorted(p.rglob("*")):
-                if q.is_file() and _is_wanted(q) and _saved_dataset(q.parent) is None:
-                    found.append((q, str(q)))
-            found += [(q, str(q)) for sd in sorted(p.rglob("state.json")) for q in (_saved_dataset(sd.parent) or [])]
+            saved = {sd.parent: files for sd in sorted(p.rglob("state.json"))
+                     if (files := _saved_dataset(sd.parent)) is not None}
+            found += [(q, str(q)) for q in sorted(p.rglob("*"))
+                      if q.is_file() and _is_wanted(q) and q.parent not in saved]
+            found += [(q, str(q)) for files in saved.values() for q in files]
         elif p.is_file():
             found.append((p, str(p)))
         else:
@@ -102,9 +103,8 @@ def expand_inputs(inputs: list[str]) -> list[InputFile]:
                         p = Path(dirpath) / fn
                         out[str(p)] = _local(p, "stdlib/" + str(p.relative_to(root)))
         elif storage.is_url(spec):
-            for url in storage.list_files(spec):
+            for url, (size, version) in storage.list_files(spec).items():
                 if _is_wanted(Path(url.split("://", 1)[1])):
-                    size, version = storage.info(url)
                     out[url] = InputFile(url, url, size, version)
         else:
             for p, name in _local_files(spec):

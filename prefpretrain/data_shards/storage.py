@@ -62,26 +62,26 @@ def check_reachable(url: str) -> None:
         raise StorageError(f"{url}: cannot reach the store ({_why(e)}){hint}") from None
 
 
-def info(url: str) -> tuple[int, str]:
-    """(size in bytes, a version tag: the ETag or modification time) of one object."""
-    d = filesystem(url).info(url)
-    version = d.get("ETag") or d.get("etag") or d.get("mtime") or d.get("LastModified") or d.get("last_modified")
-    return int(d["size"]), str(version)
+def _version(d: dict) -> str:
+    """An object's version tag from its listing details: the ETag, else its modification time."""
+    return str(d.get("ETag") or d.get("etag") or d.get("mtime") or d.get("LastModified") or d.get("last_modified"))
 
 
-def list_files(spec: str) -> list[str]:
-    """URLs of the objects a URL names: itself, everything under it (a prefix), or a glob's matches."""
+def list_files(spec: str) -> dict[str, tuple[int, str]]:
+    """{URL: (size in bytes, version tag)} of the objects a URL names: itself, everything under it (a prefix), or
+    a glob's matches; from the listing itself (no request per object)."""
     fs, proto = filesystem(spec), protocol(spec)
     check_reachable(spec)
     if any(c in spec for c in "*?["):
-        found = fs.glob(spec)
+        found = fs.glob(spec, detail=True)
     elif fs.isdir(spec):
-        found = fs.find(spec)
+        found = fs.find(spec, detail=True)
     elif fs.isfile(spec):
-        found = [spec]
+        found = {spec: fs.info(spec)}
     else:
         raise FileNotFoundError(f"input {spec!r} does not exist")
-    return sorted(f if "://" in f else f"{proto}://{f}" for f in found)
+    return {(f if "://" in f else f"{proto}://{f}"): (int(d["size"]), _version(d))
+            for f, d in sorted(found.items()) if d.get("type", "file") == "file"}
 
 
 def open_url(url: str, mode: str = "rb"):

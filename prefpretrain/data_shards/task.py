@@ -59,11 +59,8 @@ class _ToEngineLog(logging.Handler):
 
 
 def _tokenizer(out: Path, p: dict):
-    tok_dir = out / "tokenizer"
-    if toklib.tokenizer_hash(tok_dir) != p["tokenizer"]:
-        raise ValueError(f"{tok_dir}/tokenizer.json does not match the plan's tokenizer hash {p['tokenizer']}: "
-                         f"it was changed after the plan was made; shard again with --overwrite")
-    return toklib.load_tokenizer(tok_dir)
+    plan.check_tokenizer(out, p)
+    return toklib.load_tokenizer(out / "tokenizer")
 
 
 def run_task(out: Path, rank: int, world: int, workers: int = 1, progress: bool = False) -> list[int]:
