@@ -393,11 +393,13 @@ def test_damaged_inputs_and_bad_requests_are_one_line(tmp_path, stdlib_files):
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True)
     if mounted.returncode == 0:  # (root only: a read-only file system refuses root too)
         cases.append((["shard", "--input", str(d / "a.py"), "--output", str(ro / "out")], f"{ro} is not writable"))
-    for argv, says in cases:
-        r = run_cli(*argv)
-        lines = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("prefpretrain")]
-        assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr and len(lines) == 1, argv
-    subprocess.run(["umount", str(ro)], capture_output=True, check=False)
+    try:
+        for argv, says in cases:
+            r = run_cli(*argv)
+            lines = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("prefpretrain")]
+            assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr and len(lines) == 1, argv
+    finally:  # (a mount left behind would outlive the test's directory)
+        subprocess.run(["umount", str(ro)], capture_output=True, check=False)
 
 
 @pytest.mark.dist

@@ -79,10 +79,10 @@ def encode_document(doc: sources.Document, tok, scorer, segmenter, eos: int) -> 
 
 
 def process_file(item: tuple):
-    """(name, encoded documents, skipped counts, problem lines) for one work item: a file, or a run of a Parquet
-    file's row groups (path, name, row groups)."""
-    path, name, row_groups = item if len(item) == 3 else (*item, None)
-    res = sources.read_file(path, name, _W["text_field"], _W["score_field"], row_groups)
+    """(name, encoded documents, skipped counts, problem lines) for one work item (path, name, piece): a file, or
+    a piece of one (a run of a Parquet file's row groups, a byte range of a JSONL file)."""
+    path, name, piece = item if len(item) == 3 else (*item, None)
+    res = sources.read_file(path, name, _W["text_field"], _W["score_field"], piece)
     out = []
     for doc in res.docs:
         longest = max((len(ln) for ln in doc.text.split("\n")), default=0)

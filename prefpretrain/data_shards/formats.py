@@ -55,17 +55,58 @@ def add_record(res: FileResult, name: str, where: str, rec, text_field: str, sco
     res.docs.append(doc)
 
 
-def read_jsonl(text: str, name: str, text_field: str, score_field: str | None, res: FileResult) -> None:
-    for lineno, line in enumerate(io.StringIO(text), 1):
-        if not line.strip():
-            continue
+def _jsonl_line(line: str, name: str, where: str, text_field: str, score_field: str | None,
+                res: FileResult) -> None:
+    if not line.strip():
+        return
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError:
+        res.skipped["malformed_jsonl"] += 1
+        res.problems.append(f"{name}:{where}: malformed JSON")
+        return
+    add_record(res, name, where, rec, text_field, score_field)
+
+
+def read_jsonl(data: bytes, name: str, text_field: str, score_field: str | None, res: FileResult,
+               first_byte: int | None = None) -> None:
+    """Every record of JSONL `data`; a line that is not UTF-8 or not JSON is skipped alone. A line's place is its
+    number (1-based) or, for the lines of a byte range starting at `first_byte`, its byte offset (`@OFFSET`)."""
+    at = first_byte
+    for lineno, line in enumerate(io.BytesIO(data), 1):
+        if at is None:
+            where = str(lineno)
+        else:
+            where, at = f"@{at}", at + len(line)
         try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            res.skipped["malformed_jsonl"] += 1
-            res.problems.append(f"{name}:{lineno}: malformed JSON")
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            res.skipped["invalid_utf8"] += 1
+            res.problems.append(f"{name}:{where}: invalid UTF-8 at byte {e.start} of the line")
             continue
-        add_record(res, name, str(lineno), rec, text_field, score_field)
+        _jsonl_line(text, name, where, text_field, score_field, res)
+
+
+def read_jsonl_range(f, name: str, start: int, end: int, text_field: str, score_field: str | None,
+                     res: FileResult) -> None:
+    """The records of the lines of a JSONL file (`f` open, binary, seekable) that start in bytes [start, end):
+    the ranges of a split file read every line once. A line's place is its byte offset (`@OFFSET`: its line
+    number would need the whole file before it)."""
+    lo = max(0, start - 1)
+    f.seek(lo)
+    data = f.read(end - lo)
+    if start > 0:  # the line running into the range started in an earlier one
+        cut = data.find(b"\n")
+        if cut < 0:
+            return
+        data, lo = data[cut + 1:], lo + cut + 1
+    while data and not data.endswith(b"\n"):  # the last line started here: read it to its end
+        more = f.read(1 << 16)
+        if not more:
+            break
+        nl = more.find(b"\n")
+        data += more if nl < 0 else more[: nl + 1]
+    read_jsonl(data, name, text_field, score_field, res, first_byte=lo)
 
 
 def _open_table(f, name: str):

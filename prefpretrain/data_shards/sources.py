@@ -10,6 +10,7 @@ import glob
 import gzip
 import json
 import logging
+import math
 import os
 import sysconfig
 from pathlib import Path
@@ -134,20 +135,26 @@ def _read_bytes(path: str) -> bytes:
 
 
 def work_items(files: list[InputFile], target_bytes: float) -> list[list]:
-    """The plan's units of work: [path, name, bytes, row groups or None] — a file, or for a Parquet file larger
-    than `target_bytes`, each run of its row groups of about that size (so one huge file is many tasks' work)."""
+    """The plan's units of work: [path, name, bytes, piece or None] — a file, or, for a file larger than
+    `target_bytes`, each piece of about that size (so one huge file is many tasks' work): a run of row groups of
+    a Parquet file ([first group, end group, its first row]) or a byte range of an uncompressed JSONL file
+    (["bytes", start, end]: the lines that start in it; found by arithmetic, no reading)."""
     items = []
     for f in files:
         pieces = None
         if f.name.endswith(".parquet") and f.size > target_bytes:
             try:
                 with _open(f.path) as fh:
-                    pieces = formats.row_group_pieces(fh, target_bytes)
+                    pieces = [[list(p[:3]), p[3]] for p in formats.row_group_pieces(fh, target_bytes)]
             except Exception:  # noqa: BLE001 - unreadable: the task reading it whole counts it
                 pieces = None
+        elif f.name.endswith(".jsonl") and f.size > target_bytes:
+            n = math.ceil(f.size / target_bytes)
+            cuts = [round(k * f.size / n) for k in range(n + 1)]
+            pieces = [[["bytes", a, b], b - a] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
         if pieces and len(pieces) > 1:
-            total = sum(p[3] for p in pieces) or 1
-            items += [[f.path, f.name, max(1, round(f.size * p[3] / total)), list(p[:3])] for p in pieces]
+            total = sum(p[1] for p in pieces) or 1
+            items += [[f.path, f.name, max(1, round(f.size * p[1] / total)), p[0]] for p in pieces]
         else:
             items.append([f.path, f.name, f.size, None])
     return items
@@ -161,14 +168,17 @@ def _unreadable(res: FileResult, name: str, e: Exception) -> FileResult:
 
 
 def read_file(path: str, name: str, text_field: str = "text", score_field: str | None = None,
-              row_groups: tuple[int, int, int] | None = None) -> FileResult:
-    """Read one input file (`row_groups`: of a Parquet file, one run of them) into documents, counting what had to
-    be skipped and why."""
+              piece: list | None = None) -> FileResult:
+    """Read one input file into documents, counting what had to be skipped and why. `piece`: one piece of it
+    (work_items): a run of row groups of a Parquet file, or a byte range of a JSONL file."""
     res = FileResult()
-    if name.endswith(formats.TABLE_SUFFIXES):
+    if name.endswith(formats.TABLE_SUFFIXES) or piece is not None:
         try:
             with _open(path) as f:
-                formats.read_table(f, name, text_field, score_field, res, row_groups)
+                if piece is not None and piece[0] == "bytes":
+                    formats.read_jsonl_range(f, name, piece[1], piece[2], text_field, score_field, res)
+                else:
+                    formats.read_table(f, name, text_field, score_field, res, piece)
         except Exception as e:  # noqa: BLE001 - ArrowInvalid, OSError, ...: a damaged table is unreadable
             return _unreadable(res, name, e)
         return res
@@ -183,16 +193,16 @@ def read_file(path: str, name: str, text_field: str = "text", score_field: str |
         res.skipped["binary"] += 1
         res.problems.append(f"{name}: binary content")
         return res
+    if (name[:-3] if name.endswith(".gz") else name.removesuffix(".zst")).endswith(".jsonl"):
+        formats.read_jsonl(data, name, text_field, score_field, res)  # (a line that is not UTF-8: skipped alone)
+        return res
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         res.skipped["invalid_utf8"] += 1
         res.problems.append(f"{name}: invalid UTF-8 at byte {e.start}")
         return res
-    base = name[:-3] if name.endswith(".gz") else name.removesuffix(".zst")
-    if base.endswith(".jsonl"):
-        formats.read_jsonl(text, name, text_field, score_field, res)
-    elif score_field is not None:
+    if score_field is not None:
         res.skipped["missing_score"] += 1
         res.problems.append(f"{name}: not JSONL, so no score field {score_field!r}")
     elif len(text) > MAX_DOC_CHARS:
