@@ -1,12 +1,15 @@
 """Classifier scoring speed: segments/s of the `classifier` scorer on CPU (and on a GPU where there is one).
 
-    .venv/bin/python bench/classifier_scoring.py [--segments 2000] [--out FILE.json]
+    .venv/bin/python bench/classifier_scoring.py [--segments 1000] [--out FILE.json]
 
 The model is a BERT of the size of the small toxicity classifiers PHF scored with on GPUs (DistilBERT-like:
 6 layers, hidden 768, 12 heads), random weights (speed does not depend on them), saved locally with the
 python-docs tokenizer; the segments are sentences of the documentation corpus (data/raw/python-docs, or the
-stdlib's docstrings when it is absent). Each batch size is timed on the same segments, after one warm-up
-batch. One line of JSON.
+stdlib's docstrings when it is absent), grouped into documents of 4 sentences (short prose: a paragraph each).
+Timed on the same segments, after a warm-up: `per_document` scores each document alone (one batch of <= 4
+segments each: how the scorer batched before it could batch across documents), `across` scores all of them
+the way a shard task does (`batch_scores`: batches across documents, segments in order of length), at batch
+sizes 1-128. One line of JSON.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import torch
 
 from prefpretrain.data_shards import sources
 from prefpretrain.data_shards import tokenizer as toklib
+from prefpretrain.data_shards.encode import batch_scores
 from prefpretrain.data_shards.scorers import get_scorer
 from prefpretrain.data_shards.segment import get_segmenter
 
@@ -42,7 +46,7 @@ def main() -> None:
     from transformers import BertConfig, BertForSequenceClassification
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--segments", type=int, default=2000)
+    ap.add_argument("--segments", type=int, default=1000)
     ap.add_argument("--out", default="")
     a = ap.parse_args()
     texts, docs = _segments(a.segments)
@@ -55,22 +59,29 @@ def main() -> None:
         torch.manual_seed(0)
         BertForSequenceClassification(BertConfig(vocab_size=tok.get_vocab_size(), num_hidden_layers=6,
                                                  pad_token_id=toklib.special_ids(tok)["pad"])).save_pretrained(tmp)
-        doc = sources.Document("bench", "bench", "".join(texts))
-        spans, at = [], 0
-        for t in texts:
-            spans.append((at, at + len(t)))
-            at += len(t)
+        paras = []  # documents of 4 sentences (short prose documents: a paragraph each)
+        for i in range(0, len(texts), 4):
+            part, spans, at = texts[i: i + 4], [], 0
+            for t in part:
+                spans.append((at, at + len(t)))
+                at += len(t)
+            paras.append((sources.Document(f"d{i}", f"d{i}", "".join(part)), spans))
         for dev in devices:
-            for bs in (1, 8, 32, 128):
+            rows = [(1, "across"), (32, "per_document")] + [(bs, "across") for bs in (8, 32, 128)]
+            for bs, mode in rows:
                 sc = get_scorer("classifier", {"model_dir": tmp, "batch_size": bs, "max_length": 128, "device": dev})
-                sc.score(doc, spans[:bs])  # warm-up
+                sc.score_many(paras[:2])  # warm-up
                 if dev == "cuda":
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                sc.score(doc, spans)
+                if mode == "across":
+                    batch_scores(sc, paras)
+                else:
+                    for d, spans in paras:
+                        sc.score(d, spans)
                 if dev == "cuda":
                     torch.cuda.synchronize()
-                res["segments_per_s"][f"{dev}_batch_{bs}"] = round(len(spans) / (time.perf_counter() - t0), 1)
+                res["segments_per_s"][f"{dev}_{mode}_batch_{bs}"] = round(len(texts) / (time.perf_counter() - t0), 1)
     print(json.dumps(res))
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1) + "\n")

@@ -128,6 +128,8 @@ def main() -> None:
     res = {"bench": "data_layer_growth", "rows": rows, "exponents": {}}
     for axis, rs in (("docs", by_docs), ("shards", by_shards)):
         xs = [r[axis] for r in rs]
+        if len(xs) < 2:  # (one size on this axis: no slope)
+            continue
         for when in ("cold", "warm"):
             for k in ("open_s", "pack_s", "open_heap_peak", "pack_heap_peak", "heap_held", "mapped_file_bytes"):
                 res["exponents"][f"{when}.{k} vs {axis}"] = round(slope(xs, [r[when][k] for r in rs]), 2)

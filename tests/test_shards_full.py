@@ -19,8 +19,7 @@ from prefpretrain.data_shards.build import ShardOptions, build_shards
 from prefpretrain.data_shards.loader import MixtureDataset, train_loader
 from prefpretrain.data_shards.packing import Layout, PackedSet
 from prefpretrain.data_shards.reader import ShardSet
-from prefpretrain.data_shards.scorers import get_scorer
-from prefpretrain.data_shards.sources import Document, stdlib_root
+from prefpretrain.data_shards.sources import stdlib_root
 from tests.conftest import ROOT, cli_env
 
 
@@ -118,40 +117,6 @@ def test_field_scores_reach_every_token(tmp_path):
     assert set(ss.read(1)["scores"].tolist()) == {0.25}
 
 
-def test_lexical_scorer_prefers_common_usage(tmp_path):
-    ref = tmp_path / "ref.txt"
-    ref.write_text("the cat sat on the mat. the dog sat on the log. " * 50)
-    doc = Document("d", "d", "the cat sat on the log. zyx qwv plorp.")
-    spans = [(0, 23), (23, 38)]
-    rare = get_scorer("lexical", {"reference": str(ref), "top_k": 20}).score(doc, spans)
-    assert rare == [0.0, 1.0]
-    nll = get_scorer("lexical", {"reference": str(ref), "mode": "ngram_nll"}).score(doc, spans)
-    assert 0 < nll[0] < nll[1]
-    with pytest.raises(ValueError, match="mode must be"):
-        get_scorer("lexical", {"reference": str(ref), "mode": "vibes"})
-
-
-def test_classifier_scorer_runs_a_local_model_in_batches(tmp_path, tiny_shards):
-    from transformers import BertConfig, BertForSequenceClassification
-
-    from prefpretrain.data_shards.tokenizer import hf_tokenizer
-
-    torch.manual_seed(0)
-    clf = tmp_path / "clf"
-    model = BertForSequenceClassification(BertConfig(
-        vocab_size=600, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-        id2label={0: "fine", 1: "toxic"}, label2id={"fine": 0, "toxic": 1}, pad_token_id=1))
-    model.save_pretrained(clf)
-    hf_tokenizer(tiny_shards / "tokenizer").save_pretrained(clf)
-    doc = Document("d", "d", "one line\nanother line\nthird\nfourth one\n")
-    spans = [(0, 9), (9, 22), (22, 28), (28, 39)]
-    big = get_scorer("classifier", {"model_dir": str(clf), "label": "toxic"}).score(doc, spans)
-    small = get_scorer("classifier", {"model_dir": str(clf), "label": 1, "batch_size": 1}).score(doc, spans)
-    assert all(0 <= s <= 1 for s in big) and np.allclose(big, small, atol=1e-5) and len(set(big)) > 1
-    with pytest.raises(ValueError, match="label 'nope' not in"):
-        get_scorer("classifier", {"model_dir": str(clf), "label": "nope"})
-
-
 def test_user_scorer_module_function_in_worker_processes(tmp_path):
     d = tmp_path / "in"
     d.mkdir()
@@ -216,23 +181,6 @@ def test_shard_progress_and_workers_flag_exist():
     for flag in ("--workers", "--scorer-params", "--overwrite", "--segmenter", "--score-field"):
         assert flag in r.stdout
     assert os.cpu_count()
-
-
-def test_pii_scorer_counts_real_items_and_needs_a_literal_at(tmp_path):
-    s = get_scorer("pii")
-    text = ("Contact me at john.doe@example.com or call (650) 253-0000. I looked at the sky at noon.Then "
-            "bob at example dot com left.")
-    assert sorted(t for t, _ in s.items(text)) == ["email", "phone"]
-    assert ("email", "john.doe@example.com") in s.items(text)
-    d = tmp_path / "in"
-    d.mkdir()
-    (d / "a.txt").write_text("Write to ann@python.org for help. The cat sat at home.com today.\n")
-    build_shards(ShardOptions(inputs=[str(d)], output=str(tmp_path / "out"), scorer="pii", vocab_size=300,
-                              workers=1, val_fraction=0.0, progress=False))
-    ss = ShardSet(tmp_path / "out")
-    assert ss.manifest["segmenter"] == "sentence" and ss.manifest["scorer"]["params"]["email_requires_at"]
-    scores = ss.read(0)["seg_score"]
-    assert scores[0] == pytest.approx(1 / len("Write to ann@python.org for help.")) and scores[1] == 0
 
 
 def test_ranks_of_any_world_size_read_the_same_global_sequence(tiny_shards):
@@ -441,18 +389,3 @@ def test_a_full_disk_during_a_save_is_one_line_and_the_previous_checkpoint_stays
     finally:
         subprocess.run(["umount", str(fs)], check=False)
 
-
-def test_classifier_scorer_device_is_chosen_and_checked(tmp_path, tiny_shards, monkeypatch):
-    from transformers import BertConfig, BertForSequenceClassification
-
-    from prefpretrain.data_shards.tokenizer import hf_tokenizer
-
-    clf = tmp_path / "clf"
-    BertForSequenceClassification(BertConfig(vocab_size=600, hidden_size=32, num_hidden_layers=1,
-                                             num_attention_heads=2, intermediate_size=64)).save_pretrained(clf)
-    hf_tokenizer(tiny_shards / "tokenizer").save_pretrained(clf)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    auto = get_scorer("classifier", {"model_dir": str(clf)})
-    assert auto._device.type == "cpu" and auto.params["device"] == "auto"  # auto without a GPU
-    with pytest.raises(ValueError, match="sees no GPU"):
-        get_scorer("classifier", {"model_dir": str(clf), "device": "cuda"})

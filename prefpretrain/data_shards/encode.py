@@ -33,9 +33,11 @@ def init_worker(tok_json: str, scorer: str, scorer_params: dict, segmenter: str,
     _W["eos"] = _W["tok"].token_to_id(toklib.EOS)
 
 
-def score_segments(scorer, doc: sources.Document, spans: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
-    """(the scorer's score of every span, float32, checked: one finite value each; the spans' lengths)."""
-    seg_scores = np.asarray(scorer.score(doc, spans), dtype=np.float32)
+def score_segments(scorer, doc: sources.Document, spans: list[tuple[int, int]],
+                   given: list[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(the scorer's score of every span, float32, checked: one finite value each; the spans' lengths).
+    `given`: the scores already computed (by a batch over many documents), checked the same way."""
+    seg_scores = np.asarray(scorer.score(doc, spans) if given is None else given, dtype=np.float32)
     if len(seg_scores) != len(spans) or not np.isfinite(seg_scores).all():
         raise ValueError(f"scorer returned {len(seg_scores)} scores (finite: {np.isfinite(seg_scores).all()}) "
                          f"for {len(spans)} segments")
@@ -47,11 +49,14 @@ def mean_per_char(seg_scores: np.ndarray, lens: np.ndarray) -> float:
     return float((seg_scores * lens).sum() / max(1.0, lens.sum()))
 
 
-def encode_document(doc: sources.Document, tok, scorer, segmenter, eos: int) -> dict | None:
-    spans = segmenter(doc.text)
+def encode_document(doc: sources.Document, tok, scorer, segmenter, eos: int, spans: list | None = None,
+                    given: list[float] | None = None) -> dict | None:
+    """A document's tokens, per-token and per-segment scores (`spans`, `given`: its segments and their scores
+    when already computed)."""
+    spans = segmenter(doc.text) if spans is None else spans
     if not spans:
         return None
-    seg_scores, lens = score_segments(scorer, doc, spans)
+    seg_scores, lens = score_segments(scorer, doc, spans, given)
     if segmenter is line_spans:
         # the pre-tokenizer splits after every newline, so encoding line by line gives exactly the
         # tokens of the whole text, and each line's tokens are its segment (no offsets to map)
@@ -83,15 +88,17 @@ def process_file(item: tuple):
     a piece of one (a run of a Parquet file's row groups, a byte range of a JSONL file)."""
     path, name, piece = item if len(item) == 3 else (*item, None)
     res = sources.read_file(path, name, _W["text_field"], _W["score_field"], piece)
-    out = []
+    out, docs = [], []
     for doc in res.docs:
         longest = max((len(ln) for ln in doc.text.split("\n")), default=0)
         if longest > MAX_LINE_CHARS:
             res.skipped["huge_line"] += 1
             res.problems.append(f"{doc.doc_id}: a line of {longest} chars > {MAX_LINE_CHARS}")
-            continue
+        else:
+            docs.append((doc, _W["seg"](doc.text)))
+    for (doc, spans), given in zip(docs, batch_scores(_W["scorer"], docs), strict=True):
         try:
-            enc = encode_document(doc, _W["tok"], _W["scorer"], _W["seg"], _W["eos"])
+            enc = encode_document(doc, _W["tok"], _W["scorer"], _W["seg"], _W["eos"], spans, given)
         except Exception as e:  # noqa: BLE001 - one document's scorer failure must not stop the run
             res.skipped["scorer_error"] += 1
             res.problems.append(f"{doc.doc_id}: scorer failed ({type(e).__name__}: {e})")
@@ -101,3 +108,26 @@ def process_file(item: tuple):
         else:
             out.append(enc)
     return name, out, res.skipped, res.problems
+
+
+def batch_scores(scorer, docs: list[tuple[sources.Document, list]], block: int = 1024) -> list:
+    """The scores of many documents' segments from the scorer's `score_many` where it has one (a classifier fills
+    its batches across documents, by length, instead of one short document per batch), `block` documents per
+    call; None for a document left to be scored alone: the scorer has no `score_many`, or a call failed (each of
+    its documents is then scored alone, so a document the scorer fails on is skipped alone)."""
+    many = getattr(scorer, "score_many", None)
+    out: list = [None] * len(docs)
+    if many is None:
+        return out
+    for i in range(0, len(docs), block):
+        part = [(d, s) for d, s in docs[i: i + block] if s]
+        try:
+            got = list(many(part))
+        except Exception:  # noqa: BLE001 - scored one by one below, where the failing document is named
+            continue
+        if len(got) != len(part):  # (scored alone, so the document with the wrong count is named)
+            continue
+        got = iter(got)
+        for j in range(i, min(i + block, len(docs))):
+            out[j] = next(got) if docs[j][1] else None
+    return out

@@ -226,14 +226,26 @@ class ClassifierScorer:
         self._bs, self._max_len = batch_size, max_length
 
     def score(self, doc: Document, spans: list[Span]) -> list[float]:
-        texts = [doc.text[a:b] for a, b in spans]
-        out: list[float] = []
+        return self.score_many([(doc, spans)])[0]
+
+    def score_many(self, items: list[tuple[Document, list[Span]]]) -> list[list[float]]:
+        """Every document's segments in one stream of batches, in order of length (little padding, full batches
+        for short documents); the scores back in each document's order."""
+        texts = [doc.text[a:b] for doc, spans in items for a, b in spans]
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        probs = [0.0] * len(texts)
         with self._torch.no_grad():
-            for i in range(0, len(texts), self._bs):
-                enc = self._tok(texts[i: i + self._bs], padding=True, truncation=True, max_length=self._max_len,
+            for i in range(0, len(order), self._bs):
+                idx = order[i: i + self._bs]
+                enc = self._tok([texts[j] for j in idx], padding=True, truncation=True, max_length=self._max_len,
                                 return_tensors="pt").to(self._device)
-                probs = self._model(**enc).logits.float().softmax(-1)[:, self._label]
-                out.extend(probs.tolist())
+                for j, p in zip(idx, self._model(**enc).logits.float().softmax(-1)[:, self._label].tolist(),
+                                strict=True):
+                    probs[j] = p
+        out, at = [], 0
+        for _, spans in items:
+            out.append(probs[at: at + len(spans)])
+            at += len(spans)
         return out
 
 
