@@ -155,6 +155,16 @@ class EvalConfig:
 
 
 @dataclass
+class MonitorConfig:
+    loggers: list[str] = field(default_factory=lambda: ["tensorboard"])  # where rank 0 logs (docs/monitoring.md):
+    # tensorboard, wandb (extra .[wandb]), mlflow (extra .[mlflow]); metrics.jsonl is always written
+    wandb_project: str = "prefpretrain"  # W&B project; the run is named after its directory
+    wandb_mode: Literal["offline", "online"] = "offline"  # offline: RUN/wandb, uploaded later with `wandb sync`
+    mlflow_tracking_uri: str = ""  # "" = a local file store in RUN/mlruns; or a tracking server (http://host:5000)
+    mlflow_experiment: str = "prefpretrain"  # MLflow experiment the run is logged under
+
+
+@dataclass
 class ShardConfig(ShardSettings):
     """How to build the shards (used by `prefpretrain run` when data.shards[0] has no manifest); the same options
     as `prefpretrain shard` (prefpretrain.data_shards.options)."""
@@ -197,6 +207,7 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     continual: ContinualConfig = field(default_factory=ContinualConfig)
@@ -208,7 +219,7 @@ class Config:
         """Hash of everything that defines the optimisation (run dir and resume policy excluded)."""
         d = self.to_dict()
         d["run"] = {"seed": self.run.seed}
-        d.pop("launch")
+        d.pop("launch"), d.pop("monitor")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def grad_accum_for(self, world_size: int) -> int:

@@ -38,9 +38,11 @@ def check_gpu_if_asked(device: str | None, key: str = "--device") -> None:
 def check_engine(cfg: Config, world: int) -> None:
     """The DeepSpeed config the options imply, with engine.deepspeed merged (conflicts are one line, here)."""
     from prefpretrain.trainer.dsconfig import ds_config
+    from prefpretrain.trainer.loggers import check_loggers
 
     cfg.grad_accum_for(world)
     check_device(cfg)
+    check_loggers(cfg.monitor.loggers)
     ds_config(cfg, world)
 
 

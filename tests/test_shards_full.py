@@ -332,6 +332,8 @@ def test_damaged_inputs_and_bad_requests_are_one_line(tmp_path, stdlib_files):
         (["train", "configs/tiny.yaml", "train.lr=*anchor"], "train.lr: not a plain YAML value"),
         (["train", "configs/tiny.yaml", "train.lr=!!python/object:os.system x"], "train.lr: not a plain YAML value"),
         (["launch", "configs/tiny.yaml", "--nproc-per-node", "0"], "--nproc-per-node: 0; at least 1"),
+        (["train", "configs/tiny.yaml", "monitor.loggers=[tensorboard,neptune]"],
+         "monitor.loggers: unknown logger 'neptune' (choose from tensorboard, wandb, mlflow)"),
         (["launch", "configs/tiny.yaml", "--nproc-per-node", "-1"], "--nproc-per-node: -1; at least 1"),
     ]
     (tmp_path / "list.yaml").write_text("- a\n- b\n")

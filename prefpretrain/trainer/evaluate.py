@@ -21,7 +21,8 @@ from prefpretrain.data_shards.segment import get_segmenter
 from prefpretrain.data_shards.sources import Document
 from prefpretrain.errors import InputError
 from prefpretrain.losses import token_nll
-from prefpretrain.rundir import EVAL, METRICS, TENSORBOARD
+from prefpretrain.rundir import EVAL, METRICS
+from prefpretrain.trainer.loggers import check_loggers, open_loggers
 from prefpretrain.trainer.model import lm_inputs
 from prefpretrain.trainer.sampling import SAMPLE_BATCH, my_batches, sample_texts
 
@@ -264,6 +265,7 @@ def evaluate_run(run_dir: str | Path, samples: int | None = None, condition: str
 
     fr = FinishedRun.open(run_dir)
     run, cfg, ckpt, state = fr.path, fr.cfg, fr.ckpt, fr.state
+    check_loggers(cfg.monitor.loggers)  # (before the work: its results go to them)
     dev, dtype = inference_placement(device or cfg.engine.device, cfg.train.precision)
     model = fr.load_model(dev, dtype)
     ss = fr.shards("val", verify=cfg.data.verify_checksums)
@@ -295,7 +297,7 @@ def evaluate_run(run_dir: str | Path, samples: int | None = None, condition: str
     if samples_out and texts is not None:
         write_samples(samples_out, res, texts)
     Path(out or run / EVAL).write_text(json.dumps(res, indent=1))
-    _to_tensorboard(run, state["step"], res)
+    _to_loggers(run, cfg.monitor, state["step"], res)
     return res
 
 
@@ -314,20 +316,18 @@ def misalignment_scalars(res: dict) -> dict[str, float]:
     return out
 
 
-def _to_tensorboard(run: Path, step: int, res: dict) -> None:
-    """eval/* scalars in TensorBoard, mirrored as one `kind: evaluate` line in metrics.jsonl."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    w = SummaryWriter(str(run / TENSORBOARD))
+def _to_loggers(run: Path, mon, step: int, res: dict) -> None:
+    """eval/* scalars to the run's loggers (monitor.loggers: TensorBoard, W&B, MLflow; the same runs training
+    wrote to), mirrored as one `kind: evaluate` line in metrics.jsonl."""
     rec = {"step": step, "kind": "evaluate", "time": round(time.time(), 3), "tokens_seen": res.get("tokens_seen")}
     scalars = {f"eval/{k}": res[k] for k in ("val_loss", "perplexity", "val_loss_aligned", "val_loss_plain")
                if k in res}
     if "misalignment_ci95" in res:  # (samples were drawn)
         scalars.update(misalignment_scalars(res))
-    for k, v in scalars.items():
-        if v == v:  # (not NaN)
-            w.add_scalar(k, v, step)
-            rec[k] = v
-    w.close()
+    scalars = {k: v for k, v in scalars.items() if v == v}  # (not NaN)
+    for lg in open_loggers(mon, run):
+        lg.scalars(step, scalars)
+        lg.close()
+    rec.update(scalars)
     with open(run / METRICS, "a") as f:
         f.write(json.dumps(rec) + "\n")

@@ -111,7 +111,9 @@ def start(cfg: Config, info, hooks: HookList) -> Session:
     s = Session(cfg, info, hooks, data, engine, guard, spec, None, DataQuality(cfg.data.max_corrupt_fraction, st),
                 facts=facts)
     t_load = _load(s, ckpt, st, load_from)
-    s.mon = Monitor(run_dir, rank == 0, t.max_steps, s.step, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    s.mon = distributed.rank0_does("opening the loggers", lambda: Monitor(
+        run_dir, True, t.max_steps, s.step, cfg.to_dict(), yaml.safe_dump(cfg.to_dict(), sort_keys=False),
+        cfg.monitor)) or Monitor(run_dir, False, t.max_steps)
     if ckpt is not None:
         s.mon.scalars(s.step, {"ckpt/load_seconds": t_load}, kind="checkpoint")
     log.info("training %s (%.2fM params, %.2fM frozen) with %s on %d rank(s), ZeRO-%d, %s, %d x %d x %d = %d "
