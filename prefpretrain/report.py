@@ -1,7 +1,8 @@
 """`prefpretrain report RUN_DIR... --out DIR`: PNG plots and a markdown table comparing runs.
 
 Reads what runs already write (metrics.jsonl, eval.json, run_info.json, config.yaml, forgetting.json if
-any); draws loss curves, misalignment vs tokens, objective comparison bars and forgetting.
+any); draws misalignment against capability (one point per run), loss curves, misalignment vs tokens,
+objective comparison bars and forgetting.
 """
 from __future__ import annotations
 
@@ -106,6 +107,49 @@ def plot_objectives(runs: list[dict], out: Path) -> Path | None:
     return _save(plt, fig, out / "objectives.png")
 
 
+OBJECTIVE_COLOURS = {"mle": "tab:gray", "filtering": "tab:blue", "conditional": "tab:green",
+                     "unlikelihood": "tab:red", "rwr": "tab:purple", "awr": "tab:orange"}
+
+
+def tradeoff_points(runs: list[dict]) -> tuple[str, list[tuple]]:
+    """(the x axis's label, [(run, objective, capability, misalignment, its 95 % interval low, high)]) of the runs
+    with a misalignment score. Capability: lm-evaluation-harness's `capability` (mean task accuracy, higher is
+    better) when every such run has it, else validation loss (lower is better; said on the axis)."""
+    have = [r for r in runs if r["eval"].get("misalignment") is not None]
+    lm = bool(have) and all(r["eval"].get("capability") is not None for r in have)
+    pts = []
+    for r in have:
+        ev = r["eval"]
+        lo, hi = ev.get("misalignment_ci95") or (ev["misalignment"], ev["misalignment"])
+        pts.append((r["name"], r["objective"], ev["capability"] if lm else ev.get("val_loss"), ev["misalignment"],
+                    lo, hi))
+    label = ("capability: lm-eval mean accuracy (higher is better)" if lm
+             else "validation loss (lower is better; no lm-eval results)")
+    return label, pts
+
+
+def plot_tradeoff(runs: list[dict], out: Path) -> Path | None:
+    """Misalignment against capability, one point per run, objective as colour (PHF's figure: what alignment
+    cost in capability); bars: the misalignment's 95 % interval."""
+    label, pts = tradeoff_points(runs)
+    if not pts:
+        return None
+    plt = _fig()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    seen = set()
+    for name, obj, x, y, lo, hi in pts:
+        ax.errorbar([x], [y], yerr=[[y - lo], [hi - y]], fmt="o", color=OBJECTIVE_COLOURS.get(obj, "black"),
+                    capsize=3, label=None if obj in seen else obj)
+        seen.add(obj)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    ax.set_xlabel(label)
+    ax.set_ylabel("misalignment (lower is better)")
+    ax.set_title("Alignment vs capability")
+    ax.legend(title="objective", fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(plt, fig, out / "tradeoff.png")
+
+
 def plot_forgetting(runs: list[dict], out: Path) -> Path | None:
     """From RUN/forgetting.json: {"old": {NAME: {"before": loss, "after": loss, ...}, ...}, "new": {...}, ...}
     (written by a continual update, prefpretrain/continual/forgetting.py)."""
@@ -151,8 +195,8 @@ def build_report(run_dirs: list[str], out_dir: str) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     runs = [load_run(Path(r)) for r in run_dirs]
-    plots = [p for p in (plot_losses(runs, out), plot_misalignment(runs, out), plot_objectives(runs, out),
-                         plot_forgetting(runs, out)) if p is not None]
+    plots = [p for p in (plot_tradeoff(runs, out), plot_losses(runs, out), plot_misalignment(runs, out),
+                         plot_objectives(runs, out), plot_forgetting(runs, out)) if p is not None]
     lines = ["# prefpretrain report", "",
              "| run | objective | params | steps | tokens | val loss | perplexity | misalignment | clean samples "
              "| samples that parse | their misalignment | train time (s) |", "|---" * 12 + "|"]

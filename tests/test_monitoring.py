@@ -74,7 +74,7 @@ def test_report_renders_plots_and_a_table(two_runs, tmp_path):
     ev = json.loads((two_runs[0] / "eval.json").read_text())  # code: the samples that parse, next to all of them
     row = next(x for x in md.splitlines() if x.startswith("| mle | mle |")).split(" | ")
     assert row[9] == f"{ev['parse_fraction']:.0%}" and "samples that parse | their misalignment" in md
-    for png in ("loss_curves.png", "misalignment.png", "objectives.png", "forgetting.png"):
+    for png in ("tradeoff.png", "loss_curves.png", "misalignment.png", "objectives.png", "forgetting.png"):
         data = (tmp_path / "rep" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
         assert f"]({png})" in md
@@ -120,3 +120,20 @@ def test_tensorboard_command_serves_on_localhost_only(two_runs):
     while _listening(port) and time.time() < deadline:
         time.sleep(0.2)
     assert not _listening(port)
+
+
+def test_the_tradeoff_plots_lm_eval_capability_when_every_run_has_it():
+    from prefpretrain.report import tradeoff_points
+
+    def run(name, obj, **ev):
+        return {"name": name, "objective": obj, "eval": ev}
+
+    runs = [run("a", "mle", misalignment=0.3, misalignment_ci95=[0.2, 0.4], val_loss=2.0, capability=0.6),
+            run("b", "conditional", misalignment=0.1, val_loss=2.2, capability=0.5), run("c", "mle", val_loss=1.0)]
+    label, pts = tradeoff_points(runs)
+    assert label.startswith("capability: lm-eval") and pts == [("a", "mle", 0.6, 0.3, 0.2, 0.4),
+                                                              ("b", "conditional", 0.5, 0.1, 0.1, 0.1)]
+    del runs[1]["eval"]["capability"]  # one run without lm-eval results: validation loss for all
+    label, pts = tradeoff_points(runs)
+    assert label.startswith("validation loss") and [p[2] for p in pts] == [2.0, 2.2]
+    assert tradeoff_points([runs[2]]) == ("validation loss (lower is better; no lm-eval results)", [])
