@@ -8,6 +8,7 @@ may name them).
     checkpoints/         step_NNNNNNNN/ (state.json + DeepSpeed files, checksummed) and `latest`
     metrics.jsonl        one JSON record per logged step / evaluation / checkpoint
     tensorboard/         TensorBoard event files
+    wandb/ mlruns/       W&B offline runs and the MLflow file store (monitor.loggers), loggers.json their run ids
     profile/             torch profiler traces (train.profile_at)
     sample_ids/          rankR.jsonl: global sample positions per step (data.log_sample_ids)
     ranks/               rankR.json: who each rank was and a checksum of what it holds
@@ -16,6 +17,7 @@ may name them).
     eval.json            `prefpretrain evaluate`
     summary.json         `prefpretrain run`
     export/              `prefpretrain run`'s HF export
+    report/              `prefpretrain run`'s report of the run (report.md, the trade-off figure, curves)
     forgetting.json      a continual update's report (before -> after)
     replay/ memory/      a continual update's replay memory, and the memory it leaves for the next update
     continual/           start.pt (earlier weights, Fisher), before.json
@@ -44,6 +46,8 @@ FAILURES = "failures"
 EVAL = "eval.json"
 SUMMARY = "summary.json"
 EXPORT = "export"
+REPORT = "report"
+LOGGERS = "loggers.json"
 FORGETTING = "forgetting.json"
 REPLAY = "replay"
 MEMORY = "memory"

@@ -272,6 +272,8 @@ def test_run_command_updates_and_reports_forgetting(new_shards, old_run, tmp_pat
     assert json.loads((run / "summary.json").read_text())["misalignment_at_data_mix"] >= 0
     fg = json.loads((run / "forgetting.json").read_text())
     assert json.loads((run / "summary.json").read_text())["step"] == 3
+    report = (run / "report" / "report.md").read_text()  # `run` reports the run: the trade-off first
+    assert report.index("](tradeoff.png)") < report.index("](forgetting.png)") and "report/report.md" in r.stdout
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     ea = EventAccumulator(str(run / "tensorboard"))

@@ -12,7 +12,7 @@ from prefpretrain.config import Config, load_config
 from prefpretrain.data_shards.writer import MANIFEST
 from prefpretrain.errors import ConfigError
 from prefpretrain.preflight import check_engine, check_paths
-from prefpretrain.rundir import CONFIG, EVAL, EXPORT, METRICS, SUMMARY, TENSORBOARD
+from prefpretrain.rundir import CONFIG, EVAL, EXPORT, METRICS, REPORT, SUMMARY, TENSORBOARD
 
 log = logging.getLogger("prefpretrain")
 
@@ -55,17 +55,20 @@ def cmd_run(a) -> int:
         log.error("training failed with exit code %d", rc)
         return rc
     t_train = time.time() - t0 - t_shard
+    from prefpretrain.report import build_report
     from prefpretrain.trainer.evaluate import evaluate_run
     from prefpretrain.trainer.export import export_run
 
     run = Path(cfg.run.output_dir)
     ev = evaluate_run(run)
     out = export_run(run, run / EXPORT)
+    report = build_report([str(run)], str(run / REPORT))
     t_all = time.time() - t0
     summary = {
         "run_dir": str(run), "config": str(run / CONFIG), "checkpoint": ev["checkpoint"],
         "tensorboard": str(run / TENSORBOARD), "metrics": str(run / METRICS),
-        "eval": str(run / EVAL), "export": str(out), "step": ev["step"], "tokens_seen": ev["tokens_seen"],
+        "eval": str(run / EVAL), "export": str(out), "report": str(report), "step": ev["step"],
+        "tokens_seen": ev["tokens_seen"],
         "val_loss": round(ev["val_loss"], 4), "perplexity": round(ev["perplexity"], 2),
         "misalignment": ev.get("misalignment"), "condition": ev.get("condition"),
         "parse_fraction": ev.get("parse_fraction"),
@@ -99,7 +102,7 @@ def _print_summary(s: dict, ev: dict) -> None:
     lines += [
         f"  run dir      {s['run_dir']}", f"  checkpoint   {s['checkpoint']}", (f"  tensorboard  {s['tensorboard']}"
         f"   (prefpretrain tensorboard {s['run_dir']})"), f"  metrics      {s['metrics']}",
-        f"  eval         {s['eval']}", f"  HF export    {s['export']}",
+        f"  eval         {s['eval']}", f"  HF export    {s['export']}", f"  report       {s['report']}",
         (f"  try it       prefpretrain generate {s['export']} --condition "
         f"{'aligned' if s.get('condition') == 'aligned' else 'none'} --n 2"),
     ]

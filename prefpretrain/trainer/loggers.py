@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Protocol
 
 from prefpretrain.errors import ConfigError, InputError
+from prefpretrain.rundir import LOGGERS as IDS  # W&B / MLflow run ids of a run directory
 from prefpretrain.rundir import TENSORBOARD
 
-IDS = "loggers.json"  # W&B / MLflow run ids of a run directory
 KNOWN = {"tensorboard": None, "wandb": "wandb", "mlflow": "mlflow"}  # logger -> the module (and extra) it needs
 
 
