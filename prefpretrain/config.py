@@ -152,6 +152,9 @@ class EvalConfig:
     control_protocol: Literal["newline", "prefix", "segment"] = "newline"  # where a conditional model's control
     # token goes when sampling: newline (PHF's: at the start and after every newline), prefix (at the start only),
     # segment (at the start and after every segment end of the shards' segmenter: lines, or sentences too)
+    lm_eval: str = ""  # lm-evaluation-harness tasks `evaluate` runs on the run's export, comma-separated: builtin,
+    # task names, directories of task YAMLs ("": none; offline, local tasks only; docs/evaluation.md)
+    lm_eval_limit: int = 0  # the first N examples of each lm-eval task (0 = all)
 
 
 @dataclass
@@ -329,6 +332,8 @@ def _check_values(cfg: Config) -> None:
                                                                        or cfg.model.kind != "causal")):
         raise ConfigError(f"eval.misalignment_every_steps: {e.misalignment_every_steps} needs a causal model and "
                           f"eval.samples > 0 (0 = off)")
+    if e.lm_eval_limit < 0:
+        raise ConfigError(f"eval.lm_eval_limit: must be >= 0 (0 = all), got {e.lm_eval_limit}")
     if not 0 < cfg.model.mlm_probability < 1:
         raise ConfigError(f"model.mlm_probability: must be within (0, 1), got {cfg.model.mlm_probability}")
     _check_continual(cfg)

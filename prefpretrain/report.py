@@ -2,7 +2,8 @@
 
 Reads what runs already write (metrics.jsonl, eval.json, run_info.json, config.yaml, forgetting.json if
 any); draws misalignment against capability (one point per run), loss curves, misalignment vs tokens,
-objective comparison bars and forgetting.
+objective comparison bars and forgetting; tabulates capability (lm-eval tasks, `evaluate --lm-eval`) next to
+misalignment.
 """
 from __future__ import annotations
 
@@ -182,6 +183,19 @@ def _forgetting_table(runs: list[dict]) -> list[str]:
     return lines
 
 
+def _capability_table(runs: list[dict]) -> list[str]:
+    """lm-evaluation-harness tasks (eval.json's `lm_eval`): each task's main metric, the one `capability` averages."""
+    have = [r for r in runs if r["eval"].get("lm_eval")]
+    lines = ["", "| run | lm-eval task | metric | value | stderr | examples |", "|---|---|---|---|---|---|"]
+    for r in have:
+        for task, m in r["eval"].get("capability_metric", {}).items():
+            v = r["eval"]["lm_eval"][task]
+            if m is not None:
+                lines.append(f"| {r['name']} | {task} | {m} | {v[m]:.4f} | {_fmt(v.get(f'{m}_stderr'), '.4f')} "
+                             f"| {_fmt(v.get('samples'), 'd')} |")
+    return lines if have else []
+
+
 def _fmt(v, spec: str) -> str:
     return "–" if v is None else format(v, spec)
 
@@ -199,7 +213,7 @@ def build_report(run_dirs: list[str], out_dir: str) -> Path:
                          plot_objectives(runs, out), plot_forgetting(runs, out)) if p is not None]
     lines = ["# prefpretrain report", "",
              "| run | objective | params | steps | tokens | val loss | perplexity | misalignment | clean samples "
-             "| samples that parse | their misalignment | train time (s) |", "|---" * 12 + "|"]
+             "| samples that parse | their misalignment | capability | train time (s) |", "|---" * 13 + "|"]
     for r in runs:
         ev, last = r["eval"], (r["train"][-1] if r["train"] else {})
         steps = last.get("step")
@@ -209,8 +223,9 @@ def build_report(run_dirs: list[str], out_dir: str) -> Path:
             f"| {_fmt(steps and steps * r['tokens_per_step'], ',d')} | {_fmt(ev.get('val_loss'), '.4f')} "
             f"| {_fmt(ev.get('perplexity'), '.2f')} | {_fmt(ev.get('misalignment'), '.5f')} "
             f"| {_fmt(ev.get('misalignment_zero_fraction'), '.0%')} | {_fmt(ev.get('parse_fraction'), '.0%')} "
-            f"| {_fmt(_number(ev.get('misalignment_parsed')), '.5f')} | {_fmt(r['seconds'], '.0f')} |")
-    lines += _forgetting_table(runs)
+            f"| {_fmt(_number(ev.get('misalignment_parsed')), '.5f')} | {_fmt(ev.get('capability'), '.4f')} "
+            f"| {_fmt(r['seconds'], '.0f')} |")
+    lines += _capability_table(runs) + _forgetting_table(runs)
     lines += [""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     md = out / "report.md"
     md.write_text("\n".join(lines))

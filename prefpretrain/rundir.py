@@ -16,7 +16,8 @@ may name them).
     failures/            rankR.json: the same, from any rank that saw it
     eval.json            `prefpretrain evaluate`
     summary.json         `prefpretrain run`
-    export/              `prefpretrain run`'s HF export
+    export/              `prefpretrain run`'s HF export (also `evaluate --lm-eval`'s, of the newest checkpoint)
+    lm_eval/             `evaluate --lm-eval`: tasks/ (the builtin tasks' data and YAMLs), cache/ (their datasets cache)
     report/              `prefpretrain run`'s report of the run (report.md, the trade-off figure, curves)
     forgetting.json      a continual update's report (before -> after)
     replay/ memory/      a continual update's replay memory, and the memory it leaves for the next update
@@ -48,6 +49,7 @@ SUMMARY = "summary.json"
 EXPORT = "export"
 REPORT = "report"
 LOGGERS = "loggers.json"
+LM_EVAL = "lm_eval"
 FORGETTING = "forgetting.json"
 REPLAY = "replay"
 MEMORY = "memory"

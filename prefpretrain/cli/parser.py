@@ -144,6 +144,12 @@ def _evaluate(sub) -> None:
                         "(bench/sample_anatomy.py reads it)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
                    help="where to run the model (default: the run's engine.device; in its precision on a GPU)")
+    p.add_argument("--lm-eval", default=None, metavar="TASKS",
+                   help="also run lm-evaluation-harness on the run's export (offline): builtin (tasks built from "
+                        "the validation split), task names, or directories of task YAMLs, comma-separated; none: "
+                        "skip (default eval.lm_eval; docs/evaluation.md)")
+    p.add_argument("--lm-eval-limit", type=int, default=None, metavar="N",
+                   help="the first N examples of each lm-eval task (0: all; default eval.lm_eval_limit)")
 
 
 def _generate(sub) -> None:

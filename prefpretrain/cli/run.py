@@ -45,6 +45,9 @@ def cmd_run(a) -> int:
     t0 = time.time()
     cfg = load_config(a.config, a.overrides)
     check_engine(cfg, cfg.launch.nproc_per_node)
+    from prefpretrain.trainer.capability import selection
+
+    selection(cfg.eval.lm_eval, "eval.lm_eval")  # (lm-eval tasks that cannot run here: refused before training)
     ensure_shards(cfg)
     check_paths(cfg)  # every shard set (also at a URL) has a readable manifest
     t_shard = time.time() - t0
@@ -57,11 +60,13 @@ def cmd_run(a) -> int:
     t_train = time.time() - t0 - t_shard
     from prefpretrain.report import build_report
     from prefpretrain.trainer.evaluate import evaluate_run
-    from prefpretrain.trainer.export import export_run
+    from prefpretrain.trainer.export import export_matches, export_run
 
     run = Path(cfg.run.output_dir)
     ev = evaluate_run(run)
-    out = export_run(run, run / EXPORT)
+    out = run / EXPORT  # (evaluate's lm-eval tasks exported the checkpoint already)
+    if not export_matches(out, Path(ev["checkpoint"])):
+        export_run(run, out)
     report = build_report([str(run)], str(run / REPORT))
     t_all = time.time() - t0
     summary = {
@@ -74,7 +79,7 @@ def cmd_run(a) -> int:
         "parse_fraction": ev.get("parse_fraction"),
         "misalignment_parsed": None if ev.get("misalignment_parsed") != ev.get("misalignment_parsed") else
         ev.get("misalignment_parsed"),  # (NaN where no sample parses: JSON has no NaN)
-        "misalignment_at_data_mix": ev.get("misalignment_at_data_mix"),
+        "misalignment_at_data_mix": ev.get("misalignment_at_data_mix"), "capability": ev.get("capability"),
         "seconds": {"shard": round(t_shard, 1), "train": round(t_train, 1), "total": round(t_all, 1)},
     }
     (run / SUMMARY).write_text(json.dumps(summary, indent=1))
@@ -99,6 +104,8 @@ def _print_summary(s: dict, ev: dict) -> None:
         if s.get("misalignment_at_data_mix") is not None:  # code: at the data's mix of line types
             lines.append(f"  at the data's mix of code, comment, docstring and blank lines: "
                          f"{s['misalignment_at_data_mix']:.5f}")
+    if s.get("capability") is not None:  # lm-eval tasks (eval.lm_eval)
+        lines.append(f"  capability (mean accuracy over {', '.join(ev['lm_eval'])}): {s['capability']:.4f}")
     lines += [
         f"  run dir      {s['run_dir']}", f"  checkpoint   {s['checkpoint']}", (f"  tensorboard  {s['tensorboard']}"
         f"   (prefpretrain tensorboard {s['run_dir']})"), f"  metrics      {s['metrics']}",

@@ -255,17 +255,24 @@ def write_samples(path: str | Path, res: dict, texts: list[str]) -> None:
 
 def evaluate_run(run_dir: str | Path, samples: int | None = None, condition: str | None = None, seeds: int = 1,
                  scorers: list[str] | None = None, out: str | Path | None = None, device: str | None = None,
-                 protocol: str | None = None, samples_out: str | Path | None = None) -> dict:
+                 protocol: str | None = None, samples_out: str | Path | None = None, lm_eval: str | None = None,
+                 lm_eval_limit: int | None = None) -> dict:
     """`prefpretrain evaluate RUN_DIR`: load the newest checkpoint onto the run's device (engine.device, or
     `device`) in its training precision there, write RUN_DIR/eval.json (or `out`), and every sample with its
-    scores to `samples_out` (JSON lines) when given."""
+    scores to `samples_out` (JSON lines) when given. `lm_eval` (default eval.lm_eval): lm-evaluation-harness
+    tasks run on the run's export (capability.py), the first `lm_eval_limit` examples of each (0: all)."""
     from prefpretrain.objectives import eval_condition, layout_for
+    from prefpretrain.trainer.capability import run_capability, selection
     from prefpretrain.trainer.data import mask_spec, run_attributes, run_layout
     from prefpretrain.trainer.finished import FinishedRun, inference_placement
 
     fr = FinishedRun.open(run_dir)
     run, cfg, ckpt, state = fr.path, fr.cfg, fr.ckpt, fr.state
     check_loggers(cfg.monitor.loggers)  # (before the work: its results go to them)
+    tasks = selection(cfg.eval.lm_eval if lm_eval is None else lm_eval,
+                      "eval.lm_eval" if lm_eval is None else "--lm-eval")
+    if tasks is not None and cfg.model.kind != "causal":
+        raise InputError("--lm-eval: lm-evaluation-harness scores next-token likelihoods: a causal model only")
     dev, dtype = inference_placement(device or cfg.engine.device, cfg.train.precision)
     model = fr.load_model(dev, dtype)
     ss = fr.shards("val", verify=cfg.data.verify_checksums)
@@ -293,6 +300,10 @@ def evaluate_run(run_dir: str | Path, samples: int | None = None, condition: str
                                 seed=cfg.run.seed, max_positions=cfg.data.seq_len, seeds=seeds, scorers=scorers,
                                 attributes=attributes, protocol=protocol or cfg.eval.control_protocol,
                                 line_mix=line_mix))
+    if tasks is not None:
+        del model  # (lm-eval loads the export)
+        res.update(run_capability(fr, tasks, ss, device=str(dev), dtype=str(dtype).removeprefix("torch."),
+                                  limit=cfg.eval.lm_eval_limit if lm_eval_limit is None else lm_eval_limit))
     texts = res.pop("sample_texts", None)
     if samples_out and texts is not None:
         write_samples(samples_out, res, texts)
@@ -319,11 +330,14 @@ def misalignment_scalars(res: dict) -> dict[str, float]:
 def _to_loggers(run: Path, mon, step: int, res: dict) -> None:
     """eval/* scalars to the run's loggers (monitor.loggers: TensorBoard, W&B, MLflow; the same runs training
     wrote to), mirrored as one `kind: evaluate` line in metrics.jsonl."""
+    from prefpretrain.trainer.capability import capability_scalars
+
     rec = {"step": step, "kind": "evaluate", "time": round(time.time(), 3), "tokens_seen": res.get("tokens_seen")}
     scalars = {f"eval/{k}": res[k] for k in ("val_loss", "perplexity", "val_loss_aligned", "val_loss_plain")
                if k in res}
     if "misalignment_ci95" in res:  # (samples were drawn)
         scalars.update(misalignment_scalars(res))
+    scalars.update(capability_scalars(res))  # (lm-eval's tasks, when run)
     scalars = {k: v for k, v in scalars.items() if v == v}  # (not NaN)
     for lg in open_loggers(mon, run):
         lg.scalars(step, scalars)

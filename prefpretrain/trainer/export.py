@@ -45,6 +45,17 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> Path:
     return out
 
 
+def export_matches(out_dir: str | Path, ckpt: Path) -> bool:
+    """Whether `out_dir` holds a complete export of checkpoint `ckpt`."""
+    out = Path(out_dir)
+    try:
+        info = json.loads((out / "prefpretrain.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(info, dict) and Path(str(info.get("exported_from"))).resolve() == Path(ckpt).resolve()
+            and any((out / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")))
+
+
 def _tokenizer_with_controls(tok, attributes: tuple, model):
     """The HF tokenizer with the control tokens of attributes past the first added, at the ids the model was
     trained with (the tokenizer's vocabulary, then two per attribute in order)."""
