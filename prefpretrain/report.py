@@ -108,7 +108,7 @@ def plot_objectives(runs: list[dict], out: Path) -> Path | None:
     return _save(plt, fig, out / "objectives.png")
 
 
-OBJECTIVE_COLOURS = {"mle": "tab:gray", "filtering": "tab:blue", "conditional": "tab:green",
+OBJECTIVE_COLOURS = {"mle": "tab:gray", "filter": "tab:blue", "conditional": "tab:green",
                      "unlikelihood": "tab:red", "rwr": "tab:purple", "awr": "tab:orange"}
 
 
