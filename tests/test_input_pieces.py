@@ -60,9 +60,9 @@ def test_large_jsonl_files_are_planned_as_byte_ranges_and_compressed_ones_whole(
 
 @pytest.mark.cli
 def test_a_split_jsonl_file_gives_the_whole_files_records_and_tasks_agree(tmp_path):
-    (tmp_path / "big.jsonl").write_bytes(_jsonl(3000, seed=1))
+    (tmp_path / "big.jsonl").write_bytes(_jsonl(1200, seed=1))
     kw = dict(inputs=[str(tmp_path / "big.jsonl")], workers=1, vocab_size=400, progress=False, val_fraction=0.1)
-    split = build_shards(ShardOptions(output=str(tmp_path / "split"), tasks=2, shard_size_mb=0.05, **kw))
+    split = build_shards(ShardOptions(output=str(tmp_path / "split"), tasks=2, shard_size_mb=0.08, **kw))
     items = json.loads((tmp_path / "split" / plan.PLAN).read_text())["files"]
     assert len(items) >= 4 and all(it[3][0] == "bytes" for it in items) and split["files"] == 1
     whole = build_shards(ShardOptions(output=str(tmp_path / "whole"), shard_size_mb=64, **kw))

@@ -169,9 +169,9 @@ def test_a_large_parquet_file_is_split_by_row_groups_and_the_tasks_agree(tmp_pat
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows = [{"text": f"def f{i}(x):\n    return x + {i}\n" * (1 + i % 7)} for i in range(3000)]
-    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "big.parquet", row_group_size=200)  # 15 row groups
-    kw = dict(inputs=[str(tmp_path / "big.parquet")], workers=1, vocab_size=400, shard_size_mb=0.02,
+    rows = [{"text": f"def f{i}(x):\n    return x + {i}\n" * (1 + i % 7)} for i in range(1200)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "big.parquet", row_group_size=80)  # 15 row groups
+    kw = dict(inputs=[str(tmp_path / "big.parquet")], workers=1, vocab_size=400, shard_size_mb=0.008,
               progress=False)
     m1 = build_shards(ShardOptions(output=str(tmp_path / "one"), **kw))
     items = json.loads((tmp_path / "one" / plan.PLAN).read_text())["files"]
@@ -185,7 +185,7 @@ def test_a_large_parquet_file_is_split_by_row_groups_and_the_tasks_agree(tmp_pat
         return {sp: sorted(ss.read(i)["meta"]["doc_id"] for i in range(len(ss))) for sp, ss in sets.items()}
 
     ids, ids_whole = doc_ids("one"), doc_ids("whole")
-    assert ids == ids_whole and whole["splits"]["train"]["samples"] + whole["splits"]["val"]["samples"] == 3000
+    assert ids == ids_whole and whole["splits"]["train"]["samples"] + whole["splits"]["val"]["samples"] == 1200
 
 
 def _kill_corpus(d: Path) -> list[str]:
