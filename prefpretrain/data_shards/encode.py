@@ -94,8 +94,12 @@ def process_file(item: tuple):
         if longest > MAX_LINE_CHARS:
             res.skipped["huge_line"] += 1
             res.problems.append(f"{doc.doc_id}: a line of {longest} chars > {MAX_LINE_CHARS}")
-        else:
+            continue
+        try:
             docs.append((doc, _W["seg"](doc.text)))
+        except Exception as e:  # noqa: BLE001 - one document the segmenter fails on is skipped alone
+            res.skipped["scorer_error"] += 1
+            res.problems.append(f"{doc.doc_id}: segmenter failed ({type(e).__name__}: {e})")
     for (doc, spans), given in zip(docs, batch_scores(_W["scorer"], docs), strict=True):
         try:
             enc = encode_document(doc, _W["tok"], _W["scorer"], _W["seg"], _W["eos"], spans, given)

@@ -100,12 +100,8 @@ def read_jsonl_range(f, name: str, start: int, end: int, text_field: str, score_
         if cut < 0:
             return
         data, lo = data[cut + 1:], lo + cut + 1
-    while data and not data.endswith(b"\n"):  # the last line started here: read it to its end
-        more = f.read(1 << 16)
-        if not more:
-            break
-        nl = more.find(b"\n")
-        data += more if nl < 0 else more[: nl + 1]
+    if data and not data.endswith(b"\n"):  # the last line started here: read it to its end
+        data += f.readline()
     read_jsonl(data, name, text_field, score_field, res, first_byte=lo)
 
 

@@ -339,9 +339,13 @@ def _to_loggers(run: Path, mon, step: int, res: dict) -> None:
         scalars.update(misalignment_scalars(res))
     scalars.update(capability_scalars(res))  # (lm-eval's tasks, when run)
     scalars = {k: v for k, v in scalars.items() if v == v}  # (not NaN)
-    for lg in open_loggers(mon, run):
-        lg.scalars(step, scalars)
-        lg.close()
     rec.update(scalars)
     with open(run / METRICS, "a") as f:
         f.write(json.dumps(rec) + "\n")
+    try:  # (eval.json and metrics.jsonl hold the results: a logger that fails now is a warning, not an error)
+        for lg in open_loggers(mon, run):
+            lg.scalars(step, scalars)
+            lg.close()
+    except Exception as e:  # noqa: BLE001 - InputError from a logger that cannot start, a backend's error
+        log.warning("evaluate: the results did not reach every logger (%s: %s)", type(e).__name__,
+                    str(e).splitlines()[0][:200] if str(e) else "")

@@ -19,7 +19,7 @@ from typing import Protocol
 
 from prefpretrain.errors import ConfigError, InputError
 from prefpretrain.rundir import LOGGERS as IDS  # W&B / MLflow run ids of a run directory
-from prefpretrain.rundir import TENSORBOARD
+from prefpretrain.rundir import TENSORBOARD, atomic_write
 
 KNOWN = {"tensorboard": None, "wandb": "wandb", "mlflow": "mlflow"}  # logger -> the module (and extra) it needs
 
@@ -31,7 +31,7 @@ class Logger(Protocol):
 
     def hparams(self, hparams: dict, metrics: dict[str, float]) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self, status: str = "FINISHED") -> None: ...  # FINISHED, FAILED or KILLED (pre-empted)
 
 
 def check_loggers(names: list[str]) -> None:
@@ -49,7 +49,11 @@ def open_loggers(mon, run_dir: Path) -> list[Logger]:
     """The loggers `mon` (a MonitorConfig) asks for, writing for the run in `run_dir` (rank 0 only)."""
     check_loggers(mon.loggers)
     ids_path = run_dir / IDS
-    ids = json.loads(ids_path.read_text()) if ids_path.is_file() else {}
+    try:
+        ids = json.loads(ids_path.read_text()) if ids_path.is_file() else {}
+    except ValueError:
+        raise InputError(f"{ids_path}: not valid JSON (the W&B / MLflow run ids of this run); remove it to log to "
+                         f"new runs") from None
     out: list[Logger] = []
     for n in mon.loggers:
         try:
@@ -58,14 +62,17 @@ def open_loggers(mon, run_dir: Path) -> list[Logger]:
             elif n == "wandb":
                 out.append(WandbLogger(run_dir, mon, ids.setdefault("wandb", uuid.uuid4().hex[:12])))
             else:
-                lg = MLflowLogger(run_dir, mon, ids.get("mlflow"))
-                ids["mlflow"] = lg.run_id
+                store = f"{mon.mlflow_tracking_uri or 'RUN/mlruns'} {mon.mlflow_experiment}"  # (an id is per store)
+                old = ids.get("mlflow") or {}
+                lg = MLflowLogger(run_dir, mon, old.get("run_id") if old.get("store") == store else None)
+                ids["mlflow"] = {"run_id": lg.run_id, "store": store}
                 out.append(lg)
+            atomic_write(ids_path, json.dumps(ids, indent=1))  # (as each starts: none is left without its id)
         except Exception as e:  # noqa: BLE001 - a server unreachable, a store unusable, ...: one line
+            for lg in out:  # (the ones already started are closed, not left running)
+                lg.close("FAILED")
             why = str(e).splitlines()[0][:300] if str(e) else ""
             raise InputError(f"monitor.loggers: {n} could not start ({type(e).__name__}: {why})") from None
-    if ids:
-        ids_path.write_text(json.dumps(ids, indent=1))
     return out
 
 
@@ -95,20 +102,29 @@ class TensorBoardLogger:
             self.writer.file_writer.add_summary(s)
         self.writer.flush()
 
-    def close(self) -> None:
+    def close(self, status: str = "FINISHED") -> None:
         self.writer.close()
 
 
 class WandbLogger:
-    """A W&B run (id kept in RUN/loggers.json): scalars against the training step as their x axis (`step`, so a
-    resumed run's repeated steps are kept, not dropped as W&B's own step would), config, hparams in the config
-    and final metrics in the summary. Console capture off (our logs stay ours)."""
+    """A W&B run: scalars against the training step as their x axis (`step`, so a resumed run's repeated steps are
+    kept, not dropped as W&B's own step would), config, hparams in the config and final metrics in the summary.
+    Console capture off (our logs stay ours). Online, a run directory is one W&B run (id in RUN/loggers.json,
+    resumed by every later process). Offline, W&B cannot append to a run (`wandb sync` of two offline directories
+    of one id keeps one history), so each process (a start, a resume, an evaluate) is its own run, ID-0, ID-1,
+    ..., in one group named after the run directory and ID."""
 
-    def __init__(self, run_dir: Path, mon, run_id: str):
+    def __init__(self, run_dir: Path, mon, base_id: str):
         import wandb
 
-        self.run = wandb.init(project=mon.wandb_project, name=run_dir.resolve().name, id=run_id, dir=str(run_dir),
-                              mode=mon.wandb_mode, resume="allow", settings=wandb.Settings(console="off", silent=True))
+        name = run_dir.resolve().name
+        if mon.wandb_mode == "offline":
+            n = len(list((run_dir / "wandb").glob(f"offline-run-*-{base_id}-*")))
+            kw = {"id": f"{base_id}-{n}", "group": f"{name}-{base_id}", "name": f"{name}-{n}"}
+        else:
+            kw = {"id": base_id, "resume": "allow", "name": name}
+        self.run = wandb.init(project=mon.wandb_project, dir=str(run_dir), mode=mon.wandb_mode,
+                              settings=wandb.Settings(console="off", silent=True), **kw)
         self.run.define_metric("step")
         self.run.define_metric("*", step_metric="step")
 
@@ -122,8 +138,8 @@ class WandbLogger:
         self.run.config.update({"hparams": _plain(hparams)}, allow_val_change=True)
         self.run.summary.update(metrics)
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, status: str = "FINISHED") -> None:
+        self.run.finish(exit_code=0 if status == "FINISHED" else 1)
 
 
 class MLflowLogger:
@@ -168,8 +184,8 @@ class MLflowLogger:
         for k, v in _plain(hparams).items():  # (the final metrics are already scalars at their step)
             self.client.set_tag(self.run_id, f"hparams.{k}", str(v))
 
-    def close(self) -> None:
-        self.client.set_terminated(self.run_id)
+    def close(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -54,8 +54,10 @@ def train(cfg: Config, hooks: Sequence[TrainHooks] = ()) -> dict:
     info = distributed.setup(cfg.engine.backend, cfg.engine.device, cfg.engine.timeout_s)
     setup_logging(info.rank)
     ok = False
+    s = None
     try:
-        res = _train(sessionlib.start(cfg, info, HookList(hooks)))
+        s = sessionlib.start(cfg, info, HookList(hooks))
+        res = _train(s)
         ok = True
         return res
     except InputError as e:  # a damaged or unsafe file, refused: the launcher reports it and exits 2
@@ -65,6 +67,8 @@ def train(cfg: Config, hooks: Sequence[TrainHooks] = ()) -> dict:
         _record_failure(cfg, info.rank, "diverged", EXIT_DIVERGED, e)
         raise
     finally:
+        if s is not None and not ok:
+            s.mon.close("FAILED")  # (W&B / MLflow runs marked failed, not left running; a no-op once closed)
         distributed.teardown(ok)
 
 
@@ -133,7 +137,7 @@ def _preempted(s: Session) -> None:
     if s.info.rank == 0:
         write_failure(s.run_dir, "preempted", EXIT_PREEMPTED, msg)
     log.warning(msg)
-    s.mon.close()
+    s.mon.close("KILLED")
     raise Preempted(msg)
 
 

@@ -27,8 +27,7 @@ class Monitor:
             return
         self.loggers = open_loggers(mon or MonitorConfig(), run_dir)
         if config_text:
-            for lg in self.loggers:
-                lg.config(config or {}, config_text, start_step)
+            self._each("config", config or {}, config_text, start_step)
         self.metrics = open(run_dir / METRICS, "a")
         if sys.stderr.isatty():
             from tqdm import tqdm
@@ -40,8 +39,7 @@ class Monitor:
         fields, which are not scalars of their own, e.g. tokens_seen)."""
         if not self.enabled:
             return
-        for lg in self.loggers:
-            lg.scalars(step, values)
+        self._each("scalars", step, values)
         rec = {"step": step, "kind": kind, "time": round(time.time(), 3), **(record or {})}
         rec.update({tag.split("/", 1)[-1] if kind == "train" else tag: v for tag, v in values.items()})
         self.metrics.write(json.dumps(rec) + "\n")
@@ -61,14 +59,24 @@ class Monitor:
         MLflow's tags)."""
         if not self.enabled:
             return
-        for lg in self.loggers:
-            lg.hparams(hparams, metrics)
+        self._each("hparams", hparams, metrics)
 
-    def close(self) -> None:
-        if not self.enabled:
+    def close(self, status: str = "FINISHED") -> None:
+        """`status`: FINISHED, FAILED (the run stopped on an error) or KILLED (pre-empted; a resume continues)."""
+        if not self.enabled or self.metrics.closed:
             return
         if self.bar is not None:
             self.bar.close()
-        for lg in self.loggers:
-            lg.close()
+        self._each("close", status)
         self.metrics.close()
+
+    def _each(self, method: str, *args) -> None:
+        """Call every logger; one that fails (a tracking server gone mid-run) is dropped with a warning, not
+        allowed to stop the training of every rank (metrics.jsonl and the other loggers keep the record)."""
+        for lg in list(self.loggers):
+            try:
+                getattr(lg, method)(*args)
+            except Exception as e:  # noqa: BLE001 - any backend's error: the run goes on without that logger
+                log.warning("logger %s failed (%s: %s); it logs nothing more in this process", type(lg).__name__,
+                            type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+                self.loggers.remove(lg)
