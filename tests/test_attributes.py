@@ -125,10 +125,10 @@ def test_each_attribute_s_control_works_independently_after_training(tmp_path):
                               segmenter="line", vocab_size=300, val_fraction=0.1, workers=1, progress=False))
     for name in ("caps", "digits"):
         rescore(shards, f"tests.attribute_scorers:{name}", name, workers=1)
-    launch_tiny(shards, run, 2, **{"objective.attributes": "[caps, digits]", "train.max_steps": 500,
+    launch_tiny(shards, run, 2, **{"objective.attributes": "[caps, digits]", "train.max_steps": 300,
                                    "train.micro_batch_size": 4, "train.global_batch_size": 8, "train.lr": 1e-2,
                                    "train.warmup_steps": 20, "model.hidden_size": 64, "eval.every_steps": 0,
-                                   "checkpoint.every_steps": 0, "eval.misalignment_every_steps": 250,
+                                   "checkpoint.every_steps": 0, "eval.misalignment_every_steps": 150,
                                    "eval.max_new_tokens": 60})  # (several complete lines per sample)
     rows = [r for r in read_metrics(run, "evaluate") if "eval/misalignment" in r]
     assert len(rows) >= 2 and all("eval/misalignment_tests_attribute_scorers_digits" in r for r in rows)
