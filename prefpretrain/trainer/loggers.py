@@ -63,11 +63,12 @@ def open_loggers(mon, run_dir: Path) -> list[Logger]:
                 out.append(WandbLogger(run_dir, mon, ids.setdefault("wandb", uuid.uuid4().hex[:12])))
             else:
                 store = f"{mon.mlflow_tracking_uri or 'RUN/mlruns'} {mon.mlflow_experiment}"  # (an id is per store)
-                old = ids.get("mlflow") or {}
+                old = ids["mlflow"] if isinstance(ids.get("mlflow"), dict) else {}
                 lg = MLflowLogger(run_dir, mon, old.get("run_id") if old.get("store") == store else None)
                 ids["mlflow"] = {"run_id": lg.run_id, "store": store}
                 out.append(lg)
-            atomic_write(ids_path, json.dumps(ids, indent=1))  # (as each starts: none is left without its id)
+            if ids:  # (as each starts: none is left without its id; TensorBoard alone needs none)
+                atomic_write(ids_path, json.dumps(ids, indent=1))
         except Exception as e:  # noqa: BLE001 - a server unreachable, a store unusable, ...: one line
             for lg in out:  # (the ones already started are closed, not left running)
                 lg.close("FAILED")
