@@ -28,5 +28,12 @@ class Preempted(RuntimeError):
     """SIGTERM, SIGUSR1 or SIGINT arrived; the run saved a checkpoint and stopped (exit code 4)."""
 
 
+def describe(e: BaseException, limit: int = 200) -> str:
+    """`Type: the first line of its message` (at most `limit` characters of it): how a one-line error or warning
+    names the exception behind it."""
+    text = str(e).splitlines()[0][:limit] if str(e) else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 class TasksFailed(RuntimeError):
     """Tasks of a distributed job (shard tasks) that did not finish: the message names each with its log (exit 1)."""

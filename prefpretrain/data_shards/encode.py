@@ -49,11 +49,10 @@ def mean_per_char(seg_scores: np.ndarray, lens: np.ndarray) -> float:
     return float((seg_scores * lens).sum() / max(1.0, lens.sum()))
 
 
-def encode_document(doc: sources.Document, tok, scorer, segmenter, eos: int, spans: list | None = None,
+def encode_document(doc: sources.Document, tok, scorer, segmenter, eos: int, spans: list,
                     given: list[float] | None = None) -> dict | None:
-    """A document's tokens, per-token and per-segment scores (`spans`, `given`: its segments and their scores
-    when already computed)."""
-    spans = segmenter(doc.text) if spans is None else spans
+    """A document's tokens, per-token and per-segment scores (`spans`: its segments, by `segmenter`; `given`:
+    their scores when already computed, by a batch over many documents)."""
     if not spans:
         return None
     seg_scores, lens = score_segments(scorer, doc, spans, given)

@@ -23,6 +23,7 @@ from prefpretrain.data_shards.formats import (  # noqa: F401 - re-exported: the 
     Document,
     FileResult,
 )
+from prefpretrain.errors import describe
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +163,7 @@ def work_items(files: list[InputFile], target_bytes: float) -> list[list]:
 
 def _unreadable(res: FileResult, name: str, e: Exception) -> FileResult:
     res.skipped["unreadable"] += 1
-    why = str(e).splitlines()[0][:200] if str(e) else ""
-    res.problems.append(f"{name}: unreadable ({type(e).__name__}: {why})")
+    res.problems.append(f"{name}: unreadable ({describe(e)})")
     return res
 
 

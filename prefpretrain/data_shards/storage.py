@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 
+from prefpretrain.errors import describe
+
 EXTRA_FOR = {"s3": "s3fs (pip install 'prefpretrain[s3]')", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs",
              "abfs": "adlfs"}
 
@@ -44,11 +46,6 @@ def filesystem(url: str):
     return _filesystem(protocol(url))
 
 
-def _why(e: Exception) -> str:
-    text = str(e).splitlines()[0][:200] if str(e) else ""
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
 def check_reachable(url: str) -> None:
     """Fail in one line when the store (bucket) of `url` cannot be listed: a wrong endpoint, no credentials."""
     fs = filesystem(url)
@@ -59,7 +56,7 @@ def check_reachable(url: str) -> None:
         raise StorageError(f"{url}: the bucket {root!r} does not exist") from None
     except Exception as e:  # noqa: BLE001 - botocore raises many kinds (NoCredentialsError, EndpointConnectionError...)
         hint = " (set AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)" if protocol(url) == "s3" else ""
-        raise StorageError(f"{url}: cannot reach the store ({_why(e)}){hint}") from None
+        raise StorageError(f"{url}: cannot reach the store ({describe(e)}){hint}") from None
 
 
 def _version(d: dict) -> str:

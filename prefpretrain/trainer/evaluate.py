@@ -19,7 +19,7 @@ from prefpretrain.data_shards.packing import PackedSet
 from prefpretrain.data_shards.scorers import Pep8Scorer, get_scorer
 from prefpretrain.data_shards.segment import get_segmenter
 from prefpretrain.data_shards.sources import Document
-from prefpretrain.errors import InputError
+from prefpretrain.errors import InputError, describe
 from prefpretrain.losses import token_nll
 from prefpretrain.rundir import EVAL, METRICS
 from prefpretrain.trainer.loggers import check_loggers, open_loggers
@@ -347,5 +347,4 @@ def _to_loggers(run: Path, mon, step: int, res: dict) -> None:
             lg.scalars(step, scalars)
             lg.close()
     except Exception as e:  # noqa: BLE001 - InputError from a logger that cannot start, a backend's error
-        log.warning("evaluate: the results did not reach every logger (%s: %s)", type(e).__name__,
-                    str(e).splitlines()[0][:200] if str(e) else "")
+        log.warning("evaluate: the results did not reach every logger (%s)", describe(e))

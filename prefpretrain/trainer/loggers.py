@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Protocol
 
-from prefpretrain.errors import ConfigError, InputError
+from prefpretrain.errors import ConfigError, InputError, describe
 from prefpretrain.rundir import LOGGERS as IDS  # W&B / MLflow run ids of a run directory
 from prefpretrain.rundir import TENSORBOARD, atomic_write
 
@@ -72,8 +72,7 @@ def open_loggers(mon, run_dir: Path) -> list[Logger]:
         except Exception as e:  # noqa: BLE001 - a server unreachable, a store unusable, ...: one line
             for lg in out:  # (the ones already started are closed, not left running)
                 lg.close("FAILED")
-            why = str(e).splitlines()[0][:300] if str(e) else ""
-            raise InputError(f"monitor.loggers: {n} could not start ({type(e).__name__}: {why})") from None
+            raise InputError(f"monitor.loggers: {n} could not start ({describe(e, 300)})") from None
     return out
 
 

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from prefpretrain.config import MonitorConfig
+from prefpretrain.errors import describe
 from prefpretrain.rundir import METRICS
 from prefpretrain.trainer.loggers import open_loggers
 
@@ -77,6 +78,6 @@ class Monitor:
             try:
                 getattr(lg, method)(*args)
             except Exception as e:  # noqa: BLE001 - any backend's error: the run goes on without that logger
-                log.warning("logger %s failed (%s: %s); it logs nothing more in this process", type(lg).__name__,
-                            type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+                log.warning("logger %s failed (%s); it logs nothing more in this process", type(lg).__name__,
+                            describe(e))
                 self.loggers.remove(lg)
