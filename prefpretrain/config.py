@@ -17,7 +17,7 @@ import yaml
 
 from prefpretrain.data_shards.options import ShardSettings
 from prefpretrain.errors import ConfigError, InputError  # noqa: F401 - re-exported: config errors are named here
-from prefpretrain.objectives import OBJECTIVES, ObjectiveConfig
+from prefpretrain.objectives import OBJECTIVES, ObjectiveConfig, objective_problem
 from prefpretrain.typed import apply_override as _apply_override
 from prefpretrain.typed import field_docs, from_dict
 
@@ -343,15 +343,9 @@ def _check_objective(cfg: Config) -> None:
     t = cfg.train
     if t.objective not in OBJECTIVES:
         raise ConfigError(f"train.objective: expected one of {' | '.join(map(repr, OBJECTIVES))}, got {t.objective!r}")
-    o = cfg.objective
-    for key, val in [("objective.ul_alpha", o.ul_alpha), ("objective.beta", o.beta),
-                     ("objective.max_weight", o.max_weight)]:
-        if val <= 0:
-            raise ConfigError(f"{key}: must be positive, got {val}")
-    if not 0 <= o.awr_alpha <= 1:
-        raise ConfigError(f"objective.awr_alpha: must be within [0, 1], got {o.awr_alpha}")
-    if o.reward_scale < 0:
-        raise ConfigError(f"objective.reward_scale: must be >= 0 (0 = auto), got {o.reward_scale}")
+    problem = objective_problem(cfg.objective, None if cfg.model.from_pretrained else cfg.model.dropout)
+    if problem:
+        raise ConfigError(problem)
     _resolve_attributes(cfg)
     a = cfg.adversarial
     if a.steps < 0:

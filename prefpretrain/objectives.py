@@ -28,7 +28,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from prefpretrain.data_shards.packing import Control, Layout
 
@@ -60,6 +60,14 @@ class ObjectiveConfig:
     awr_alpha: float = 0.05  # awr: loss = alpha x weighted NLL + (1 - alpha) x value-head MSE
     max_weight: float = 1000.0  # rwr/awr: weights are clamped to this
     reward_scale: float = 0.0  # rwr/awr: reward = -score x scale; 0 = auto (1 / mean score of segments with score > 0)
+    label_head_weight: float = 0.0  # the preference-label head: weight of its binary cross-entropy on P(segment is
+    # preferred, i.e. scores <= threshold) next to the objective's loss; 0 = off. A trained head scores new text
+    # (`--scorer learned:RUN_DIR`). Any objective, causal or masked (prefpretrain.auxiliary)
+    similarity_weight: float = 0.0  # the sentence-similarity task: weight of a contrastive loss over segment
+    # embeddings with in-batch negatives; 0 = off
+    similarity_positive: Literal["neighbour", "dropout"] = "neighbour"  # a segment's positive: the next segment
+    # of its document, or a second dropout view of itself (a second forward; needs model.dropout > 0)
+    similarity_temperature: float = 0.05  # the contrastive loss's temperature (cosine similarities / it)
 
     @property
     def column(self) -> str | None:
@@ -85,6 +93,25 @@ class Objective:
 
 
 OBJECTIVES: dict[str, Objective] = {}
+
+
+def objective_problem(o: ObjectiveConfig, dropout: float | None) -> str | None:
+    """One line saying what is wrong with the objective's parameters (None: nothing). `dropout`: the model's
+    (None: a pretrained model's own, not known here)."""
+    for key, val in [("ul_alpha", o.ul_alpha), ("beta", o.beta), ("max_weight", o.max_weight),
+                     ("similarity_temperature", o.similarity_temperature)]:
+        if val <= 0:
+            return f"objective.{key}: must be positive, got {val}"
+    if not 0 <= o.awr_alpha <= 1:
+        return f"objective.awr_alpha: must be within [0, 1], got {o.awr_alpha}"
+    for key, val in [("reward_scale", o.reward_scale), ("label_head_weight", o.label_head_weight),
+                     ("similarity_weight", o.similarity_weight)]:
+        if val < 0:
+            return f"objective.{key}: must be >= 0 (0 = {'auto' if key == 'reward_scale' else 'off'}), got {val}"
+    if o.similarity_weight > 0 and o.similarity_positive == "dropout" and dropout == 0:
+        return ("objective.similarity_positive: dropout views of a model without dropout are identical; set "
+                "model.dropout > 0 or use neighbour")
+    return None
 
 
 def register(objective: Objective) -> Objective:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from prefpretrain import distributed
+from prefpretrain import auxiliary, distributed
 from prefpretrain.config import Config
 from prefpretrain.continual import forgetting
 from prefpretrain.continual.memory import build_memory
@@ -77,7 +77,8 @@ class ContinualUpdate(TrainHooks):
         self.dir.mkdir(parents=True, exist_ok=True)
         distributed.rank0_does("building the replay memory", self._build_replay)
         self.memory_packed = PackedSet(ShardSet(self.replay_dir, "train", verify=cfg.data.verify_checksums),
-                                       self.layout, cfg.data.seq_len, self.mlm, document_mask=cfg.data.document_mask)
+                                       self.layout, cfg.data.seq_len, self.mlm, document_mask=cfg.data.document_mask,
+                                       segments=auxiliary.active(cfg.objective))
         if self.R and len(self.memory_packed) == 0:
             raise ConfigError(f"continual.memory_size: the memory {self.replay_dir} yields no {cfg.data.seq_len}-token "
                               f"sample to replay")

@@ -30,7 +30,14 @@ from prefpretrain.data_shards.reader import ShardError, ShardSet
 
 IGNORE = -100
 # the per-token arrays of a packed sample (position_ids only with document masking)
-SAMPLE_ARRAYS = ("input_ids", "labels", "scores", "control", "position_ids")
+SAMPLE_ARRAYS = ("input_ids", "labels", "scores", "control", "position_ids", "segment")
+SEGMENT_BITS = 24  # a sample's `segment` key: document << SEGMENT_BITS | segment number in the document (-1: none)
+
+
+def segment_key(doc: int, seg: np.ndarray) -> np.ndarray:
+    """The `segment` keys of segments `seg` of document `doc`: unique per (document, segment); consecutive
+    segments of one document have consecutive keys (the similarity task's neighbours)."""
+    return (np.int64(doc) << SEGMENT_BITS) | np.asarray(seg, dtype=np.int64)
 CACHE_DIR = "packing_cache"
 # how document masking cuts a window into attention blocks (recorded in checkpoints: a run resumes with the layout it
 # was trained with): 2 = a document's block opens with the EOS that ends the document before it (1, before
@@ -138,8 +145,9 @@ def _part_lengths(ss: ShardSet, layout: Layout, s: int) -> np.ndarray:
     raise ValueError(f"unknown layout {layout.kind!r}")
 
 
-def doc_window(ss: ShardSet, d: int, layout: Layout, lo: int, hi: int) -> dict:
-    """Positions [lo, hi) of document d as the layout presents it, reading only the tokens needed.
+def doc_window(ss: ShardSet, d: int, layout: Layout, lo: int, hi: int, segments: bool = False) -> dict:
+    """Positions [lo, hi) of document d as the layout presents it, reading only the tokens needed; `segments`:
+    with each position's `segment` key (segment_key; a control token has its segment's).
 
     Conditional: segment j is preceded by its kept control tokens (C[j] of them, one per attribute, a hash: no
     I/O). With K[j] the controls kept before segment j and S[j] its first raw token, segment j's first control is
@@ -150,7 +158,10 @@ def doc_window(ss: ShardSet, d: int, layout: Layout, lo: int, hi: int) -> dict:
     """
     if layout.kind != "conditional":
         ids, scores = ss.read_tokens(d, lo, hi)
-        return {"ids": ids, "labels": ids.copy(), "scores": scores, "control": np.zeros(len(ids), bool)}
+        out = {"ids": ids, "labels": ids.copy(), "scores": scores, "control": np.zeros(len(ids), bool)}
+        if segments:
+            out["segment"] = segment_key(d, ss.segment_indices(d, lo, hi))
+        return out
     nseg = ss.n_segments(d)
     kept = _keep_control(layout, np.full(nseg, d, dtype=np.int64), np.arange(nseg, dtype=np.int64))
     K = np.concatenate([[0], np.cumsum(kept.sum(axis=1))])
@@ -176,8 +187,12 @@ def doc_window(ss: ShardSet, d: int, layout: Layout, lo: int, hi: int) -> dict:
     at = np.maximum(starts[seg] - a, 0)  # where in the raw tokens each goes (several at one place keep their order)
     ids = np.insert(tokens, at, ctrl)
     is_ctrl = np.insert(np.zeros(len(tokens), bool), at, True)
-    return {"ids": ids, "labels": np.where(is_ctrl, IGNORE, ids), "scores": np.insert(scores, at, seg_score[seg]),
-            "control": is_ctrl}
+    out = {"ids": ids, "labels": np.where(is_ctrl, IGNORE, ids), "scores": np.insert(scores, at, seg_score[seg]),
+           "control": is_ctrl}
+    if segments:
+        raw = j_lo + np.searchsorted(starts, np.arange(a, b), side="right") - 1
+        out["segment"] = segment_key(d, np.insert(raw, at, j_lo + seg))
+    return out
 
 
 def _controls(layout: Layout, kept: np.ndarray, first: np.ndarray, scores: np.ndarray, extra: np.ndarray,
@@ -284,8 +299,9 @@ class PackedSet:
     eager) or a variable-length flash-attention call (prefpretrain.trainer.model.lm_inputs passes them)."""
 
     def __init__(self, ss: ShardSet, layout: Layout, seq_len: int, mlm: MaskSpec | None = None,
-                 skip_corrupt: bool = False, document_mask: bool = False):
+                 skip_corrupt: bool = False, document_mask: bool = False, segments: bool = False):
         self.ss, self.layout, self.seq_len, self.mlm, self.skip_corrupt = ss, layout, seq_len, mlm, skip_corrupt
+        self.segments = segments  # samples carry `segment` keys (the label head and the similarity task pool by them)
         self.document_mask = document_mask and mlm is None
         self.eos = ss.manifest["tokenizer"]["special_ids"]["eos"]
         self.cum = packing_index(ss, layout)
@@ -312,7 +328,7 @@ class PackedSet:
                 if self.cum[d + 1] > self.cum[d]:  # filtered-out documents have length 0 and are never read
                     base = int(self.cum[d])
                     parts.append(doc_window(self.ss, d, self.layout, max(lo, base) - base,
-                                            min(hi, int(self.cum[d + 1])) - base))
+                                            min(hi, int(self.cum[d + 1])) - base, self.segments))
                 d += 1
         except ShardError as e:
             if not self.skip_corrupt:
@@ -327,6 +343,8 @@ class PackedSet:
             "scores": np.concatenate([p["scores"] for p in parts]).astype(np.float32),
             "control": np.concatenate([p["control"] for p in parts]),
         }
+        if self.segments:
+            out["segment"] = np.concatenate([p["segment"] for p in parts])
         if self.mlm is not None:
             out["input_ids"], out["labels"] = mlm_mask(out["input_ids"], out["labels"], self.mlm, (epoch, i))
         if self.document_mask:
@@ -340,6 +358,8 @@ class PackedSet:
         L = self.seq_len
         out = {"input_ids": np.zeros(L, np.int64), "labels": np.full(L, IGNORE, np.int64),
                "scores": np.zeros(L, np.float32), "control": np.zeros(L, bool), "corrupt": np.bool_(True)}
+        if self.segments:
+            out["segment"] = np.full(L, -1, np.int64)
         if self.document_mask:
             out["position_ids"] = np.arange(L, dtype=np.int64)
         return out

@@ -286,6 +286,15 @@ class ShardSet:
                 hi = m - 1
         return lo
 
+    def segment_indices(self, i: int, a: int, b: int) -> np.ndarray:
+        """The segment (its number in document i) of each of tokens [a, b), int64."""
+        if b <= a:
+            return np.zeros(0, np.int64)
+        j0, j1 = self._segment_of(i, a), self._segment_of(i, b - 1) + 1
+        s, rec = self._locate(i)
+        starts = self._segment_table(s, rec, j0, j1)[:, 0].astype(np.int64)
+        return j0 + np.searchsorted(starts, np.arange(a, b), side="right") - 1
+
     def read_segments(self, i: int, j0: int = 0, j1: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(first token, score) of segments [j0, j1) of document i."""
         s, rec = self._locate(i)

@@ -6,7 +6,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from prefpretrain import conditioning
+from prefpretrain import auxiliary, conditioning
 from prefpretrain.conditioning import Attribute
 from prefpretrain.config import Config
 from prefpretrain.data_shards import remote
@@ -106,13 +106,14 @@ def training_data(cfg: Config, sets: list[ShardSet], val_set: ShardSet, manifest
     one line."""
     L, sp = cfg.data.seq_len, manifest["tokenizer"]["special_ids"]
     layout, mlm = run_layout(cfg, manifest), mask_spec(cfg, manifest)
-    dm = cfg.data.document_mask
-    packed = [PackedSet(s, layout, L, mlm, cfg.data.on_corrupt == "skip", document_mask=dm) for s in sets]
+    dm, seg = cfg.data.document_mask, auxiliary.active(cfg.objective)  # (the heads pool by segment)
+    packed = [PackedSet(s, layout, L, mlm, cfg.data.on_corrupt == "skip", document_mask=dm, segments=seg)
+              for s in sets]
     for s, p in zip(cfg.data.shards, packed, strict=True):
         if len(p) == 0:
             raise ConfigError(f"data.shards: {s.path} yields no {L}-token sample for objective "
                               f"{cfg.train.objective!r}")
-    val = PackedSet(val_set, validation_layout(layout, cfg, sp), L, mlm, document_mask=dm)
+    val = PackedSet(val_set, validation_layout(layout, cfg, sp), L, mlm, document_mask=dm, segments=seg)
     if len(val) == 0:
         raise ConfigError(f"data.shards[0]: the validation split of {cfg.data.reference} yields no {L}-token "
                           f"sample ({len(val_set)} documents): shard with a larger --val-fraction or a lower "

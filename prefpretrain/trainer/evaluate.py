@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prefpretrain import conditioning, distributed
+from prefpretrain import auxiliary, conditioning, distributed
 from prefpretrain.conditioning import Attribute
 from prefpretrain.data_shards import columns, linetypes
 from prefpretrain.data_shards import tokenizer as toklib
@@ -33,23 +33,28 @@ ARTIFACT_CODES = {"E901", "E902", "W292", "W391"}
 
 @torch.no_grad()
 def validation_loss(model, ps: PackedSet, limit: int, micro: int, rank: int = 0, world: int = 1,
-                    causal: bool = True, threshold: float | None = None) -> dict:
+                    causal: bool = True, threshold: float | None = None, label_threshold: float | None = None) -> dict:
     """Mean token NLL over the first `limit` validation samples, reduced over ranks; with a threshold
     also over the aligned tokens alone (score <= threshold). Every rank runs as many forwards as the others
-    (ZeRO-3), the sums stay on the model's device, and the host reads them once."""
+    (ZeRO-3), the sums stay on the model's device, and the host reads them once. `label_threshold`: also the
+    label head's AUC, calibration and Brier score against that threshold (`ps` carries segment keys)."""
     was_training = model.training
     model.eval()
     dev = next(model.parameters()).device
-    tot = torch.zeros(4, dtype=torch.float64, device=dev)
+    head = model.label_head if label_threshold is not None else None
+    tot = torch.zeros(4 + (3 * auxiliary.TALLY_BINS + 1 if head is not None else 0), dtype=torch.float64, device=dev)
     for batch, pad in val_batches(ps, limit, micro, rank, world):
-        logits = model(**lm_inputs(batch, dev, model=model)).logits
+        out = model(**lm_inputs(batch, dev, model=model), output_hidden_states=head is not None)
         if pad:
             continue
-        nll, mask = token_nll(logits, batch["labels"].to(dev), causal)
+        nll, mask = token_nll(out.logits, batch["labels"].to(dev), causal)
         scores = (batch["scores"][:, 1:] if causal else batch["scores"]).to(dev)
         aligned = mask & (scores <= (threshold if threshold is not None else float("inf")))
-        tot += torch.stack([nll.sum(), mask.sum(), (nll * aligned).sum(), aligned.sum()]).double()
-    total, tokens, total_aligned, tokens_aligned = distributed.all_sum(tot) if world > 1 else tot.tolist()
+        tot[:4] += torch.stack([nll.sum(), mask.sum(), (nll * aligned).sum(), aligned.sum()]).double()
+        if head is not None:
+            tot[4:] += auxiliary.label_tally(head, out.hidden_states[-1], batch, causal, label_threshold)
+    sums = distributed.all_sum(tot) if world > 1 else tot.tolist()
+    total, tokens, total_aligned, tokens_aligned = sums[:4]
     model.train(was_training)
     if tokens == 0:  # not a loss of 0 and a perplexity of 1
         raise InputError(f"validation: the first {limit or 'all'} validation samples hold no target token")
@@ -58,6 +63,8 @@ def validation_loss(model, ps: PackedSet, limit: int, micro: int, rank: int = 0,
     if threshold is not None:
         out["val_loss_aligned"] = total_aligned / max(1.0, tokens_aligned)
         out["val_tokens_aligned"] = int(tokens_aligned)
+    if head is not None:
+        out.update(auxiliary.label_metrics(sums[4:]))
     return out
 
 
@@ -274,16 +281,18 @@ def evaluate_run(run_dir: str | Path, samples: int | None = None, condition: str
     if tasks is not None and cfg.model.kind != "causal":
         raise InputError("--lm-eval: lm-evaluation-harness scores next-token likelihoods: a causal model only")
     dev, dtype = inference_placement(device or cfg.engine.device, cfg.train.precision)
-    model = fr.load_model(dev, dtype)
+    model = fr.load_model(dev, dtype, heads=True)
+    labelled = hasattr(model, "label_head")  # (its held-out AUC and calibration beside the loss)
     ss = fr.shards("val", verify=cfg.data.verify_checksums)
     sp, causal, mlm = ss.manifest["tokenizer"]["special_ids"], cfg.model.kind == "causal", mask_spec(cfg, ss.manifest)
     attributes = run_attributes(cfg, ss.manifest)
     res = {"run_dir": str(run), "checkpoint": str(ckpt), "step": state["step"], "tokens_seen": state.get("tokens_seen"),
            "device": str(dev), "dtype": str(dtype).removeprefix("torch.")}
     layout = run_layout(cfg, ss.manifest)
-    ps = PackedSet(ss, layout, cfg.data.seq_len, mlm, document_mask=cfg.data.document_mask)
+    ps = PackedSet(ss, layout, cfg.data.seq_len, mlm, document_mask=cfg.data.document_mask, segments=labelled)
     res.update(validation_loss(model, ps, cfg.eval.val_samples, cfg.train.micro_batch_size, causal=causal,
-                               threshold=cfg.objective.threshold))
+                               threshold=cfg.objective.threshold,
+                               label_threshold=cfg.objective.threshold if labelled else None))
     if layout.kind != "mle":  # the same held-out text without control tokens or filtering
         mle_ps = PackedSet(ss, layout_for("mle", 0.0, 0.0, 0, sp), cfg.data.seq_len, mlm,
                            document_mask=cfg.data.document_mask)

@@ -56,8 +56,9 @@ class FinishedRun:
 
         return open_split(self.cfg, self.cfg.data.reference, split, verify)
 
-    def load_model(self, device: torch.device | None = None, dtype: torch.dtype = torch.float32):
-        model, _, _ = load_run_model(self.path, self.ckpt, device=device or torch.device("cpu"), dtype=dtype)
+    def load_model(self, device: torch.device | None = None, dtype: torch.dtype = torch.float32, heads: bool = False):
+        model, _, _ = load_run_model(self.path, self.ckpt, device=device or torch.device("cpu"), dtype=dtype,
+                                     heads=heads)
         return model
 
 
@@ -76,12 +77,13 @@ _CPU = torch.device("cpu")
 
 
 def load_run_model(run_dir: str | Path, ckpt: Path | None = None, device: torch.device = _CPU,
-                   dtype: torch.dtype = torch.float32):
+                   dtype: torch.dtype = torch.float32, heads: bool = False):
     """(model on `device` in `dtype`, checkpoint dir, checkpoint state) from a run's newest checkpoint (or
-    `ckpt`). The ZeRO partitions are consolidated into fp32 weights on the host first (DeepSpeed's reader)."""
+    `ckpt`). The ZeRO partitions are consolidated into fp32 weights on the host first (DeepSpeed's reader).
+    The training heads (value, label) are left out, or with `heads` attached as they were trained."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
-    from prefpretrain.trainer.model import VALUE_HEAD_PREFIX
+    from prefpretrain.trainer.model import HEAD_PREFIXES, attach_heads
 
     run = Path(run_dir)
     ckpt = ckpt or ckptlib.find_latest(run / CHECKPOINTS)
@@ -91,8 +93,11 @@ def load_run_model(run_dir: str | Path, ckpt: Path | None = None, device: torch.
     hf_conf = AutoConfig.from_pretrained(str(run / MODEL_CONFIG), local_files_only=True, trust_remote_code=False)
     auto = AutoModelForCausalLM if state.get("model_kind", "causal") == "causal" else AutoModelForMaskedLM
     model = auto.from_config(hf_conf)
-    sd = {k: v for k, v in ckptlib.consolidated_state_dict(ckpt).items()
-          if not k.startswith(VALUE_HEAD_PREFIX)}  # awr's value head is a training device, not the LM
+    sd = ckptlib.consolidated_state_dict(ckpt)
+    if heads:
+        attach_heads(model, sd)
+    else:  # awr's value head and the label head are training devices, not the LM
+        sd = {k: v for k, v in sd.items() if not k.startswith(HEAD_PREFIXES)}
     missing, unexpected = model.load_state_dict(sd, strict=False)
     tied = {k for k in missing if "lm_head" in k or "decoder" in k}
     if set(missing) - tied or unexpected:

@@ -166,9 +166,11 @@ def _log_window(s: Session, w: Window, tags: dict, skipped: int) -> None:
 
 def evaluate(s: Session) -> dict:
     t = s.cfg.train
+    labelled = s.spec.params.threshold if s.cfg.objective.label_head_weight > 0 else None
     v = validation_loss(s.engine.module, s.data.val, s.cfg.eval.val_samples, t.micro_batch_size, s.info.rank,
-                        s.info.world_size, s.spec.causal)
-    s.mon.scalars(s.step, {"eval/val_loss": v["val_loss"], "eval/perplexity": v["perplexity"]}, kind="eval")
+                        s.info.world_size, s.spec.causal, label_threshold=labelled)
+    head = {f"eval/{k}": v[k] for k in ("label_auc", "label_ece", "label_brier") if v.get(k) is not None}
+    s.mon.scalars(s.step, {"eval/val_loss": v["val_loss"], "eval/perplexity": v["perplexity"], **head}, kind="eval")
     log.info("step %d: val loss %.4f, perplexity %.2f", s.step, v["val_loss"], v["perplexity"])
     return v
 

@@ -123,18 +123,41 @@ def varlen_kwargs(pos) -> dict:
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
-def attach_value_head(model) -> None:
-    """AWR's value head: a linear map from the last hidden state to one number per position. It is a
-    submodule of the model, so DeepSpeed trains, shards and checkpoints it; export leaves it out."""
+def _linear_head(model):
     import torch.nn as nn
 
     head = nn.Linear(model.config.hidden_size, 1)
     nn.init.normal_(head.weight, std=0.02)
     nn.init.zeros_(head.bias)
-    model.value_head = head
+    return head
+
+
+def attach_value_head(model) -> None:
+    """AWR's value head: a linear map from the last hidden state to one number per position. It is a
+    submodule of the model, so DeepSpeed trains, shards and checkpoints it; export leaves it out."""
+    model.value_head = _linear_head(model)
+
+
+def attach_label_head(model) -> None:
+    """The preference-label head (objective.label_head_weight): a linear map from a segment's pooled last hidden
+    state to the logit of P(preferred) (prefpretrain.auxiliary). Trained, sharded and checkpointed with the
+    model like the value head; a plain export leaves it out, `export --with-heads` keeps it."""
+    model.label_head = _linear_head(model)
 
 
 VALUE_HEAD_PREFIX = "value_head."
+LABEL_HEAD_PREFIX = "label_head."
+HEAD_PREFIXES = (VALUE_HEAD_PREFIX, LABEL_HEAD_PREFIX)  # training heads: not weights of the language model
+
+
+def attach_heads(model, state_dict: dict) -> list[str]:
+    """Attach (untrained) the heads whose weights `state_dict` holds, so that loading it fills them; their names."""
+    names = []
+    for prefix, attach in ((VALUE_HEAD_PREFIX, attach_value_head), (LABEL_HEAD_PREFIX, attach_label_head)):
+        if any(k.startswith(prefix) for k in state_dict):
+            attach(model)
+            names.append(prefix[:-1])
+    return names
 
 
 def load_model_dir(path: str | Path, kind: str = "causal"):

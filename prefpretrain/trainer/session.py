@@ -21,7 +21,7 @@ from prefpretrain.trainer.data import DataQuality, TrainData, open_data, trainin
 from prefpretrain.trainer.engine import build_engine, local_param_elements, partitioned_build
 from prefpretrain.trainer.flops import flops_per_token, peak_flops
 from prefpretrain.trainer.hooks import HookList, TrainContext
-from prefpretrain.trainer.model import apply_freeze, attach_value_head, build_model, count_params
+from prefpretrain.trainer.model import apply_freeze, attach_label_head, attach_value_head, build_model, count_params
 from prefpretrain.trainer.monitor import Monitor
 from prefpretrain.trainer.resume import resume_point
 from prefpretrain.trainer.runinfo import check_agreement, write_run_files
@@ -71,6 +71,8 @@ def _build_model(cfg: Config, info, data: TrainData, hooks: HookList):
     facts = {"built_local": local_param_elements(model)}
     if get_objective(cfg.train.objective).value_head and not hasattr(model, "value_head"):
         attach_value_head(model)
+    if cfg.objective.label_head_weight > 0 and not hasattr(model, "label_head"):
+        attach_label_head(model)
     facts.update(n_params=count_params(model), flops_per_token=flops_per_token(model, L))
     facts["n_frozen"] = apply_freeze(model, cfg.model.freeze)
     if cfg.model.gradient_checkpointing:

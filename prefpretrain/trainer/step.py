@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from prefpretrain import distributed
+from prefpretrain import auxiliary, distributed
 from prefpretrain.data_shards.packing import IGNORE
 from prefpretrain.losses import batch_pref_stats, compute_loss, target_count
 from prefpretrain.objectives import ObjectiveConfig, get_objective
@@ -53,9 +53,18 @@ def micro_step(engine, batch: dict, dev: torch.device, spec: StepSpec, scale: fl
     accumulation boundary). `scale` turns the summed loss into this rank's share of the step's mean."""
     inputs = lm_inputs(batch, dev, model=engine.module)
     b = {k: inputs[k] if k in inputs else v.to(dev, non_blocking=True) for k, v in batch.items()}
-    out = engine(**inputs, output_hidden_states=spec.with_values)
+    heads = auxiliary.active(spec.params)
+    out = engine(**inputs, output_hidden_states=spec.with_values or heads)
     values = engine.module.value_head(out.hidden_states[-1]).squeeze(-1) if spec.with_values else None
     loss_sum, _, stats = compute_loss(spec.objective, out.logits, b, spec.causal, spec.params, values, spec.chunked_ce)
+    if heads:  # the label head and the similarity task (their statistics: auxiliary.stat_tags)
+        def view():  # the similarity task's dropout view: a second forward, without gradient
+            with torch.no_grad():
+                return engine.module(**inputs, output_hidden_states=True).hidden_states[-1]
+        term, aux_stats = auxiliary.head_terms(engine.module, out.hidden_states[-1], batch, spec.params, spec.causal,
+                                               float(target_count(batch, spec.causal)), view)
+        loss_sum = loss_sum + term
+        stats.update(aux_stats)
     if spec.adversarial.steps:
         mask = (b["labels"][:, 1:] if spec.causal else b["labels"]) != IGNORE
         # seeded by the samples, not the rank: the same data gets the same start at any world size
@@ -82,7 +91,7 @@ def micro_step(engine, batch: dict, dev: torch.device, spec: StepSpec, scale: fl
 def stat_tags(spec: StepSpec) -> dict[str, tuple[str, str]]:
     """The window's extra statistics of this run: name -> (TensorBoard tag, divided by "targets" or "micro")."""
     tags = {k: (tag, "targets") for k, tag in get_objective(spec.objective).stats.items()}
-    return {**tags, **(adversarial.STATS if spec.adversarial.steps else {})}
+    return {**tags, **auxiliary.stat_tags(spec.params), **(adversarial.STATS if spec.adversarial.steps else {})}
 
 
 def window_scalars(w: Window, world: int, dev: torch.device, tags: dict[str, tuple[str, str]]) -> dict:
