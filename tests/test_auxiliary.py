@@ -153,3 +153,35 @@ def test_objective_parameters_of_the_auxiliary_tasks_are_checked():
     dropout = ObjectiveConfig(similarity_weight=0.1, similarity_positive="dropout")
     assert "model.dropout" in objective_problem(dropout, 0.0)
     assert objective_problem(dropout, 0.1) is None and objective_problem(dropout, None) is None
+
+
+@pytest.mark.parametrize("kind", ["mle", "filter", "conditional"])
+def test_packed_samples_carry_the_segment_of_every_token(tiny_shards, kind):
+    """Rebuilt from whole documents: every token's key names its document and segment; a control token has the
+    key of the segment it precedes; the samples are otherwise the same as without keys."""
+    from prefpretrain.data_shards import tokenizer as toklib
+    from prefpretrain.data_shards.packing import Layout, PackedSet, _keep_control
+    from prefpretrain.data_shards.reader import ShardSet
+
+    ss = ShardSet(tiny_shards)
+    sp = toklib.special_ids(toklib.load_tokenizer(ss.tokenizer_dir))
+    layout = {"mle": Layout("mle"), "filter": Layout("filter", threshold=0.0),
+              "conditional": Layout("conditional", 0.0, 0.1, 7, sp["aligned"], sp["misaligned"])}[kind]
+    keys = []
+    for d in range(len(ss)):
+        doc = ss.read(d)
+        if kind == "filter" and ss.mean_score(d) > 0.0:
+            continue
+        starts = doc["seg_start"]
+        seg = np.searchsorted(starts, np.arange(len(doc["tokens"])), side="right") - 1
+        if kind == "conditional":
+            keep = _keep_control(layout, np.full(len(starts), d), np.arange(len(starts)))[:, 0]
+            seg = np.insert(seg, starts[keep], np.flatnonzero(keep))
+        keys.append(segment_key(d, seg))
+    keys = np.concatenate(keys)
+    plain, with_keys = PackedSet(ss, layout, 64), PackedSet(ss, layout, 64, segments=True)
+    assert len(with_keys) == len(plain) > 3
+    for i in range(len(with_keys)):
+        x = with_keys[i]
+        assert (x["segment"] == keys[i * 64:(i + 1) * 64]).all(), i
+        assert (x["input_ids"] == plain[i]["input_ids"]).all() and "segment" not in plain[i]

@@ -268,9 +268,9 @@ def evaluate_run(run_dir: str | Path, samples: int | None = None, condition: str
     `device`) in its training precision there, write RUN_DIR/eval.json (or `out`), and every sample with its
     scores to `samples_out` (JSON lines) when given. `lm_eval` (default eval.lm_eval): lm-evaluation-harness
     tasks run on the run's export (capability.py), the first `lm_eval_limit` examples of each (0: all)."""
-    from prefpretrain.objectives import eval_condition, layout_for
+    from prefpretrain.objectives import eval_condition, get_objective, layout_for
     from prefpretrain.trainer.capability import run_capability, selection
-    from prefpretrain.trainer.data import mask_spec, run_attributes, run_layout
+    from prefpretrain.trainer.data import mask_spec, run_attributes, run_layout, validation_layout
     from prefpretrain.trainer.finished import FinishedRun, inference_placement
 
     fr = FinishedRun.open(run_dir)
@@ -288,7 +288,7 @@ def evaluate_run(run_dir: str | Path, samples: int | None = None, condition: str
     attributes = run_attributes(cfg, ss.manifest)
     res = {"run_dir": str(run), "checkpoint": str(ckpt), "step": state["step"], "tokens_seen": state.get("tokens_seen"),
            "device": str(dev), "dtype": str(dtype).removeprefix("torch.")}
-    layout = run_layout(cfg, ss.manifest)
+    layout = validation_layout(run_layout(cfg, ss.manifest), cfg, sp)  # (as training judged it: filter -> mle)
     ps = PackedSet(ss, layout, cfg.data.seq_len, mlm, document_mask=cfg.data.document_mask, segments=labelled)
     res.update(validation_loss(model, ps, cfg.eval.val_samples, cfg.train.micro_batch_size, causal=causal,
                                threshold=cfg.objective.threshold,
@@ -298,6 +298,8 @@ def evaluate_run(run_dir: str | Path, samples: int | None = None, condition: str
                            document_mask=cfg.data.document_mask)
         res["val_loss_plain"] = validation_loss(model, mle_ps, cfg.eval.val_samples, cfg.train.micro_batch_size,
                                                 causal=causal)["val_loss"]
+    elif get_objective(cfg.train.objective).layout == "filter":
+        res["val_loss_plain"] = res["val_loss"]  # (filter is judged on all held-out text, as during training)
     cond = eval_condition(cfg.train.objective, condition or cfg.eval.condition)
     conditioning.checked_condition(attributes, cond)
     n = cfg.eval.samples if samples is None else samples
