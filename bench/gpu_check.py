@@ -9,7 +9,8 @@ each part reported even when another fails, ONE line of JSON at the end.
   tools:  evaluate (validation loss + misalignment samples), export and generate on the GPU, in bf16
   gloo2:  2 ranks on the one GPU over gloo, every collective of prefpretrain on CUDA tensors
           (PREFPRETRAIN_COMM_DEVICE=cuda), at ZeRO-0, and at ZeRO-3 with partitioning forced and 17 validation
-          samples over 2 ranks (the split that hung before ranks were kept in step)
+          samples over 2 ranks (the split that hung before ranks were kept in step), with the label head and the
+          similarity task on (their held-out tally is summed over the ranks)
   docmask: document-masked packing on the device: a document inside a packed batch of 2 rows has the logits it
           has alone (Llama, bf16), with SDPA, and with flash_attention_2's variable-length call if flash-attn is
           installed (else reported as not available)
@@ -35,6 +36,8 @@ from gpu_mfu import LLAMA_TINY, QUIET, ROOT, cli, fp16_part, metrics, mfu_part, 
 SMALL = ["model.arch=llama", "model.hidden_size=256", "model.num_layers=4", "model.num_heads=4",
          "model.intermediate_size=688", "data.seq_len=256"]
 STEPS = 8  # steps of every small run
+# the label head and the similarity task (issue 22): pooled on the device, their tally summed over ranks
+HEADS = ["objective.label_head_weight=1.0", "objective.similarity_weight=0.1"]
 FORCE = ("engine.deepspeed={zero_optimization: {stage3_param_persistence_threshold: 0, "
          "stage3_max_live_parameters: 1, stage3_max_reuse_distance: 0}}")
 
@@ -84,15 +87,19 @@ def gloo2_part(a, shards: str, tmp: Path) -> dict:
     try:
         out = {}
         for name, over in (("zero0", ["engine.zero_stage=0"]),
-                           ("zero3", ["engine.zero_stage=3", FORCE, "eval.val_samples=17", "eval.at_start=true"])):
+                           ("zero3", ["engine.zero_stage=3", FORCE, "eval.val_samples=17", "eval.at_start=true",
+                                      *HEADS])):
             run = tmp / f"gloo2_{name}"
             ms = train(a, shards, run, "engine.backend=gloo", "train.precision=bf16", *over, nproc=2)
             ranks = [json.loads((run / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
             out[name] = {"steps": len(ms), "last_loss": ms[-1]["loss"], "devices": [r["device"] for r in ranks],
                          "comm_devices": [r.get("comm_device") for r in ranks],
-                         "evals": [e["eval/val_loss"] for e in metrics(run, "eval")]}
-        z0 = out["zero0"]
-        out["passed"] = all(v["steps"] == STEPS for v in (z0, out["zero3"])) and len(out["zero3"]["evals"]) == 2
+                         "evals": [e["eval/val_loss"] for e in metrics(run, "eval")],
+                         "label_auc": [e.get("eval/label_auc") for e in metrics(run, "eval")],
+                         "label_bce": [m.get("label_bce") for m in ms][-1:]}
+        z0, z3 = out["zero0"], out["zero3"]
+        out["passed"] = (all(v["steps"] == STEPS for v in (z0, z3)) and len(z3["evals"]) == 2
+                         and all(x is not None for x in z3["label_auc"] + z3["label_bce"]))
         return out
     finally:
         os.environ.pop("PREFPRETRAIN_COMM_DEVICE", None)
