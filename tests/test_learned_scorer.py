@@ -142,3 +142,16 @@ def test_a_run_without_a_head_or_without_its_tokenizer_is_refused(learned, tmp_p
             get_scorer(f"learned:{copy}")
     with pytest.raises(InputError, match="no run, checkpoint or export"):
         get_scorer(f"learned:{tmp_path / 'missing'}")
+
+
+@pytest.mark.cli
+def test_shard_scores_with_the_learned_scorer_on_the_heads_segmenter(learned, tiny_shards, stdlib_files, tmp_path):
+    _, export = learned
+    out = tmp_path / "shards"
+    r = run_cli("shard", "--input", *stdlib_files[:2], "--output", str(out), "--scorer", f"learned:{export}",
+                "--tokenizer", str(tiny_shards / "tokenizer"), "--workers", "1", "--val-fraction", "0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["scorer"]["name"] == "learned" and m["segmenter"] == "line"
+    st = m["splits"]["train"]["score_stats"]
+    assert st["segments"] > 0 and 0.0 <= st["min"] <= st["max"] <= 1.0
