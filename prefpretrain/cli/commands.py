@@ -125,7 +125,7 @@ def cmd_evaluate(a) -> int:
 def cmd_export(a) -> int:
     from prefpretrain.trainer.export import export_run
 
-    print(export_run(a.run_dir, a.out_dir))
+    print(export_run(a.run_dir, a.out_dir, a.with_heads))
     return 0
 
 

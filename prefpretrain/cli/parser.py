@@ -177,6 +177,9 @@ def _runs(sub) -> None:
     p = sub.add_parser("export", help="newest checkpoint -> HF directory (safetensors + tokenizer)")
     p.add_argument("run_dir")
     p.add_argument("out_dir")
+    p.add_argument("--with-heads", action="store_true",
+                   help="also write the trained heads (label, value) to OUT_DIR/heads.safetensors, described in "
+                        "prefpretrain.json (`--scorer learned:OUT_DIR` scores with the label head)")
     p = sub.add_parser("tensorboard", help="serve the runs' TensorBoard events (127.0.0.1 by default)")
     p.add_argument("run_dirs", nargs="+")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
@@ -193,7 +196,8 @@ def _rescore(sub) -> None:
                        "threshold change needs no rescore.")
     p.add_argument("shards", help="a shard set directory (holds manifest.json)")
     p.add_argument("--scorer", required=True, help="pep8 | pep8_style | pii | classifier | lexical | none | "
-                                                   "module:function (not field: the records' fields are not kept)")
+                                                   "learned:PATH | module:function (not field: the records' fields "
+                                                   "are not kept)")
     p.add_argument("--scorer-params", type=_mapping, default={}, help="the scorer's options as YAML")
     p.add_argument("--name", help="the column's name (default: the scorer's); the stored column's name replaces it")
     p.add_argument("--workers", type=int, default=0, help="scoring processes (0 = one per CPU)")

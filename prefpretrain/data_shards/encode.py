@@ -24,7 +24,7 @@ def init_worker(tok_json: str, scorer: str, scorer_params: dict, segmenter: str,
     from tokenizers import Tokenizer
 
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    if scorer == "classifier":  # one scoring process per core
+    if scorer == "classifier" or scorer.startswith("learned:"):  # one scoring process per core
         import torch
 
         torch.set_num_threads(1)

@@ -10,7 +10,7 @@ from prefpretrain.host import cpus_available
 
 @dataclass
 class ShardSettings:
-    scorer: str = "pep8"  # pep8 | pep8_style | pii | classifier | lexical | field | none | module:function
+    scorer: str = "pep8"  # pep8 | pep8_style | pii | classifier | lexical | field | none | learned:RUN | module:fn
     scorer_params: dict[str, Any] = field(default_factory=dict)  # the scorer's options, e.g. {model_dir: clf/}
     segmenter: Literal["auto", "line", "sentence", "document"] = "auto"  # auto: line for code, sentence for prose
     tokenizer: str = "train"  # train (byte-level BPE on the input) | PATH to a tokenizer directory

@@ -113,8 +113,8 @@ def survey(opt: ShardOptions) -> tuple:
         files = files[: opt.max_files]
     if not files:
         raise ValueError("no input files found")
-    segmenter = default_segmenter(opt.scorer) if opt.segmenter == "auto" else opt.segmenter
     scorer = get_scorer(opt.scorer, opt.scorer_params)  # fail early on an unknown scorer or bad params
+    segmenter = default_segmenter(opt.scorer, scorer) if opt.segmenter == "auto" else opt.segmenter
     return files, segmenter, scorer, fingerprint(opt, files, segmenter)
 
 

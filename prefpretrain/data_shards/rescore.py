@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from prefpretrain.data_shards.columns import NOT_RESCORABLE, check_name, column_file, default_name
-from prefpretrain.data_shards.encode import mean_per_char, score_segments
+from prefpretrain.data_shards.encode import batch_scores, mean_per_char, score_segments
 from prefpretrain.data_shards.reader import TAR_SCORES, ShardSet
 from prefpretrain.data_shards.stats import ScoreStats
 from prefpretrain.rundir import atomic_write
@@ -36,19 +36,21 @@ def segment_texts(doc: dict, eos: int, tok) -> tuple[str, list[tuple[int, int]]]
 _W: dict = {}  # a scoring process's shard set, scorer and tokenizer
 
 
-def _init(path: str, split: str, scorer: str, params: dict) -> None:
+def _init(path: str, split: str, scorer: str, params: dict, made=None) -> None:
+    """A scoring process's state; `made`: the scorer already made in this process (not loaded again)."""
     from tokenizers import Tokenizer
 
     from prefpretrain.data_shards.scorers import get_scorer
 
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    if scorer == "classifier":  # one scoring process per core
+    if scorer == "classifier" or (made is None and scorer.startswith("learned:")):  # one scoring process per core
         import torch
 
         torch.set_num_threads(1)
     ss = ShardSet(path, split, verify=False, column=TAR_SCORES)  # (the parent checked every tar part once)
     tok = Tokenizer.from_file(str(ss.tokenizer_dir / "tokenizer.json"))
-    _W.update(ss=ss, scorer=get_scorer(scorer, params), tok=tok, eos=ss.manifest["tokenizer"]["special_ids"]["eos"])
+    _W.update(ss=ss, scorer=made or get_scorer(scorer, params), tok=tok,
+              eos=ss.manifest["tokenizer"]["special_ids"]["eos"])
 
 
 DOCS_PER_ITEM = 16  # documents per unit of work (a tar part holds many: its documents are shared out)
@@ -61,12 +63,13 @@ def _items(ss: ShardSet) -> list[tuple[int, int, int]]:
 
 
 def _score_docs(item: tuple[int, int, int]) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
-    """(part, document means, segment scores, segment characters) of documents [lo, hi) of tar part s."""
+    """(part, document means, segment scores, segment characters) of documents [lo, hi) of tar part s (a scorer
+    with `score_many` scores them in one batch, encode.batch_scores)."""
     from prefpretrain.data_shards.sources import Document
 
     ss, scorer = _W["ss"], _W["scorer"]
     s, lo, hi = item
-    means, segs, lens = [], [], []
+    docs, wheres = [], []
     for i in range(lo, hi):
         doc = ss.read(i)
         text, spans = segment_texts(doc, _W["eos"], _W["tok"])
@@ -75,8 +78,12 @@ def _score_docs(item: tuple[int, int, int]) -> tuple[int, np.ndarray, np.ndarray
             raise ValueError(f"{where}: its tokens decode to {len(text)} characters, the original had "
                              f"{meta['chars']}: this tokenizer does not decode exactly, so a rescore cannot see "
                              f"the text; shard again with the new scorer")
+        docs.append((Document(meta.get("source", ""), meta.get("doc_id", str(i)), text), spans))
+        wheres.append(where)
+    means, segs, lens = [], [], []
+    for (doc, spans), given, where in zip(docs, batch_scores(scorer, docs), wheres, strict=True):
         try:
-            sc, ln = score_segments(scorer, Document(meta.get("source", ""), meta.get("doc_id", str(i)), text), spans)
+            sc, ln = score_segments(scorer, doc, spans, given)
         except Exception as e:  # noqa: BLE001 - one line naming the document, not a worker's traceback
             raise ValueError(f"{where}: scorer failed ({type(e).__name__}: {e})") from None
         means.append(mean_per_char(sc, ln))
@@ -111,7 +118,7 @@ def rescore(path: str | os.PathLike, scorer: str, column: str | None = None, par
             ss.check_part(s)  # every tar part's size and sha256, once, here (the scoring processes trust them)
         stats, files, items = ScoreStats(), {}, _items(ss)
         parts: dict[int, list] = {}
-        with _pool(workers, len(items), (str(path), split, scorer, params)) as run:
+        with _pool(workers, len(items), (str(path), split, scorer, params), sc) as run:
             for (s, _lo, hi), got in zip(items, run(_score_docs, items), strict=True):
                 parts.setdefault(s, []).append(got[1:])
                 if hi == int(ss.starts[s + 1]):  # the part's last documents: its file is complete
@@ -138,13 +145,13 @@ def rescore(path: str | os.PathLike, scorer: str, column: str | None = None, par
 class _pool:
     """map over tar parts in `workers` spawned processes (0: one per CPU; 1: in this process)."""
 
-    def __init__(self, workers: int, n: int, initargs: tuple):
+    def __init__(self, workers: int, n: int, initargs: tuple, made=None):
         self.k = min(max(1, n), workers or os.cpu_count() or 1)
-        self.initargs, self.pool = initargs, None
+        self.initargs, self.pool, self.made = initargs, None, made
 
     def __enter__(self):
         if self.k <= 1:
-            _init(*self.initargs)
+            _init(*self.initargs, made=self.made)  # (the scorer the parent made: a model is loaded once)
             return lambda fn, items: map(fn, items)
         self.pool = mp.get_context("spawn").Pool(self.k, initializer=_init, initargs=self.initargs)
         return lambda fn, items: self.pool.imap(fn, items, chunksize=1)

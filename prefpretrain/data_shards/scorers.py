@@ -337,6 +337,11 @@ SCORERS = {
 }
 
 
+# `learned:PATH`: a trained preference-label head (a run, a checkpoint or an `export --with-heads` directory) scores
+# 1 - P(preferred); prefpretrain.trainer.learned_scorer, imported by name only when asked for
+LEARNED, LEARNED_IMPL = "learned:", "prefpretrain.trainer.learned_scorer"
+
+
 def get_scorer(name: str, params: dict | None = None) -> Scorer:
     params = params or {}
     if name in SCORERS:
@@ -344,10 +349,30 @@ def get_scorer(name: str, params: dict | None = None) -> Scorer:
             return SCORERS[name](**params)
         except TypeError as e:
             raise ValueError(f"scorer {name!r}: bad parameters {params} ({e})") from None
+    if name.startswith(LEARNED) or name == "learned":
+        return _learned(name, params)
     if ":" in name:
         return FunctionScorer(name)
-    raise ValueError(f"unknown scorer {name!r} (known: {', '.join(SCORERS)}, module:function)")
+    raise ValueError(f"unknown scorer {name!r} (known: {', '.join(SCORERS)}, learned:PATH, module:function)")
 
 
-def default_segmenter(scorer: str) -> str:
+def _learned(name: str, params: dict) -> Scorer:
+    """`learned:PATH` with its options, or `learned` with the params a manifest recorded (its `path`; the rest
+    describes what was loaded). The trainer's model loading lives above this layer: looked up by name."""
+    if name == "learned":
+        if not params.get("path"):
+            raise ValueError("scorer 'learned': name the head as learned:PATH")
+        name = LEARNED + str(params["path"])
+        params = {k: v for k, v in params.items() if k in ("device", "batch_size")}
+    try:
+        return importlib.import_module(LEARNED_IMPL).LearnedScorer(name[len(LEARNED):], **params)
+    except TypeError as e:
+        raise ValueError(f"scorer {name!r}: bad parameters {params} ({e})") from None
+
+
+def default_segmenter(scorer: str, made: Scorer | None = None) -> str:
+    """The segmenter of shard's `segmenter: auto`: a learned scorer's the one its head learned on (`made`: the
+    scorer object), line for code scorers, sentence for the others."""
+    if getattr(made, "segmenter", None):
+        return made.segmenter
     return "line" if scorer in ("pep8", "pep8_style", "none") else "sentence"

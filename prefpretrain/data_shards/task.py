@@ -87,7 +87,8 @@ def run_task(out: Path, rank: int, world: int, workers: int = 1, progress: bool 
     total = sum(sizes[i] for c in todo for i in chunks[c])
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"shard {rank}/{world}", disable=not progress,
                mininterval=1.0, smoothing=0.1)
-    initargs = (tok.to_str(), p["scorer"], s["scorer_params"], p["segmenter"], s["text_field"], s["score_field"])
+    # the scorer as asked for (`learned:PATH`; its name is `learned`)
+    initargs = (tok.to_str(), s["scorer"], s["scorer_params"], p["segmenter"], s["text_field"], s["score_field"])
     pool = None
     if workers > 1:  # (a killed scoring process breaks the pool: an error, not a hang)
         pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=encode.init_worker,

@@ -1,4 +1,5 @@
-"""A run's newest checkpoint -> a HF `save_pretrained` directory (safetensors + tokenizer)."""
+"""A run's newest checkpoint -> a HF `save_pretrained` directory (safetensors + tokenizer); `with_heads` also writes
+the training heads (label, value) to heads.safetensors, described by prefpretrain.json's `heads` entry."""
 from __future__ import annotations
 
 import json
@@ -6,19 +7,23 @@ import logging
 import shutil
 from pathlib import Path
 
+from prefpretrain.errors import InputError
 from prefpretrain.trainer.finished import FinishedRun
 
+HEADS_FILE = "heads.safetensors"
+POOLING = "mean of the last hidden state over a segment's tokens"
 log = logging.getLogger(__name__)
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path) -> Path:
+def export_run(run_dir: str | Path, out_dir: str | Path, with_heads: bool = False) -> Path:
     from prefpretrain.data_shards.columns import scorer_of
     from prefpretrain.data_shards.tokenizer import hf_tokenizer
     from prefpretrain.objectives import eval_condition
     from prefpretrain.trainer.data import run_attributes
 
     fr, out = FinishedRun.open(run_dir), Path(out_dir)
-    model, ckpt, state, cfg = fr.load_model(), fr.ckpt, fr.state, fr.cfg
+    model, ckpt, state, cfg = fr.load_model(heads=with_heads), fr.ckpt, fr.state, fr.cfg
+    heads = _take_heads(model, ckpt) if with_heads else {}
     ss = fr.shards("train")
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -38,11 +43,49 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> Path:
                          if eval_condition(cfg.train.objective) == "aligned" else "none"),
         "control_protocol": cfg.eval.control_protocol,
     }
+    if heads:
+        from safetensors.torch import save_file
+
+        save_file(heads, str(tmp / HEADS_FILE))
+        info["heads"] = heads_entry(heads, model, cfg, info, ss.manifest)
     (tmp / "prefpretrain.json").write_text(json.dumps(info, indent=1))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     log.info("exported step %d to %s", state["step"], out)
     return out
+
+
+def _take_heads(model, ckpt: Path) -> dict:
+    """The heads' weights (keys as in the checkpoint: `label_head.weight`...), detached from `model` so that its
+    own safetensors hold the language model only."""
+    out = {}
+    for name in ("label_head", "value_head"):
+        head = getattr(model, name, None)
+        if head is not None:
+            out.update({f"{name}.{k}": v.detach().contiguous() for k, v in head.state_dict().items()})
+            delattr(model, name)
+    if not out:
+        raise InputError(f"export --with-heads: {ckpt} has no head (train with objective.label_head_weight > 0, "
+                         f"or train.objective awr for a value head)")
+    return out
+
+
+def heads_entry(heads: dict, model, cfg, info: dict, manifest: dict) -> dict:
+    """prefpretrain.json's `heads`: what the heads are and how a segment is fed to the label head."""
+    from prefpretrain.data_shards.columns import stored_column
+
+    names = sorted({k.split(".")[0] for k in heads})
+    entry = {"file": HEADS_FILE, "names": names, "hidden_size": model.config.hidden_size,
+             "model_kind": cfg.model.kind, "window": cfg.data.seq_len, "document_mask": cfg.data.document_mask}
+    if "label_head" in names:
+        entry["label_head"] = {
+            "output": "logit of P(preferred)", "pooling": POOLING, "control_tokens": "not pooled",
+            "preferred": "score <= threshold", "threshold": info["threshold"],
+            "score_column": info["score_column"] or stored_column(manifest), "scorer": info["scorer"],
+            "segmenter": manifest["segmenter"]}
+    if "value_head" in names:
+        entry["value_head"] = {"output": "a value per position from the last hidden state (awr)"}
+    return entry
 
 
 def export_matches(out_dir: str | Path, ckpt: Path) -> bool:
