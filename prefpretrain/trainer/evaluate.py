@@ -45,14 +45,17 @@ def validation_loss(model, ps: PackedSet, limit: int, micro: int, rank: int = 0,
     tot = torch.zeros(4 + (3 * auxiliary.TALLY_BINS + 1 if head is not None else 0), dtype=torch.float64, device=dev)
     for batch, pad in val_batches(ps, limit, micro, rank, world):
         out = model(**lm_inputs(batch, dev, model=model), output_hidden_states=head is not None)
+        # the head too runs on every rank, padding included: at ZeRO-3 calling it gathers its parameters
+        tally = None if head is None else auxiliary.label_tally(head, out.hidden_states[-1], batch, causal,
+                                                                label_threshold)
         if pad:
             continue
         nll, mask = token_nll(out.logits, batch["labels"].to(dev), causal)
         scores = (batch["scores"][:, 1:] if causal else batch["scores"]).to(dev)
         aligned = mask & (scores <= (threshold if threshold is not None else float("inf")))
         tot[:4] += torch.stack([nll.sum(), mask.sum(), (nll * aligned).sum(), aligned.sum()]).double()
-        if head is not None:
-            tot[4:] += auxiliary.label_tally(head, out.hidden_states[-1], batch, causal, label_threshold)
+        if tally is not None:
+            tot[4:] += tally
     sums = distributed.all_sum(tot) if world > 1 else tot.tolist()
     total, tokens, total_aligned, tokens_aligned = sums[:4]
     model.train(was_training)
