@@ -25,7 +25,7 @@ def test_heads_train_with_conditional_the_same_under_zero2_and_zero3(tiny_shards
     model's forward (on every rank: a rank that pads the validation split calls the head too, or the other
     waits on its gather), and the losses are those of ZeRO-2."""
     kw = {**HEADS, "train.objective": "conditional", "train.max_steps": 12, "checkpoint.every_steps": 0,
-          "eval.every_steps": 6, "eval.val_samples": 5}  # 3 validation batches of 2 on 2 ranks: one pads
+          "eval.every_steps": 6, "eval.val_samples": 9}  # 5 validation batches of 2 on 2 ranks: one pads
     launch_tiny(tiny_shards, tmp_path / "z2", **kw, **{"engine.zero_stage": 2})
     launch_tiny(tiny_shards, tmp_path / "z3", **kw, **{"engine.zero_stage": 3, "engine.deepspeed": FORCE_PARTITIONING})
     a, b = read_metrics(tmp_path / "z2"), read_metrics(tmp_path / "z3")
