@@ -26,8 +26,10 @@ import torch.nn.functional as F
 from prefpretrain.data_shards.packing import IGNORE
 from prefpretrain.objectives import ObjectiveConfig
 
-LABEL_STATS = {"label_bce": ("objective/label_bce", "targets"),
-               "label_correct": ("objective/label_accuracy", "targets")}
+# statistic -> (TensorBoard tag, what its window sum is divided by: "targets", or another statistic's sum)
+LABEL_STATS = {"label_bce": ("objective/label_bce", "label_tokens"),
+               "label_correct": ("objective/label_accuracy", "label_tokens"),
+               "label_tokens": ("objective/label_token_fraction", "targets")}
 SIMILARITY_STATS = {"sim_loss": ("objective/similarity_loss", "targets"),
                     "sim_correct": ("objective/similarity_accuracy", "targets")}
 
@@ -105,7 +107,7 @@ def label_loss(logits: torch.Tensor, aligned: torch.Tensor, weight: torch.Tensor
     """Summed BCE (-y log p - (1 - y) log(1 - p), p = sigmoid(logit)) weighted per segment, and its statistics."""
     bce = F.binary_cross_entropy_with_logits(logits, aligned, reduction="none") * weight
     correct = ((logits > 0) == (aligned > 0.5)).float() * weight
-    return bce.sum(), {"label_bce": bce.detach().sum(), "label_correct": correct.sum()}
+    return bce.sum(), {"label_bce": bce.detach().sum(), "label_correct": correct.sum(), "label_tokens": weight.sum()}
 
 
 def neighbour_pairs(runs: Runs) -> tuple[np.ndarray, np.ndarray]:

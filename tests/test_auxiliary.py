@@ -54,6 +54,7 @@ def test_label_loss_hand_computed():
     want = 3 * math.log(2) + math.log(1 + math.exp(2)) + 2 * math.log(1 + math.exp(-1))
     assert float(loss) == pytest.approx(want, rel=1e-6)
     assert float(stats["label_correct"]) == 2.0  # only the third is on the right side of 1/2 (weight 2)
+    assert float(stats["label_tokens"]) == 6.0
 
 
 def test_info_nce_hand_computed_and_self_excluded():

@@ -89,7 +89,8 @@ def micro_step(engine, batch: dict, dev: torch.device, spec: StepSpec, scale: fl
 
 
 def stat_tags(spec: StepSpec) -> dict[str, tuple[str, str]]:
-    """The window's extra statistics of this run: name -> (TensorBoard tag, divided by "targets" or "micro")."""
+    """The window's extra statistics of this run: name -> (TensorBoard tag, divided by "targets", "micro" or the
+    sum of the statistic of that name)."""
     tags = {k: (tag, "targets") for k, tag in get_objective(spec.objective).stats.items()}
     return {**tags, **auxiliary.stat_tags(spec.params), **(adversarial.STATS if spec.adversarial.steps else {})}
 
@@ -111,6 +112,6 @@ def window_scalars(w: Window, world: int, dev: torch.device, tags: dict[str, tup
     for k in extra:  # statistics an objective or the adversarial term declare (stat_tags)
         if k not in tags:
             raise KeyError(f"statistic {k!r} is not declared by objective or adversarial term (stat_tags)")
-        tag, per = tags[k]
-        out[tag] = got[k] / (per_micro if per == "micro" else targets)
+        tag, per = tags[k]  # divided by the micro batches, the targets, or another statistic's sum
+        out[tag] = got[k] / (per_micro if per == "micro" else targets if per == "targets" else max(got[per], 1e-12))
     return out
