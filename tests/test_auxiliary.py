@@ -186,3 +186,45 @@ def test_packed_samples_carry_the_segment_of_every_token(tiny_shards, kind):
         x = with_keys[i]
         assert (x["segment"] == keys[i * 64:(i + 1) * 64]).all(), i
         assert (x["input_ids"] == plain[i]["input_ids"]).all() and "segment" not in plain[i]
+
+
+@pytest.mark.parametrize("kind", ["causal", "masked"])
+def test_the_terms_add_to_every_objective_and_reach_the_model(tiny_shards, kind):
+    """Each registered objective's loss plus both terms on packed samples of a real model: the total is their
+    weighted sum and the gradient reaches the label head and the transformer through both."""
+    from prefpretrain.config import ModelConfig
+    from prefpretrain.data_shards.loader import val_batches
+    from prefpretrain.data_shards.packing import PackedSet
+    from prefpretrain.data_shards.reader import ShardSet
+    from prefpretrain.losses import compute_loss, target_count
+    from prefpretrain.objectives import OBJECTIVES, layout_for
+    from prefpretrain.trainer.data import MaskSpec
+    from prefpretrain.trainer.model import attach_label_head, attach_value_head, build_model
+
+    ss = ShardSet(tiny_shards, "train")
+    sp = ss.manifest["tokenizer"]["special_ids"]
+    mlm = MaskSpec.for_tokenizer(ss.manifest["tokenizer"], 0.15, 1) if kind == "masked" else None
+    torch.manual_seed(0)
+    mc = ModelConfig(kind=kind, arch="gpt2" if kind == "causal" else "bert", hidden_size=32, num_layers=1,
+                     num_heads=2)
+    model = build_model(mc, ss.manifest["tokenizer"]["vocab_size"], 64, sp)
+    attach_value_head(model)
+    attach_label_head(model)
+    causal = kind == "causal"
+    p = ObjectiveConfig(threshold=0.0, label_head_weight=0.7, similarity_weight=0.3, reward_scale=1.0)
+    for name, obj in OBJECTIVES.items():
+        layout = layout_for(name, 0.001 if name == "filter" else 0.0, 0.1, 1, sp)
+        batch, _ = next(val_batches(PackedSet(ss, layout, 64, mlm, segments=True), 4, 4, 0, 1))
+        model.zero_grad()
+        out = model(input_ids=batch["input_ids"], output_hidden_states=True)
+        values = model.value_head(out.hidden_states[-1]).squeeze(-1) if obj.value_head else None
+        base, _, _ = compute_loss(name, out.logits, batch, causal, p, values)
+        terms, stats = auxiliary.head_terms(model, out.hidden_states[-1], batch, p, causal,
+                                            float(target_count(batch, causal)))
+        runs = auxiliary.segment_runs(batch, causal, 0.0)
+        sim, _ = auxiliary.similarity_loss(auxiliary.pool(out.hidden_states[-1], runs), runs, p,
+                                           float(target_count(batch, causal)))
+        assert float(terms) == pytest.approx(0.7 * float(stats["label_bce"]) + 0.3 * float(sim), rel=1e-5), name
+        (base + terms).backward()
+        assert model.label_head.weight.grad.abs().sum() > 0, name
+        assert all(torch.isfinite(q.grad).all() for q in model.parameters() if q.grad is not None), name
