@@ -101,11 +101,15 @@ def cmd_evaluate(a) -> int:
 
         selection(a.lm_eval)
     from prefpretrain.trainer.evaluate import evaluate_run
+    from prefpretrain.trainer.retrieval import parse_sources
 
     if a.seeds < 1:
         raise ConfigError(f"--seeds: must be >= 1, got {a.seeds}")
     if a.lm_eval_limit is not None and a.lm_eval_limit < 0:
         raise ConfigError(f"--lm-eval-limit: must be >= 0 (0 = all), got {a.lm_eval_limit}")
+    if a.retrieval_limit < 0:
+        raise ConfigError(f"--retrieval-limit: must be >= 0 (0 = all), got {a.retrieval_limit}")
+    retrieval = parse_sources(a.retrieval)
     scorers = [x for x in (a.scorer or "").split(",") if x] or None
     if scorers:
         from prefpretrain.data_shards.scorers import get_scorer
@@ -117,7 +121,7 @@ def cmd_evaluate(a) -> int:
                 raise ConfigError(f"--scorer: {e}") from None
     check_gpu_if_asked(a.device)
     res = evaluate_run(a.run_dir, a.samples, a.condition, a.seeds, scorers, a.out, a.device, a.control_protocol,
-                       a.samples_out, a.lm_eval, a.lm_eval_limit)
+                       a.samples_out, a.lm_eval, a.lm_eval_limit, retrieval, a.retrieval_limit)
     print(json.dumps({k: v for k, v in res.items() if k != "examples"}, indent=1))
     return 0
 

@@ -150,6 +150,12 @@ def _evaluate(sub) -> None:
                         "skip (default eval.lm_eval; docs/evaluation.md)")
     p.add_argument("--lm-eval-limit", type=int, default=None, metavar="N",
                    help="the first N examples of each lm-eval task (0: all; default eval.lm_eval_limit)")
+    p.add_argument("--retrieval", default=None, metavar="SOURCES",
+                   help="also measure retrieval of text pairs by the model's embeddings: val (adjacent segments of "
+                        "the validation split) and/or Python files or directories (docstring -> body), "
+                        "comma-separated (docs/evaluation.md)")
+    p.add_argument("--retrieval-limit", type=int, default=1000, metavar="N",
+                   help="at most N pairs per retrieval source, a seeded sample (0: all)")
 
 
 def _generate(sub) -> None:

@@ -266,11 +266,13 @@ def write_samples(path: str | Path, res: dict, texts: list[str]) -> None:
 def evaluate_run(run_dir: str | Path, samples: int | None = None, condition: str | None = None, seeds: int = 1,
                  scorers: list[str] | None = None, out: str | Path | None = None, device: str | None = None,
                  protocol: str | None = None, samples_out: str | Path | None = None, lm_eval: str | None = None,
-                 lm_eval_limit: int | None = None) -> dict:
+                 lm_eval_limit: int | None = None, retrieval: list[str] | None = None,
+                 retrieval_limit: int = 1000) -> dict:
     """`prefpretrain evaluate RUN_DIR`: load the newest checkpoint onto the run's device (engine.device, or
     `device`) in its training precision there, write RUN_DIR/eval.json (or `out`), and every sample with its
     scores to `samples_out` (JSON lines) when given. `lm_eval` (default eval.lm_eval): lm-evaluation-harness
-    tasks run on the run's export (capability.py), the first `lm_eval_limit` examples of each (0: all)."""
+    tasks run on the run's export (capability.py), the first `lm_eval_limit` examples of each (0: all).
+    `retrieval`: sources of pairs (retrieval.py), at most `retrieval_limit` pairs each."""
     from prefpretrain.objectives import eval_condition, get_objective, layout_for
     from prefpretrain.trainer.capability import run_capability, selection
     from prefpretrain.trainer.data import mask_spec, run_attributes, run_layout, validation_layout
@@ -314,6 +316,11 @@ def evaluate_run(run_dir: str | Path, samples: int | None = None, condition: str
                                 seed=cfg.run.seed, max_positions=cfg.data.seq_len, seeds=seeds, scorers=scorers,
                                 attributes=attributes, protocol=protocol or cfg.eval.control_protocol,
                                 line_mix=line_mix))
+    if retrieval:
+        from prefpretrain.trainer.retrieval import run_retrieval
+
+        res["retrieval"] = run_retrieval(model, retrieval, ss, toklib.load_tokenizer(ss.tokenizer_dir),
+                                         cfg.data.seq_len, retrieval_limit, cfg.run.seed)
     if tasks is not None:
         del model  # (lm-eval loads the export)
         res.update(run_capability(fr, tasks, ss, device=str(dev), dtype=str(dtype).removeprefix("torch."),
