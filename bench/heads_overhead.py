@@ -3,7 +3,8 @@
     python bench/heads_overhead.py [--shards DIR] [--steps 40] [--rounds 2] [--out docs/results/heads_overhead.json]
 
 1. data: reading packed samples with `segment` keys (PackedSet(segments=True)) against without, the same samples
-   in alternating passes (the keys cost a segment-table lookup per document window).
+   (400 at seeded random places, as training reads them) in alternating passes, the best pass of each (the keys
+   cost a read of the document's segment table per document window).
 2. training: the same small GPT-2 run (fp32, ZeRO-2, 1 rank, the same seed, data and steps) with no auxiliary
    term, the label head, the similarity task (neighbour positives), both, and the similarity task with dropout
    views (a second forward); configurations interleaved over --rounds rounds; median tokens/s of each run after
@@ -35,18 +36,21 @@ CONFIGS = {
 
 
 def data_part(shards: str, n: int = 400, passes: int = 3) -> dict:
+    import numpy as np
+
     from prefpretrain.data_shards.packing import Layout, PackedSet
     from prefpretrain.data_shards.reader import ShardSet
 
     ss = ShardSet(shards, verify=False)
     sets = {k: PackedSet(ss, Layout("mle"), 256, segments=k == "keys") for k in ("plain", "keys")}
     n = min(n, len(sets["plain"]))
+    order = np.random.default_rng(0).permutation(len(sets["plain"]))[:n]  # random places, as training reads them
     times: dict[str, list[float]] = {k: [] for k in sets}
     for _ in range(passes):
         for k, ps in sets.items():
             t0 = time.perf_counter()
-            for i in range(n):
-                ps[i]
+            for i in order:
+                ps[int(i)]
             times[k].append((time.perf_counter() - t0) / n)
     per = {k: min(v) for k, v in times.items()}
     return {"samples": n, "seconds_per_sample": per, "ratio_keys_over_plain": per["keys"] / per["plain"]}
