@@ -13,7 +13,8 @@ by its target tokens):
   Segments that carry a control token (conditional) are left out: their label is in the input.
 - similarity: the micro batch's mean InfoNCE over its anchors times its target tokens (a target-weighted mean
   of micro-batch means once divided). Negatives are the other segments of the rank's micro batch.
-Segment bookkeeping is computed on the host from the batch's host tensors (no device synchronisation).
+Segment bookkeeping is computed on the host from the batch's host tensors and copied without waiting (no device
+synchronisation in a training step).
 """
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ class Runs:
     aligned: np.ndarray  # (n,) float: 1 = preferred (score <= threshold)
     targets: np.ndarray  # (n,) float: its target tokens (the loss positions it holds)
     has_control: np.ndarray  # (n,) bool: a control token precedes it in the row
+    size: np.ndarray  # (n,) its pooled tokens
 
 
 def segment_runs(batch: dict, causal: bool, threshold: float) -> Runs:
@@ -84,7 +86,7 @@ def segment_runs(batch: dict, causal: bool, threshold: float) -> Runs:
     return Runs(index=torch.from_numpy(index), n=n, row=firsts // T, key=flat[firsts],
                 aligned=(scores[firsts] <= threshold).astype(np.float32),
                 targets=np.bincount(raw, weights=target.reshape(-1), minlength=n_raw)[keep].astype(np.float32),
-                has_control=np.bincount(raw, weights=ctrl, minlength=n_raw)[keep] > 0)
+                has_control=np.bincount(raw, weights=ctrl, minlength=n_raw)[keep] > 0, size=count[keep])
 
 
 def pool(hidden: torch.Tensor, runs: Runs) -> torch.Tensor:
@@ -110,6 +112,9 @@ def label_loss(logits: torch.Tensor, aligned: torch.Tensor, weight: torch.Tensor
     return bce.sum(), {"label_bce": bce.detach().sum(), "label_correct": correct.sum(), "label_tokens": weight.sum()}
 
 
+MIN_PIECE = 2  # pooled tokens a piece needs to take part in the similarity task (a row's opening EOS is one)
+
+
 def neighbour_pairs(runs: Runs) -> tuple[np.ndarray, np.ndarray]:
     """(anchors, positives): piece r and piece r + 1 when they are consecutive segments of one document in one
     row."""
@@ -121,35 +126,46 @@ def neighbour_pairs(runs: Runs) -> tuple[np.ndarray, np.ndarray]:
 def info_nce(anchors: torch.Tensor, candidates: torch.Tensor, positive: torch.Tensor, temperature: float,
              exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy of picking `positive[i]` among the candidates for anchor i (cosine similarity /
-    temperature), and how many anchors pick it; `exclude[i]`: a candidate anchor i may not pick (itself)."""
+    temperature), and how many anchors pick it; `exclude` (anchors, candidates) bool: candidates an anchor may
+    not pick (itself, another piece of its own segment)."""
     a, c = F.normalize(anchors, dim=-1), F.normalize(candidates, dim=-1)
     logits = a @ c.T / temperature
     if exclude is not None:
-        logits = logits.index_put((torch.arange(len(a), device=a.device), exclude),
-                                  torch.tensor(float("-inf"), device=a.device))
+        logits = logits.masked_fill(exclude, float("-inf"))
     ce = F.cross_entropy(logits, positive)
     return ce, (logits.argmax(-1) == positive).float().sum().detach()
 
 
+def _on(x: np.ndarray, dev: torch.device) -> torch.Tensor:
+    """A host array on the device without waiting for it (the copy is staged from a fresh array)."""
+    return torch.from_numpy(np.ascontiguousarray(x)).to(dev, non_blocking=True)
+
+
 def similarity_loss(emb: torch.Tensor, runs: Runs, p: ObjectiveConfig, targets: float,
                     view=None) -> tuple[torch.Tensor, dict]:
-    """The micro batch's mean InfoNCE x its target tokens. neighbour: each segment with a next segment of its
-    document in its row picks it among all pieces (itself excluded); dropout: each piece picks its own
-    embedding from `view()` (a second forward, dropout drawn anew, no gradient) among the view's pieces."""
+    """The micro batch's mean InfoNCE x its target tokens, over the pieces of >= MIN_PIECE pooled tokens.
+    neighbour: each segment with a next segment of its document in its row picks it among the pieces; dropout:
+    each piece picks its own embedding from `view()` (a second forward, dropout drawn anew, no gradient) among the
+    view's pieces. An anchor never picks itself or another piece of its own segment (cut by a row boundary)."""
     dev = emb.device
-    if p.similarity_positive == "dropout":
-        other = pool(view(), runs).detach()
-        ce, hits = info_nce(emb, other, torch.arange(runs.n, device=dev), p.similarity_temperature)
-        n_anchors = runs.n
+    members = np.flatnonzero(runs.size >= MIN_PIECE)
+    other = pool(view(), runs).detach() if p.similarity_positive == "dropout" else None  # (every rank: ZeRO-3)
+    if other is not None:
+        anchors, positive = members, np.arange(len(members))
     else:
         a, b = neighbour_pairs(runs)
-        n_anchors = len(a)
-        if n_anchors == 0:
-            zero = emb.sum() * 0.0
-            return zero, {"sim_loss": zero.detach(), "sim_correct": zero.detach()}
-        a_t, b_t = torch.from_numpy(a).to(dev), torch.from_numpy(b).to(dev)
-        ce, hits = info_nce(emb[a_t], emb, b_t, p.similarity_temperature, exclude=a_t)
-    return ce * targets, {"sim_loss": ce.detach() * targets, "sim_correct": hits / n_anchors * targets}
+        ok = (runs.size[a] >= MIN_PIECE) & (runs.size[b] >= MIN_PIECE)
+        anchors, positive = a[ok], np.searchsorted(members, b[ok])
+    if len(anchors) == 0:
+        zero = emb.sum() * 0.0
+        return zero, {"sim_loss": zero.detach(), "sim_correct": zero.detach()}
+    keys = _on(runs.key, dev)
+    m_t, a_t, pos_t = _on(members, dev), _on(anchors, dev), _on(positive, dev)
+    exclude = keys[a_t][:, None] == keys[m_t][None, :]  # itself and the other pieces of its segment
+    if other is not None:  # (its own view is its positive)
+        exclude.fill_diagonal_(False)
+    ce, hits = info_nce(emb[a_t], (emb if other is None else other)[m_t], pos_t, p.similarity_temperature, exclude)
+    return ce * targets, {"sim_loss": ce.detach() * targets, "sim_correct": hits / len(anchors) * targets}
 
 
 def head_terms(model, hidden: torch.Tensor, batch: dict, p: ObjectiveConfig, causal: bool, targets: float,
@@ -161,8 +177,8 @@ def head_terms(model, hidden: torch.Tensor, batch: dict, p: ObjectiveConfig, cau
     total, stats = emb.sum() * 0.0, {}
     if p.label_head_weight > 0:
         dev = emb.device
-        weight = torch.from_numpy(runs.targets * ~runs.has_control).to(dev, non_blocking=True)
-        loss, s = label_loss(label_logits(model.label_head, emb), torch.from_numpy(runs.aligned).to(dev), weight)
+        loss, s = label_loss(label_logits(model.label_head, emb), _on(runs.aligned, dev),
+                             _on(runs.targets * ~runs.has_control, dev))
         total, stats = total + p.label_head_weight * loss, {**stats, **s}
     if p.similarity_weight > 0:
         loss, s = similarity_loss(emb, runs, p, targets, view)

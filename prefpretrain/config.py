@@ -343,7 +343,7 @@ def _check_objective(cfg: Config) -> None:
     t = cfg.train
     if t.objective not in OBJECTIVES:
         raise ConfigError(f"train.objective: expected one of {' | '.join(map(repr, OBJECTIVES))}, got {t.objective!r}")
-    problem = objective_problem(cfg.objective, None if cfg.model.from_pretrained else cfg.model.dropout)
+    problem = objective_problem(cfg.objective, t.objective, None if cfg.model.from_pretrained else cfg.model.dropout)
     if problem:
         raise ConfigError(problem)
     _resolve_attributes(cfg)

@@ -95,22 +95,26 @@ class Objective:
 OBJECTIVES: dict[str, Objective] = {}
 
 
-def objective_problem(o: ObjectiveConfig, dropout: float | None) -> str | None:
+def objective_problem(o: ObjectiveConfig, objective: str, dropout: float | None) -> str | None:
     """One line saying what is wrong with the objective's parameters (None: nothing). `dropout`: the model's
-    (None: a pretrained model's own, not known here)."""
+    (None: a pretrained model's own, checked once the model is built)."""
     for key, val in [("ul_alpha", o.ul_alpha), ("beta", o.beta), ("max_weight", o.max_weight),
                      ("similarity_temperature", o.similarity_temperature)]:
-        if val <= 0:
+        if not (math.isfinite(val) and val > 0):
             return f"objective.{key}: must be positive, got {val}"
     if not 0 <= o.awr_alpha <= 1:
         return f"objective.awr_alpha: must be within [0, 1], got {o.awr_alpha}"
     for key, val in [("reward_scale", o.reward_scale), ("label_head_weight", o.label_head_weight),
                      ("similarity_weight", o.similarity_weight)]:
-        if val < 0:
+        if not (math.isfinite(val) and val >= 0):
             return f"objective.{key}: must be >= 0 (0 = {'auto' if key == 'reward_scale' else 'off'}), got {val}"
     if o.similarity_weight > 0 and o.similarity_positive == "dropout" and dropout == 0:
         return ("objective.similarity_positive: dropout views of a model without dropout are identical; set "
                 "model.dropout > 0 or use neighbour")
+    if o.label_head_weight > 0 and objective in OBJECTIVES and OBJECTIVES[objective].layout == "conditional" \
+            and o.drop_prob == 0:
+        return ("objective.label_head_weight: with conditional and drop_prob 0 every segment shows its label as a "
+                "control token, and the head (which learns from segments without one) gets nothing to learn from")
     return None
 
 

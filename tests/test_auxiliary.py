@@ -65,7 +65,8 @@ def test_info_nce_hand_computed_and_self_excluded():
     l0 = -(s / 0.5) + math.log(math.exp(2) + math.exp(0) + math.exp(s / 0.5))
     l1 = -(1 / 0.5) + math.log(math.exp(0) + math.exp(2) + math.exp(s / 0.5))
     assert float(ce) == pytest.approx((l0 + l1) / 2, rel=1e-6) and float(hits) == 1.0
-    ce_x, _ = auxiliary.info_nce(a, c, torch.tensor([2, 1]), 0.5, exclude=torch.tensor([0, 2]))
+    ce_x, _ = auxiliary.info_nce(a, c, torch.tensor([2, 1]), 0.5,
+                                 exclude=torch.tensor([[True, False, False], [False, False, True]]))
     l0x = -(s / 0.5) + math.log(math.exp(0) + math.exp(s / 0.5))
     l1x = -(1 / 0.5) + math.log(math.exp(0) + math.exp(2))
     assert float(ce_x) == pytest.approx((l0x + l1x) / 2, rel=1e-6)
@@ -93,8 +94,29 @@ def test_dropout_view_picks_its_own_second_embedding():
     loss, stats = auxiliary.similarity_loss(auxiliary.pool(hidden, runs), runs, p, 2.0, view=lambda: hidden)
     assert float(stats["sim_correct"]) == pytest.approx(2.0)  # every piece finds itself in an identical view
     emb = auxiliary.pool(hidden, runs)
-    want, _ = auxiliary.info_nce(emb, emb, torch.arange(4), 0.1)
+    same = torch.zeros(4, 4, dtype=torch.bool)
+    same[1, 2] = same[2, 1] = True  # pieces 1 and 2 are one segment (doc 3's second) cut by the row boundary
+    want, _ = auxiliary.info_nce(emb, emb, torch.arange(4), 0.1, exclude=same)
     assert float(loss) == pytest.approx(2 * float(want), rel=1e-5)
+
+
+def test_similarity_leaves_out_one_token_pieces_and_a_batch_without_anchors_is_zero():
+    b = _batch()
+    b["segment"][1, :2] = b["segment"][1, 2] - 7  # row 1: a 2-token piece of another document, then doc 5
+    b["segment"][0, 5] = b["segment"][0, 4] + 1  # row 0: doc 3's segment 1 is 1 token, segment 2 another 1
+    runs = auxiliary.segment_runs(b, True, 0.1)
+    assert runs.size.tolist() == [3, 1, 1, 2, 4]
+    p = ObjectiveConfig(similarity_weight=1.0, similarity_temperature=1.0)
+    emb = torch.randn(runs.n, 3, requires_grad=True)
+    loss, stats = auxiliary.similarity_loss(emb, runs, p, 5.0)  # 0 -> 1 and 1 -> 2 pair one-token pieces
+    assert float(loss) == 0.0 and float(stats["sim_correct"]) == 0.0
+    seen = []
+    d = ObjectiveConfig(similarity_weight=1.0, similarity_positive="dropout")
+    blank = {**_batch(), "segment": torch.full((2, 6), -1)}
+    r0 = auxiliary.segment_runs(blank, True, 0.1)
+    loss, _ = auxiliary.similarity_loss(torch.zeros(0, 3), r0, d, 5.0,
+                                        view=lambda: seen.append(1) or torch.zeros(2, 6, 3))
+    assert float(loss) == 0.0 and seen == [1]  # the second forward runs all the same (ZeRO-3 ranks in step)
 
 
 def test_head_terms_weigh_both_terms_and_skip_segments_with_a_control_token():
@@ -148,12 +170,18 @@ def test_label_tally_of_a_batch_matches_the_metrics_of_its_pieces():
 def test_objective_parameters_of_the_auxiliary_tasks_are_checked():
     from prefpretrain.objectives import objective_problem
 
-    assert objective_problem(ObjectiveConfig(label_head_weight=-1), 0.0).startswith("objective.label_head_weight")
-    assert objective_problem(ObjectiveConfig(similarity_temperature=0), 0.0).startswith(
-        "objective.similarity_temperature")
+    assert objective_problem(ObjectiveConfig(label_head_weight=-1), "mle", 0.0).startswith(
+        "objective.label_head_weight")
+    for bad in (0, float("nan")):
+        assert objective_problem(ObjectiveConfig(similarity_temperature=bad), "mle", 0.0).startswith(
+            "objective.similarity_temperature")
+    assert objective_problem(ObjectiveConfig(similarity_weight=float("nan")), "mle", 0.0) is not None
     dropout = ObjectiveConfig(similarity_weight=0.1, similarity_positive="dropout")
-    assert "model.dropout" in objective_problem(dropout, 0.0)
-    assert objective_problem(dropout, 0.1) is None and objective_problem(dropout, None) is None
+    assert "model.dropout" in objective_problem(dropout, "mle", 0.0)
+    assert objective_problem(dropout, "mle", 0.1) is None and objective_problem(dropout, "mle", None) is None
+    shown = ObjectiveConfig(label_head_weight=1.0, drop_prob=0.0)  # every label is in the input
+    assert "nothing to learn from" in objective_problem(shown, "conditional", 0.0)
+    assert objective_problem(shown, "unlikelihood", 0.0) is None
 
 
 @pytest.mark.parametrize("kind", ["mle", "filter", "conditional"])

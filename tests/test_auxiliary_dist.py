@@ -72,3 +72,6 @@ def test_heads_with_awr_resume_at_another_world_size_exactly(tiny_shards, tmp_pa
     got = read_metrics(again)
     for k, v in want.items():
         assert [m[k] for m in got] == pytest.approx(v, abs=1e-5), k
+    # turning a head off (or on) at a resume is one line, not DeepSpeed's missing keys
+    r = launch_tiny(tiny_shards, again, 1, expect=2, **{**kw, "objective.label_head_weight": 0.0})
+    assert "trained with heads ['label_head', 'value_head'], this config has ['value_head']" in r.stderr

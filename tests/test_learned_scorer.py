@@ -61,12 +61,20 @@ def test_export_with_heads_holds_the_heads_and_a_plain_export_none(learned, tmp_
 
 def test_the_scorer_from_the_run_and_from_the_export_agree(learned):
     from prefpretrain.data_shards.scorers import get_scorer
+    from prefpretrain.errors import InputError
 
     run, out = learned
     docs = _docs()
     a, b = get_scorer(f"learned:{run}"), get_scorer(f"learned:{out}", {"batch_size": 3})
     assert a.name == "learned" and a.params["aligned_at"] == 0.5 and a.params["score"] == "1 - P(preferred)"
     assert a.segmenter == b.segmenter == "line" and a.params["window"] == b.params["window"] == 64
+    # pinned to the checkpoint loaded (absolute), not to "the run's newest" that later processes would resolve
+    from prefpretrain.trainer.checkpoint import find_latest
+
+    assert a.params["path"] == str(find_latest(run / "checkpoints").resolve()) and a.params["given"] == str(run)
+    for bad in ({"batch_size": 0}, {"device": "gpu:x"}):
+        with pytest.raises(InputError, match="batch_size|device"):
+            get_scorer(f"learned:{out}", bad)
     got_a, got_b = a.score_many(docs), [b.score(d, s) for d, s in docs]
     again = get_scorer("learned", b.params)  # as evaluate makes a column's scorer from the manifest's record
     np.testing.assert_allclose(again.score(*docs[0]), got_b[0], atol=1e-6)

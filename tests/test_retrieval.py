@@ -61,6 +61,15 @@ def test_source_pairs_skip_files_that_do_not_parse(tmp_path):
     assert len(pairs) == 2 and bad == 1
     with pytest.raises(InputError, match="neither 'val' nor a Python file"):
         retrieval.parse_sources(f"val,{tmp_path / 'missing'}")
+    (tmp_path / "empty").mkdir()  # no pair to retrieve: refused before a model is loaded
+    with pytest.raises(InputError, match="gives 0 docstring -> body pair"):
+        retrieval.parse_sources(f"val,{tmp_path / 'empty'}")
+
+
+def test_a_form_feed_does_not_shift_a_body_onto_its_docstring():
+    """str.splitlines breaks at a form feed, ast does not: the body would start at the docstring."""
+    pairs = retrieval.docstring_pairs("\x0c\n" + SNIPPET.replace("\ndef ", "\n\x0c\ndef "))
+    assert pairs == retrieval.docstring_pairs(SNIPPET)
 
 
 def test_unique_pairs_drop_repeats_and_sample_with_the_seed():

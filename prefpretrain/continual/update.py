@@ -75,6 +75,9 @@ class ContinualUpdate(TrainHooks):
         self.prev = distributed.broadcast_object(distributed.rank0_does(
             "verifying the earlier checkpoint", lambda: resolve(cfg.continual.from_)))
         self.dir.mkdir(parents=True, exist_ok=True)
+        if "label_head" in self.prev.state.get("heads", ()) and ctx.rank == 0:
+            log.warning("continual: the label head of %s is not carried over: the update starts from its language "
+                        "model (a new head is trained when objective.label_head_weight > 0)", self.prev.ckpt)
         distributed.rank0_does("building the replay memory", self._build_replay)
         self.memory_packed = PackedSet(ShardSet(self.replay_dir, "train", verify=cfg.data.verify_checksums),
                                        self.layout, cfg.data.seq_len, self.mlm, document_mask=cfg.data.document_mask,

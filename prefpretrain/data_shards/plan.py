@@ -137,7 +137,7 @@ def make_plan(opt: ShardOptions, write: bool = True, surveyed: tuple | None = No
     sizes = [it[2] for it in items]
     chunks = plan_chunks(sizes, target)
     plan = {"fingerprint": fp, "files": items, "n_files": len(files), "chunks": chunks,
-            "segmenter": segmenter, "scorer": scorer.name, "settings": _settings(opt),
+            "segmenter": segmenter, "scorer": scorer.name, "settings": _settings(opt, scorer),
             "scorer_info": {"name": scorer.name, "version": scorer.version, "params": scorer.params}}
     log.info("shard: %d files, %.1f MB, %d chunks, scorer=%s, segmenter=%s", len(files), sum(sizes) / 1e6,
              len(chunks), scorer.name, segmenter)
@@ -166,8 +166,13 @@ def check_tokenizer(out: Path, plan: dict) -> None:
                          f"after the plan was made: shard again with --overwrite")
 
 
-def _settings(opt: ShardOptions) -> dict:
-    return {k: v for k, v in asdict(opt).items() if k not in ("inputs", "output", "overwrite", "progress")}
+def _settings(opt: ShardOptions, scorer=None) -> dict:
+    """The options the shard tasks run with; a learned scorer pinned to the checkpoint the survey loaded (the
+    tasks make it again from this, also on other nodes and after a resume, while the run may write newer ones)."""
+    out = {k: v for k, v in asdict(opt).items() if k not in ("inputs", "output", "overwrite", "progress")}
+    if scorer is not None and scorer.name == "learned":
+        out["scorer"] = f"learned:{scorer.params['path']}"
+    return out
 
 
 def read_plan(out: Path) -> dict:

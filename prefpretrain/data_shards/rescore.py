@@ -108,6 +108,8 @@ def rescore(path: str | os.PathLike, scorer: str, column: str | None = None, par
     sc = get_scorer(scorer, params)  # an unknown scorer or bad parameters: refused before any work
     if sc.name in NOT_RESCORABLE:
         raise ValueError(f"--scorer {sc.name}: cannot rescore, {NOT_RESCORABLE[sc.name]}")
+    if sc.name == "learned":  # its processes load the checkpoint this one loaded, not a newer one of the run
+        scorer = f"learned:{sc.params['path']}"
     column = column or default_name(sc.name)
     check_name(column)
     tag = os.urandom(4).hex()  # this rescore's files: a column being replaced stays readable until the switch

@@ -26,6 +26,7 @@ import torch
 from prefpretrain.errors import InputError
 
 SCORE = "1 - P(preferred)"
+HEADS_FILE = "heads.safetensors"  # (export.HEADS_FILE)
 ALIGNED_AT = 0.5
 
 
@@ -38,15 +39,19 @@ def _load_export(path: Path, device: torch.device):
 
     info = json.loads((path / "prefpretrain.json").read_text())
     heads = info.get("heads") or {}
-    if "label_head" not in heads.get("names", ()):
+    if "label_head" not in heads.get("names", ()) or not isinstance(heads.get("label_head"), dict):
         raise InputError(f"scorer learned:{path}: the export has no label head (export a run trained with "
                          f"objective.label_head_weight > 0 with --with-heads)")
     model = load_model_dir(path, heads.get("model_kind", "causal"))
-    sd = load_file(str(path / heads.get("file", "heads.safetensors")))
+    sd = load_file(str(path / HEADS_FILE))  # (its fixed name: a path from the JSON could point anywhere)
     attach_heads(model, sd)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # shapes: a hidden size other than the model's
+        raise InputError(f"scorer learned:{path}: {HEADS_FILE} does not fit the model "
+                         f"({str(e).splitlines()[-1].strip()[:200]})") from None
     if unexpected or any(k.startswith("label_head.") for k in missing):
-        raise InputError(f"scorer learned:{path}: heads.safetensors does not match the model ({unexpected})")
+        raise InputError(f"scorer learned:{path}: {HEADS_FILE} does not match the model ({unexpected})")
     lh = heads["label_head"]
     facts = {"source": "export", "step": info.get("step"), "window": heads.get("window"),
              "head_threshold": lh.get("threshold"), "head_score_column": lh.get("score_column"),
@@ -74,7 +79,7 @@ def _load_run(path: Path, device: torch.device):
     model = fr.load_model(device, heads=True)
     if getattr(model, "label_head", None) is None:
         raise InputError(f"scorer learned:{path}: checkpoint {fr.ckpt} holds no label head")
-    facts = {"source": "run", "checkpoint": str(fr.ckpt), "step": fr.state.get("step"),
+    facts = {"source": "run", "checkpoint": str(Path(fr.ckpt).resolve()), "step": fr.state.get("step"),
              "window": fr.cfg.data.seq_len, "head_threshold": fr.cfg.objective.threshold,
              "head_score_column": ss.score_column or stored_column(ss.manifest),
              "segmenter": ss.manifest.get("segmenter")}
@@ -91,8 +96,13 @@ class LearnedScorer:
         from prefpretrain import distributed
         from prefpretrain.data_shards.tokenizer import EOS, PAD, load_tokenizer
 
-        p = Path(path)
-        self._device = distributed.pick_device(device) if device == "auto" else torch.device(device)
+        p = Path(path).resolve()
+        if not isinstance(batch_size, int) or batch_size <= 0:
+            raise InputError(f"scorer learned:{path}: batch_size must be a positive integer, got {batch_size!r}")
+        try:
+            self._device = distributed.pick_device(device) if device == "auto" else torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise InputError(f"scorer learned:{path}: device {device!r} is not a device ({e})") from None
         if self._device.type == "cuda" and not torch.cuda.is_available():
             raise InputError(f"scorer learned:{path}: device {device!r}, but this process sees no GPU")
         if (p / "prefpretrain.json").is_file() and (p / "config.json").is_file():
@@ -106,8 +116,11 @@ class LearnedScorer:
         self._window = int(facts.get("window") or self._model.config.max_position_embeddings)
         self._bs = batch_size
         self.segmenter = facts.pop("segmenter", None)  # the segments the head learned on (shard's segmenter=auto)
-        self.params = {"path": str(path), **facts, "window": self._window, "device": device,
-                       "batch_size": batch_size, "score": SCORE, "aligned_at": ALIGNED_AT,
+        # pinned: the checkpoint (or export) loaded, absolute, so that every scoring process, a resumed shard job and
+        # a later `evaluate --scorer` load the same weights while the run goes on writing newer checkpoints
+        self.params = {"path": str(facts.pop("checkpoint", None) or p), "given": str(path), **facts,
+                       "window": self._window, "device": device, "batch_size": batch_size, "score": SCORE,
+                       "aligned_at": ALIGNED_AT,
                        "pooling": "mean of the last hidden state over a segment's tokens"}
 
     def score(self, doc, spans: list[tuple[int, int]]) -> list[float]:

@@ -36,6 +36,7 @@ from prefpretrain.trainer import session as sessionlib
 from prefpretrain.trainer.evaluate import validation_loss
 from prefpretrain.trainer.flops import mfu
 from prefpretrain.trainer.hooks import HookList, TrainHooks
+from prefpretrain.trainer.model import run_heads
 from prefpretrain.trainer.policies import DivergenceGuard, EarlyStopping, Every, Preemption, SampleIdLog
 from prefpretrain.trainer.profiler import StepProfiler
 from prefpretrain.trainer.runinfo import write_rank_record
@@ -210,6 +211,7 @@ def save(s: Session) -> None:
              "global_batch_size": cfg.train.global_batch_size, "data_quality": s.quality.state(),
              "document_mask": s.data.val.document_mask, "document_blocks": DOCUMENT_BLOCKS,
              "scores_digest": s.data.scores_digest,
+             "heads": run_heads(cfg.train.objective, cfg.objective.label_head_weight),  # (resume refuses a change)
              **s.hooks.checkpoint_state(s.step)}
     d = ckptlib.save(s.engine, s.ckpt_root, s.step, state, cfg.checkpoint.keep_last, s.info.rank, parts)
     s.last_saved = s.step

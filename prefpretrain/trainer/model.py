@@ -150,6 +150,13 @@ LABEL_HEAD_PREFIX = "label_head."
 HEAD_PREFIXES = (VALUE_HEAD_PREFIX, LABEL_HEAD_PREFIX)  # training heads: not weights of the language model
 
 
+def run_heads(objective: str, label_head_weight: float) -> list[str]:
+    """The training heads a run of this objective and label-head weight has, sorted (checkpoints record them)."""
+    from prefpretrain.objectives import get_objective
+
+    return sorted(["value_head"] * get_objective(objective).value_head + ["label_head"] * (label_head_weight > 0))
+
+
 def attach_heads(model, state_dict: dict) -> list[str]:
     """Attach (untrained) the heads whose weights `state_dict` holds, so that loading it fills them; their names."""
     names = []
@@ -164,7 +171,20 @@ def load_model_dir(path: str | Path, kind: str = "causal"):
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     auto = AutoModelForCausalLM if kind == "causal" else AutoModelForMaskedLM
-    return auto.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    return auto.from_pretrained(str(path), local_files_only=True, trust_remote_code=False,
+                                use_safetensors=True)  # (weights from safetensors only: nothing is unpickled)
+
+
+def has_dropout(model) -> bool:
+    """Whether the built model drops anything in training (a dropout module, or a dropout rate in its config that
+    its attention applies functionally): the similarity task's dropout views differ only then."""
+    import torch.nn as nn
+
+    if any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
+        return True
+    conf = model.config.to_dict()  # (only attention rates: e.g. GPT-2's summary_first_dropout is not the LM's)
+    return any(("attn" in k or "attention" in k) and ("dropout" in k or "pdrop" in k) and isinstance(v, float)
+               and v > 0 for k, v in conf.items())
 
 
 def count_params(model) -> int:

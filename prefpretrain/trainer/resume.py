@@ -19,6 +19,7 @@ from prefpretrain.config import Config
 from prefpretrain.data_shards.packing import DOCUMENT_BLOCKS
 from prefpretrain.errors import ConfigError, InputError
 from prefpretrain.trainer import checkpoint as ckptlib
+from prefpretrain.trainer.model import run_heads
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,12 @@ def resume_point(cfg: Config, ckpt_root: Path, rank: int, world: int, tokenizer_
     if st.get("scores_digest") != scores_digest:  # (None: the tars' own scores, before columns existed too)
         raise ConfigError(f"objective.attributes: the score column {ckpt} was trained on has changed since (rescored, "
                           f"or another column); rescore it back, or start afresh with run.resume=never")
+    then, now = st.get("heads", run_heads(st.get("objective", cfg.train.objective), 0.0)), run_heads(
+        cfg.train.objective, cfg.objective.label_head_weight)
+    if sorted(then) != now:
+        raise ConfigError(f"objective: {ckpt} was trained with heads {then or 'none'}, this config has "
+                          f"{now or 'none'} (train.objective, objective.label_head_weight); a head is turned on or off "
+                          f"by starting afresh (run.resume=never) or by a continual update from it (continual.from)")
     if st["config_hash"] != cfg.hash():
         log.warning("resuming %s written with another config (hash %s, now %s)", ckpt, st["config_hash"], cfg.hash())
     if cont:

@@ -20,6 +20,7 @@ over the tied places.
 from __future__ import annotations
 
 import ast
+import re
 import textwrap
 from pathlib import Path
 
@@ -41,7 +42,7 @@ def docstring_pairs(source: str) -> list[tuple[str, str]]:
     """(docstring, body) of every function in `source` with a docstring of >= MIN_DOC_WORDS words and a body
     of >= MIN_BODY_LINES non-blank lines after it (dedented source lines), in the order of the source."""
     tree = ast.parse(source)
-    lines = source.splitlines()
+    lines = re.split(r"\r\n|\r|\n", source)  # the lines ast numbers (str.splitlines also breaks at a form feed)
     out = []
     for node in ast.walk(tree):
         if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -70,7 +71,7 @@ def source_pairs(path: str) -> tuple[list[tuple[str, str]], int]:
     for f in python_files(path):
         try:
             pairs += docstring_pairs(f.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, ValueError):
+        except (SyntaxError, UnicodeDecodeError, ValueError, OSError, RecursionError):
             bad += 1
     return pairs, bad
 
@@ -134,8 +135,9 @@ def retrieval_metrics(queries: torch.Tensor, candidates: torch.Tensor, ks=KS, se
     """Per k: accuracy@1 and mean reciprocal rank of candidate i for query i among it and k - 1 other candidates
     (drawn per query with a generator seeded by `seed`; cosine similarity of normalised rows), and chance 1/k.
     A k above the number of pairs is left out."""
-    sim = (queries.double() @ candidates.double().T).numpy()
-    n = len(sim)
+    q, c = queries.double().numpy(), candidates.double().numpy()
+    n = len(q)
+    true_sim = (q * c).sum(1)  # (no n x n matrix: each query meets its k candidates only)
     out = {}
     for k in ks:
         if k > n:
@@ -145,7 +147,7 @@ def retrieval_metrics(queries: torch.Tensor, candidates: torch.Tensor, ks=KS, se
         for i in range(n):
             others = rng.choice(n - 1, k - 1, replace=False)
             others += others >= i
-            true, o = sim[i, i], sim[i, others]
+            true, o = true_sim[i], c[others] @ q[i]
             above, tied = int((o > true).sum()), int((o == true).sum())
             acc += (above == 0) / (1 + tied)
             rr += float(np.mean(1.0 / (1 + above + np.arange(tied + 1))))
@@ -158,7 +160,9 @@ def parse_sources(text: str | None) -> list[str]:
     items = [x.strip() for x in (text or "").split(",") if x.strip()]
     for x in items:
         if x != VAL:
-            python_files(x)
+            got = len(source_pairs(x)[0])  # (the files parsed twice: a bad source fails before the model loads)
+            if got < 2:
+                raise InputError(f"--retrieval: {x!r} gives {got} docstring -> body pair(s); at least 2 are needed")
     return items
 
 

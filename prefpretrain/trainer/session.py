@@ -14,6 +14,7 @@ import yaml
 
 from prefpretrain import distributed
 from prefpretrain.config import Config
+from prefpretrain.errors import ConfigError
 from prefpretrain.objectives import get_objective, resolved
 from prefpretrain.rundir import CHECKPOINTS, MODEL_CONFIG
 from prefpretrain.trainer import checkpoint as ckptlib
@@ -21,7 +22,14 @@ from prefpretrain.trainer.data import DataQuality, TrainData, open_data, trainin
 from prefpretrain.trainer.engine import build_engine, local_param_elements, partitioned_build
 from prefpretrain.trainer.flops import flops_per_token, peak_flops
 from prefpretrain.trainer.hooks import HookList, TrainContext
-from prefpretrain.trainer.model import apply_freeze, attach_label_head, attach_value_head, build_model, count_params
+from prefpretrain.trainer.model import (
+    apply_freeze,
+    attach_label_head,
+    attach_value_head,
+    build_model,
+    count_params,
+    has_dropout,
+)
 from prefpretrain.trainer.monitor import Monitor
 from prefpretrain.trainer.resume import resume_point
 from prefpretrain.trainer.runinfo import check_agreement, write_run_files
@@ -73,6 +81,11 @@ def _build_model(cfg: Config, info, data: TrainData, hooks: HookList):
         attach_value_head(model)
     if cfg.objective.label_head_weight > 0 and not hasattr(model, "label_head"):
         attach_label_head(model)
+    o = cfg.objective
+    if o.similarity_weight > 0 and o.similarity_positive == "dropout" and not has_dropout(model):
+        raise ConfigError(f"objective.similarity_positive: dropout views of this {cfg.model.arch} model are "
+                          f"identical (it has no dropout: model.dropout does not reach it, or model.extra / its "
+                          f"pretrained config sets 0); give it dropout or use neighbour")
     facts.update(n_params=count_params(model), flops_per_token=flops_per_token(model, L))
     facts["n_frozen"] = apply_freeze(model, cfg.model.freeze)
     if cfg.model.gradient_checkpointing:

@@ -58,9 +58,9 @@ def micro_step(engine, batch: dict, dev: torch.device, spec: StepSpec, scale: fl
     values = engine.module.value_head(out.hidden_states[-1]).squeeze(-1) if spec.with_values else None
     loss_sum, _, stats = compute_loss(spec.objective, out.logits, b, spec.causal, spec.params, values, spec.chunked_ce)
     if heads:  # the label head and the similarity task (their statistics: auxiliary.stat_tags)
-        def view():  # the similarity task's dropout view: a second forward, without gradient
-            with torch.no_grad():
-                return engine.module(**inputs, output_hidden_states=True).hidden_states[-1]
+        def view():  # the similarity task's dropout view: a second forward of the transformer (no LM head, no
+            with torch.no_grad():  # logits), without gradient; its last hidden state is the full model's
+                return engine.module.base_model(**inputs).last_hidden_state
         term, aux_stats = auxiliary.head_terms(engine.module, out.hidden_states[-1], batch, spec.params, spec.causal,
                                                float(target_count(batch, spec.causal)), view)
         loss_sum = loss_sum + term
