@@ -223,4 +223,20 @@ def label_metrics(tally, calibration_bins: int = 10) -> dict:
     gap = np.bincount(coarse, psum, calibration_bins) - np.bincount(coarse, pos, calibration_bins)
     out["label_ece"] = float(np.abs(gap).sum() / n) if n else None
     out["label_brier"] = float(t[-1] / n) if n else None
+    out.update(_matched_rate(neg, pos))
     return out
+
+
+def _matched_rate(neg: np.ndarray, pos: np.ndarray) -> dict:
+    """The operating point that flags as many segments as are not preferred: the threshold on the learned score
+    (1 - P(preferred), `--scorer learned:`; a segment scoring above it is flagged) at the bin edge where the
+    segments of lowest P(preferred) first reach that count, and the precision and recall of "not preferred"
+    there. A calibrated head with a rare class flags almost nothing at 0.5; this flags the base rate."""
+    n_neg = neg.sum()
+    if not n_neg or not pos.sum():
+        return {"label_matched_threshold": None, "label_matched_precision": None, "label_matched_recall": None}
+    flagged = np.cumsum(neg + pos)  # segments with P(preferred) below each bin's upper edge
+    b = int(np.searchsorted(flagged, n_neg))
+    hit = float(np.cumsum(neg)[b])
+    return {"label_matched_threshold": 1.0 - (b + 1) / TALLY_BINS, "label_matched_precision": hit / flagged[b],
+            "label_matched_recall": hit / n_neg}

@@ -154,6 +154,12 @@ def test_label_metrics_auc_calibration_and_brier():
     assert m["label_ece"] == pytest.approx((0.1 + 0.65 + 0.4 + 0.2 + 0.05) / 5)
     assert m["label_brier"] == pytest.approx(np.mean((p - y) ** 2))
     assert m["label_segments"] == 5 and m["label_preferred_rate"] == pytest.approx(0.6)
+    # 2 of 5 not preferred: flag the 2 of lowest P(preferred), 0.1 (not preferred) and 0.35 (preferred): the
+    # threshold on the learned score 1 - p sits at the upper edge of 0.35's bin; precision = recall = 1/2
+    assert m["label_matched_threshold"] == pytest.approx(1 - 701 / 2000)
+    assert m["label_matched_precision"] == m["label_matched_recall"] == pytest.approx(0.5)
+    flagged = (1 - p) > m["label_matched_threshold"]
+    assert flagged.tolist() == [True, False, True, False, False]
     assert auxiliary.label_metrics(np.zeros_like(tally))["label_auc"] is None
 
 
