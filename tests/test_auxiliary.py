@@ -81,7 +81,7 @@ def test_similarity_neighbours_are_next_segments_of_a_document_in_one_row():
     loss, stats = auxiliary.similarity_loss(emb, runs, p, targets=9.0)
     s = 1 / math.sqrt(2)
     ce = -0.0 + math.log(math.exp(0) + math.exp(s) + math.exp(-1))  # anchor 0 picks 1 among 1, 2, 3
-    assert float(loss) == pytest.approx(9 * ce, rel=1e-6)
+    assert float(loss.detach()) == pytest.approx(9 * ce, rel=1e-6)
     assert float(stats["sim_correct"]) == 0.0  # (2 is nearer)
     loss.backward()
     assert emb.grad[0].abs().sum() > 0 and emb.grad[1].abs().sum() > 0
