@@ -109,7 +109,7 @@ def test_similarity_leaves_out_one_token_pieces_and_a_batch_without_anchors_is_z
     p = ObjectiveConfig(similarity_weight=1.0, similarity_temperature=1.0)
     emb = torch.randn(runs.n, 3, requires_grad=True)
     loss, stats = auxiliary.similarity_loss(emb, runs, p, 5.0)  # 0 -> 1 and 1 -> 2 pair one-token pieces
-    assert float(loss) == 0.0 and float(stats["sim_correct"]) == 0.0
+    assert float(loss.detach()) == 0.0 and float(stats["sim_correct"]) == 0.0
     seen = []
     d = ObjectiveConfig(similarity_weight=1.0, similarity_positive="dropout")
     blank = {**_batch(), "segment": torch.full((2, 6), -1)}
