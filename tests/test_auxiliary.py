@@ -133,10 +133,10 @@ def test_head_terms_weigh_both_terms_and_skip_segments_with_a_control_token():
     emb = auxiliary.pool(hidden, runs)
     logit = m.label_head(emb).squeeze(-1)
     bce = torch.nn.functional.binary_cross_entropy_with_logits(logit, torch.tensor([1.0, 0, 0, 1]), reduction="none")
-    want_label = float((bce * torch.tensor([2.0, 0, 1, 4])).sum())  # piece 1 carries a control token: left out
+    want_label = float((bce * torch.tensor([2.0, 0, 1, 4])).sum().detach())  # piece 1 carries a control token: left out
     sim, _ = auxiliary.similarity_loss(emb, runs, p, 9.0)
     assert float(stats["label_bce"]) == pytest.approx(want_label, rel=1e-5)
-    assert float(total) == pytest.approx(0.5 * want_label + 2.0 * float(sim), rel=1e-5)
+    assert float(total.detach()) == pytest.approx(0.5 * want_label + 2.0 * float(sim.detach()), rel=1e-5)
 
 
 def test_label_metrics_auc_calibration_and_brier():
@@ -166,7 +166,8 @@ def test_label_metrics_auc_calibration_and_brier():
 def test_label_tally_of_a_batch_matches_the_metrics_of_its_pieces():
     torch.manual_seed(1)
     head, hidden = torch.nn.Linear(3, 1), torch.randn(2, 6, 3)
-    t = auxiliary.label_tally(head, hidden, _batch(), True, 0.1)
+    with torch.no_grad():  # (as validation calls it)
+        t = auxiliary.label_tally(head, hidden, _batch(), True, 0.1)
     runs = auxiliary.segment_runs(_batch(), True, 0.1)
     prob = torch.sigmoid(head(auxiliary.pool(hidden, runs)).squeeze(-1)).detach().numpy()[[0, 2, 3]]
     assert t[: 2 * auxiliary.TALLY_BINS].sum() == 3  # the piece with a control token is not judged
@@ -258,7 +259,8 @@ def test_the_terms_add_to_every_objective_and_reach_the_model(tiny_shards, kind)
         runs = auxiliary.segment_runs(batch, causal, 0.0)
         sim, _ = auxiliary.similarity_loss(auxiliary.pool(out.hidden_states[-1], runs), runs, p,
                                            float(target_count(batch, causal)))
-        assert float(terms) == pytest.approx(0.7 * float(stats["label_bce"]) + 0.3 * float(sim), rel=1e-5), name
+        want = 0.7 * float(stats["label_bce"]) + 0.3 * float(sim.detach())
+        assert float(terms.detach()) == pytest.approx(want, rel=1e-5), name
         (base + terms).backward()
         assert model.label_head.weight.grad.abs().sum() > 0, name
         assert all(torch.isfinite(q.grad).all() for q in model.parameters() if q.grad is not None), name
