@@ -98,17 +98,21 @@ def main() -> None:
     ap.add_argument("--weight", type=float, default=0.2)
     ap.add_argument("--variants", default="base,neighbour")
     ap.add_argument("--seed", type=int, default=1, help="run.seed (runs of a seed other than 1: NAME_seedN)")
+    ap.add_argument("--tag", default="", help="suffix of the run directories of the non-base variants (another "
+                    "weight, or a rerun), so that existing runs of the same name are not reused")
     ap.add_argument("--work", default="/tmp/similarity_bench")
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "similarity_retrieval.json"))
     a = ap.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     data, held = shards(work), heldout(work)
-    res = {"bench": "similarity_retrieval", "steps": a.steps, "weight": a.weight, "seed": a.seed, "config": COMMON,
+    res = {"bench": "similarity_retrieval", "steps": a.steps, "weight": a.weight, "seed": a.seed, "tag": a.tag,
+           "config": COMMON,
            "train_files": json.loads((data / "manifest.json").read_text())["files"],
            "heldout_packages": HELDOUT, "heldout_files": len(list(held.rglob("*.py"))), "runs": {}}
     for name in a.variants.split(","):
-        run = work / "runs" / (name if a.seed == 1 else f"{name}_seed{a.seed}")
+        tag = f"_{a.tag}" if a.tag and not name.endswith("base") else ""
+        run = work / "runs" / ((name if a.seed == 1 else f"{name}_seed{a.seed}") + tag)
         seconds = train(run, data, a.steps, [f"run.seed={a.seed}", *variant(name, a.weight)])
         ev = evaluate(run, f"val,{held}")
         last = last_train(run)
