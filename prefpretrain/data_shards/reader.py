@@ -23,8 +23,8 @@ from prefpretrain.data_shards.writer import FORMAT_VERSION, INDEX_DTYPE, MANIFES
 log = logging.getLogger(__name__)
 _WARNED: set[str] = set()
 MAX_OPEN_PARTS = 64  # tar parts a ShardSet keeps open (least recently used closed first)
-WHOLE_TABLE = 1 << 16  # segment_indices reads a document's whole segment table (8 bytes a segment, one read) up
-# to this many segments: cheaper than the ~2 log2(n) 4-byte reads of two binary searches
+WHOLE_TABLE = 1 << 16  # a window's segments come from one read of the document's whole segment table (8 bytes a
+# segment) up to this many segments: cheaper than the ~2 log2(n) 4-byte reads of two binary searches
 TAR_SCORES = ""  # ShardSet(column=TAR_SCORES): the scores the tars hold, even where a column replaces them
 
 
@@ -288,14 +288,18 @@ class ShardSet:
                 hi = m - 1
         return lo
 
+    def _covering(self, i: int, a: int, b: int) -> tuple[int, int]:
+        """Segments [j0, j1) of document i holding tokens [a, b): all of a document of up to WHOLE_TABLE segments
+        (one read of its table), else the ones two binary searches find."""
+        n = self.n_segments(i)
+        return (0, n) if n <= WHOLE_TABLE else (self._segment_of(i, a), self._segment_of(i, max(a, b - 1)) + 1)
+
     def segment_indices(self, i: int, a: int, b: int) -> np.ndarray:
-        """The segment (its number in document i) of each of tokens [a, b), int64: from the document's whole
-        segment table in one read when it is small, else the segments [a, b) covers found by binary search."""
+        """The segment (its number in document i) of each of tokens [a, b), int64."""
         if b <= a:
             return np.zeros(0, np.int64)
         s, rec = self._locate(i)
-        n = int(rec["n_segments"])
-        j0, j1 = (0, n) if n <= WHOLE_TABLE else (self._segment_of(i, a), self._segment_of(i, b - 1) + 1)
+        j0, j1 = self._covering(i, a, b)
         starts = self._segment_table(s, rec, j0, j1)[:, 0].astype(np.int64)
         return j0 + np.searchsorted(starts, np.arange(a, b), side="right") - 1
 
@@ -334,8 +338,7 @@ class ShardSet:
         w = self.tok_dtype.itemsize
         tokens = np.frombuffer(self._pread(s, int(rec["tokens_at"]) + a * w, (b - a) * w), dtype=self.tok_dtype)
         if self._cols is not None:  # each token carries its segment's score: read the segments [a, b) covers
-            j0, j1 = self._segment_of(i, a), self._segment_of(i, max(a, b - 1)) + 1
-            return tokens.astype(np.int64), _per_token(*self.read_segments(i, j0, j1), a, b)
+            return tokens.astype(np.int64), _per_token(*self.read_segments(i, *self._covering(i, a, b)), a, b)
         scores = np.frombuffer(self._pread(s, int(rec["scores_at"]) + a * 2, (b - a) * 2), dtype="<f2")
         return tokens.astype(np.int64), scores.astype(np.float32)
 
