@@ -58,8 +58,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path, with_heads: bool = Fals
 def _take_heads(model, ckpt: Path) -> dict:
     """The heads' weights (keys as in the checkpoint: `label_head.weight`...), detached from `model` so that its
     own safetensors hold the language model only."""
+    from prefpretrain.trainer.model import HEADS
+
     out = {}
-    for name in ("label_head", "value_head"):
+    for name in HEADS:
         head = getattr(model, name, None)
         if head is not None:
             out.update({f"{name}.{k}": v.detach().contiguous() for k, v in head.state_dict().items()})

@@ -83,7 +83,7 @@ def load_run_model(run_dir: str | Path, ckpt: Path | None = None, device: torch.
     The training heads (value, label) are left out, or with `heads` attached as they were trained."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
-    from prefpretrain.trainer.model import HEAD_PREFIXES, attach_heads
+    from prefpretrain.trainer.model import HEAD_PREFIXES, attach_heads, heads_in
 
     run = Path(run_dir)
     ckpt = ckpt or ckptlib.find_latest(run / CHECKPOINTS)
@@ -95,7 +95,7 @@ def load_run_model(run_dir: str | Path, ckpt: Path | None = None, device: torch.
     model = auto.from_config(hf_conf)
     sd = ckptlib.consolidated_state_dict(ckpt)
     if heads:
-        attach_heads(model, sd)
+        attach_heads(model, heads_in(sd))
     else:  # awr's value head and the label head are training devices, not the LM
         sd = {k: v for k, v in sd.items() if not k.startswith(HEAD_PREFIXES)}
     missing, unexpected = model.load_state_dict(sd, strict=False)

@@ -35,7 +35,7 @@ def _load_export(path: Path, device: torch.device):
     safetensors only (no DeepSpeed)."""
     from safetensors.torch import load_file
 
-    from prefpretrain.trainer.model import attach_heads, load_model_dir
+    from prefpretrain.trainer.model import attach_heads, heads_in, load_model_dir
 
     info = json.loads((path / "prefpretrain.json").read_text())
     heads = info.get("heads") or {}
@@ -44,7 +44,7 @@ def _load_export(path: Path, device: torch.device):
                          f"objective.label_head_weight > 0 with --with-heads)")
     model = load_model_dir(path, heads.get("model_kind", "causal"))
     sd = load_file(str(path / HEADS_FILE))  # (its fixed name: a path from the JSON could point anywhere)
-    attach_heads(model, sd)
+    attach_heads(model, heads_in(sd))
     try:
         missing, unexpected = model.load_state_dict(sd, strict=False)
     except RuntimeError as e:  # shapes: a hidden size other than the model's

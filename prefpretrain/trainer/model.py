@@ -145,9 +145,8 @@ def attach_label_head(model) -> None:
     model.label_head = _linear_head(model)
 
 
-VALUE_HEAD_PREFIX = "value_head."
-LABEL_HEAD_PREFIX = "label_head."
-HEAD_PREFIXES = (VALUE_HEAD_PREFIX, LABEL_HEAD_PREFIX)  # training heads: not weights of the language model
+HEADS = {"value_head": attach_value_head, "label_head": attach_label_head}  # the training heads: name -> attach
+HEAD_PREFIXES = tuple(f"{name}." for name in HEADS)  # their weights' keys: not weights of the language model
 
 
 def run_heads(objective: str, label_head_weight: float) -> list[str]:
@@ -157,14 +156,16 @@ def run_heads(objective: str, label_head_weight: float) -> list[str]:
     return sorted(["value_head"] * get_objective(objective).value_head + ["label_head"] * (label_head_weight > 0))
 
 
-def attach_heads(model, state_dict: dict) -> list[str]:
-    """Attach (untrained) the heads whose weights `state_dict` holds, so that loading it fills them; their names."""
-    names = []
-    for prefix, attach in ((VALUE_HEAD_PREFIX, attach_value_head), (LABEL_HEAD_PREFIX, attach_label_head)):
-        if any(k.startswith(prefix) for k in state_dict):
-            attach(model)
-            names.append(prefix[:-1])
-    return names
+def attach_heads(model, names) -> None:
+    """Attach (untrained) the heads `names` the model does not have yet."""
+    for name in names:
+        if not hasattr(model, name):
+            HEADS[name](model)
+
+
+def heads_in(state_dict: dict) -> list[str]:
+    """The training heads whose weights a state dict holds."""
+    return [name for name in HEADS if any(k.startswith(f"{name}.") for k in state_dict)]
 
 
 def load_model_dir(path: str | Path, kind: str = "causal"):

@@ -22,14 +22,7 @@ from prefpretrain.trainer.data import DataQuality, TrainData, open_data, trainin
 from prefpretrain.trainer.engine import build_engine, local_param_elements, partitioned_build
 from prefpretrain.trainer.flops import flops_per_token, peak_flops
 from prefpretrain.trainer.hooks import HookList, TrainContext
-from prefpretrain.trainer.model import (
-    apply_freeze,
-    attach_label_head,
-    attach_value_head,
-    build_model,
-    count_params,
-    has_dropout,
-)
+from prefpretrain.trainer.model import apply_freeze, attach_heads, build_model, count_params, has_dropout, run_heads
 from prefpretrain.trainer.monitor import Monitor
 from prefpretrain.trainer.resume import resume_point
 from prefpretrain.trainer.runinfo import check_agreement, write_run_files
@@ -77,11 +70,8 @@ def _build_model(cfg: Config, info, data: TrainData, hooks: HookList):
         model = model if model is not None else build_model(cfg.model, data.vocab_size, L, data.special,
                                                      cuda=dev.type == "cuda", precision=cfg.train.precision)
     facts = {"built_local": local_param_elements(model)}
-    if get_objective(cfg.train.objective).value_head and not hasattr(model, "value_head"):
-        attach_value_head(model)
-    if cfg.objective.label_head_weight > 0 and not hasattr(model, "label_head"):
-        attach_label_head(model)
     o = cfg.objective
+    attach_heads(model, run_heads(cfg.train.objective, o.label_head_weight))
     if o.similarity_weight > 0 and o.similarity_positive == "dropout" and not has_dropout(model):
         raise ConfigError(f"objective.similarity_positive: dropout views of this {cfg.model.arch} model are "
                           f"identical (it has no dropout: model.dropout does not reach it, or model.extra / its "
