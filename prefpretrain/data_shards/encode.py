@@ -11,7 +11,7 @@ import numpy as np
 
 from prefpretrain.data_shards import sources
 from prefpretrain.data_shards import tokenizer as toklib
-from prefpretrain.data_shards.scorers import get_scorer
+from prefpretrain.data_shards.scorers import get_scorer, runs_a_model
 from prefpretrain.data_shards.segment import get_segmenter, line_spans
 
 MAX_LINE_CHARS = 20_000  # a longer line is minified code or data, not text (reason: huge_line)
@@ -24,7 +24,7 @@ def init_worker(tok_json: str, scorer: str, scorer_params: dict, segmenter: str,
     from tokenizers import Tokenizer
 
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    if scorer == "classifier" or scorer.startswith("learned:"):  # one scoring process per core
+    if runs_a_model(scorer):  # one scoring process per core
         import torch
 
         torch.set_num_threads(1)

@@ -40,10 +40,11 @@ def _init(path: str, split: str, scorer: str, params: dict, made=None) -> None:
     """A scoring process's state; `made`: the scorer already made in this process (not loaded again)."""
     from tokenizers import Tokenizer
 
-    from prefpretrain.data_shards.scorers import get_scorer
+    from prefpretrain.data_shards.scorers import get_scorer, runs_a_model
 
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    if scorer == "classifier" or (made is None and scorer.startswith("learned:")):  # one scoring process per core
+    # one scoring process per core; a learned scorer the parent made and scores with alone keeps its threads
+    if runs_a_model(scorer) and (made is None or scorer == "classifier"):
         import torch
 
         torch.set_num_threads(1)

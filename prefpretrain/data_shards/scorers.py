@@ -370,6 +370,12 @@ def _learned(name: str, params: dict) -> Scorer:
         raise ValueError(f"scorer {name!r}: bad parameters {params} ({e})") from None
 
 
+def runs_a_model(scorer: str) -> bool:
+    """Whether the scorer named so runs a torch model (classifier, learned:PATH): a scoring process of many then
+    takes one thread, as the processes share the cores."""
+    return scorer == "classifier" or scorer.startswith(LEARNED)
+
+
 def default_segmenter(scorer: str, made: Scorer | None = None) -> str:
     """The segmenter of shard's `segmenter: auto`: a learned scorer's the one its head learned on (`made`: the
     scorer object), line for code scorers, sentence for the others."""

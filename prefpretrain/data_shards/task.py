@@ -87,7 +87,8 @@ def run_task(out: Path, rank: int, world: int, workers: int = 1, progress: bool 
     total = sum(sizes[i] for c in todo for i in chunks[c])
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"shard {rank}/{world}", disable=not progress,
                mininterval=1.0, smoothing=0.1)
-    # the scorer as asked for (`learned:PATH`; its name is `learned`)
+    # the scorer as the plan's settings name it (a learned one pinned to its checkpoint; its name alone, `learned`,
+    # does not say which head)
     initargs = (tok.to_str(), s["scorer"], s["scorer_params"], p["segmenter"], s["text_field"], s["score_field"])
     pool = None
     if workers > 1:  # (a killed scoring process breaks the pool: an error, not a hang)

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from prefpretrain.errors import InputError
+from prefpretrain.trainer.export import HEADS_FILE, POOLING
 
 SCORE = "1 - P(preferred)"
-HEADS_FILE = "heads.safetensors"  # (export.HEADS_FILE)
 ALIGNED_AT = 0.5
 
 
@@ -121,7 +121,7 @@ class LearnedScorer:
         self.params = {"path": str(facts.pop("checkpoint", None) or p), "given": str(path), **facts,
                        "window": self._window, "device": device, "batch_size": batch_size, "score": SCORE,
                        "aligned_at": ALIGNED_AT,
-                       "pooling": "mean of the last hidden state over a segment's tokens"}
+                       "pooling": POOLING}
 
     def score(self, doc, spans: list[tuple[int, int]]) -> list[float]:
         return self.score_many([(doc, spans)])[0]
