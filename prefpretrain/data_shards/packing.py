@@ -29,21 +29,21 @@ from prefpretrain.data_shards.order import mix_array
 from prefpretrain.data_shards.reader import ShardError, ShardSet
 
 IGNORE = -100
-# the per-token arrays of a packed sample (position_ids only with document masking)
+# the per-token arrays of a packed sample (position_ids only with document masking, segment only when asked for)
 SAMPLE_ARRAYS = ("input_ids", "labels", "scores", "control", "position_ids", "segment")
 SEGMENT_BITS = 24  # a sample's `segment` key: document << SEGMENT_BITS | segment number in the document (-1: none)
-
-
-def segment_key(doc: int, seg: np.ndarray) -> np.ndarray:
-    """The `segment` keys of segments `seg` of document `doc`: unique per (document, segment); consecutive
-    segments of one document have consecutive keys (the similarity task's neighbours)."""
-    return (np.int64(doc) << SEGMENT_BITS) | np.asarray(seg, dtype=np.int64)
 CACHE_DIR = "packing_cache"
 # how document masking cuts a window into attention blocks (recorded in checkpoints: a run resumes with the layout it
 # was trained with): 2 = a document's block opens with the EOS that ends the document before it (1, before
 # 2026-12-01: each document's own EOS closed its block)
 DOCUMENT_BLOCKS = 2
 log = logging.getLogger(__name__)
+
+
+def segment_key(doc: int, seg: np.ndarray) -> np.ndarray:
+    """The `segment` keys of segments `seg` of document `doc`: unique per (document, segment); consecutive
+    segments of one document have consecutive keys (the similarity task's neighbours)."""
+    return (np.int64(doc) << SEGMENT_BITS) | np.asarray(seg, dtype=np.int64)
 
 
 @dataclass(frozen=True)
